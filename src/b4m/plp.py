@@ -1,0 +1,383 @@
+"""Partly Learnable Projection (PLP): the B4M adapter (paper section 4.1).
+
+A PLP adapter on a linear layer ``W0`` (out ``m``, in ``n``) adds ``ΔW = W_up · W_down`` with rank ``r``::
+
+    W_up   = [A; B]    (m × r)   rows [0, d_out) are A (frozen), rows [d_out, m) are B (learned)
+    W_down = [C, D]    (r × n)   cols [0, d_in)  are C (frozen), cols [d_in, n)  are D (learned)
+
+    ΔW = [[A·C, A·D],
+          [B·C, B·D]]
+
+with ``d_out = floor(ratio·m)`` and ``d_in = floor(ratio·n)``. ``A`` and ``C`` are buffers, not parameters, so no
+optimizer (weight decay included) can ever move them. ``B`` and ``D`` start at zero. Which learned half holds the
+content and which the style is a setting (:attr:`PLPConfig.assignment`): ``paper`` gives content to ``B`` (the up
+projection, eq. 14) and style to ``D`` (the down projection, eq. 13); ``official`` is the swap in the authors' code.
+
+The frozen parts come from numpy's PCG64 generator in float64, seeded by ``(seed, crc32(module name))`` and cast to
+float32, so two runs on different machines build the same ``A`` and ``C`` (and every file stores them anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import B4MError
+
+FROZEN_INITS = ("approx", "exact", "random")
+ASSIGNMENTS = ("paper", "official")
+ROLES = ("content", "style")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class PLPConfig:
+    """Everything that defines a PLP adapter's structure. Two adapters can be fused only if these agree."""
+
+    rank: int = field(default=64, metadata={"help": "LoRA rank r."})
+    ratio: float = field(
+        default=0.5, metadata={"help": "Frozen fraction d of each factor's feature dimension (paper 5.7), in [0, 1)."}
+    )
+    init: str = field(
+        default="approx",
+        metadata={"help": "Frozen-part init: approx (paper/official), exact (A·C = 0), random (w/o Orth ablation)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the frozen parts A and C."})
+    assignment: str = field(
+        default="paper", metadata={"help": "paper: content = B (up), style = D (down); official: the swap."}
+    )
+    targets: list[str] | str = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "Module names: a list of exact names or dotted suffixes, or one full-match regex."},
+    )
+    exclude: list[str] | str = field(default_factory=list, metadata={"help": "Same rule as targets; wins."})
+    base_model: str = field(default="", metadata={"help": "Identity of the base model the adapter belongs to."})
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise B4MError(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise B4MError(f"ratio must be in [0, 1), got {self.ratio} (1 would leave nothing to learn)")
+        if self.ratio == 0.0:
+            raise B4MError(
+                "ratio 0 leaves no frozen part: with B = D = 0 nothing would ever receive a gradient; use ratio > 0"
+            )
+        if self.init not in FROZEN_INITS:
+            raise B4MError(f"init must be one of {FROZEN_INITS}, got {self.init!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise B4MError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+
+    def half_of(self, role: str) -> str:
+        """``"up"`` (B) or ``"down"`` (D): the learned half that holds ``role`` ("content" or "style")."""
+        if role not in ROLES:
+            raise B4MError(f"role must be one of {ROLES}, got {role!r}")
+        content = "up" if self.assignment == "paper" else "down"
+        if role == "content":
+            return content
+        return "down" if content == "up" else "up"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PLPConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise B4MError(f"unknown PLP config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Frozen parts
+
+
+def frozen_rng(seed: int, module_name: str) -> np.random.Generator:
+    """A platform-stable generator for one module: PCG64 seeded by the run seed and the module's name."""
+    return np.random.Generator(np.random.PCG64([int(seed), zlib.crc32(module_name.encode("utf-8"))]))
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """A ``rows × cols`` float64 matrix with orthonormal columns (rows >= cols) or orthonormal rows (rows < cols).
+
+    QR of a Gaussian matrix, with the signs of R's diagonal folded in so the result does not depend on the LAPACK
+    build's sign convention.
+    """
+    tall = rows >= cols
+    g = rng.standard_normal((rows, cols) if tall else (cols, rows))
+    q, r = np.linalg.qr(g)
+    q = q * np.where(np.diag(r) < 0, -1.0, 1.0)
+    return q if tall else q.T
+
+
+def make_frozen(
+    init: str, m: int, n: int, rank: int, d_out: int, d_in: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen parts ``A`` (d_out × r) and ``C`` (r × d_in) in float64.
+
+    - ``approx``: the official scheme generalised to any shape. One matrix ``Q`` with ``d_out + d_in`` rows and
+      orthonormal columns is drawn; a random permutation gives ``C`` (transpose of ``d_in`` rows) and ``A`` (the
+      remaining ``d_out`` rows), so ``AᵀA + CCᵀ = I_r`` while ``A·C`` is small but not zero.
+    - ``exact``: ``A`` lives in the first ``⌈r/2⌉`` coordinates of the rank space and ``C`` in the others, so
+      ``A·C = 0`` bit for bit. Any rotation of the rank space is a gauge of ``W_up·W_down``, so using the standard
+      basis loses nothing; it caps the rank of the ``A·D`` and ``B·C`` blocks at about r/2.
+    - ``random``: i.i.d. Gaussian with the same per-entry variance as ``approx`` (the paper's w/o-Orth ablation).
+    """
+    del m, n  # the shapes that matter are d_out, d_in and rank
+    k = d_out + d_in
+    if init == "approx":
+        q = _orthonormal(rng, k, rank)  # k × r
+        perm = rng.permutation(k)
+        c = q[np.sort(perm[:d_in])].T
+        a = q[np.sort(perm[d_in:])]
+        return a, c
+    if init == "exact":
+        ra = (rank + 1) // 2
+        a = np.zeros((d_out, rank))
+        c = np.zeros((rank, d_in))
+        a[:, :ra] = _orthonormal(rng, d_out, ra)
+        c[ra:, :] = _orthonormal(rng, d_in, rank - ra).T
+        return a, c
+    if init == "random":
+        std = 1.0 / np.sqrt(k)
+        return rng.standard_normal((d_out, rank)) * std, rng.standard_normal((rank, d_in)) * std
+    raise B4MError(f"init must be one of {FROZEN_INITS}, got {init!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer
+
+
+class PLPLinear(nn.Module):
+    """A PLP adapter around one ``nn.Linear`` (kept as ``base_layer``, never modified unless merged)."""
+
+    def __init__(self, base_layer: nn.Linear, config: PLPConfig, name: str) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise B4MError(f"{name}: PLP adapts nn.Linear only, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.name = name
+        self.rank = config.rank
+        m, n = base_layer.out_features, base_layer.in_features
+        self.d_out, self.d_in = int(config.ratio * m), int(config.ratio * n)
+        if self.d_out == 0 or self.d_in == 0:
+            raise B4MError(f"{name}: ratio {config.ratio} leaves no frozen rows/columns for a {m}×{n} layer")
+        a, c = make_frozen(config.init, m, n, config.rank, self.d_out, self.d_in, frozen_rng(config.seed, name))
+        device = base_layer.weight.device
+        self.register_buffer("up_frozen", torch.from_numpy(a).float().to(device))  # A: d_out × r
+        self.register_buffer("down_frozen", torch.from_numpy(c).float().to(device))  # C: r × d_in
+        self.up_learned = nn.Parameter(torch.zeros(m - self.d_out, config.rank, device=device))  # B
+        self.down_learned = nn.Parameter(torch.zeros(config.rank, n - self.d_in, device=device))  # D
+        # Multipliers of the learned halves and of the whole ΔW (generation-time knobs, not saved).
+        self.up_scale = 1.0
+        self.down_scale = 1.0
+        self.scale = 1.0
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    # The paper's letters, for readers of section 4.
+    @property
+    def A(self) -> torch.Tensor:  # noqa: N802
+        return self.up_frozen
+
+    @property
+    def B(self) -> torch.Tensor:  # noqa: N802
+        return self.up_learned
+
+    @property
+    def C(self) -> torch.Tensor:  # noqa: N802
+        return self.down_frozen
+
+    @property
+    def D(self) -> torch.Tensor:  # noqa: N802
+        return self.down_learned
+
+    def up(self) -> torch.Tensor:
+        """W_up = [A; up_scale·B] (m × r)."""
+        b = self.up_learned if self.up_scale == 1.0 else self.up_learned * self.up_scale
+        return torch.cat([self.up_frozen, b], dim=0)
+
+    def down(self) -> torch.Tensor:
+        """W_down = [C, down_scale·D] (r × n)."""
+        d = self.down_learned if self.down_scale == 1.0 else self.down_learned * self.down_scale
+        return torch.cat([self.down_frozen, d], dim=1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale · W_up · W_down (m × n), in the adapter's dtype."""
+        return self.scale * (self.up() @ self.down())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.enabled or self.merged:
+            return y
+        dtype = self.up_learned.dtype
+        h = F.linear(x.to(dtype), self.down())  # (..., r): two skinny matmuls, ΔW never materialised
+        out = F.linear(h, self.up())  # (..., m)
+        if self.scale != 1.0:
+            out = out * self.scale
+        return y + out.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW into the base weight (for faster sampling). Refuses a non-finite result; merging twice warns."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        delta = self.delta_weight().float()
+        merged = w.float() + delta
+        if not torch.isfinite(merged).all():
+            raise B4MError(f"{self.name}: merging the adapter gives non-finite weights; not merged")
+        self._delta_cache = delta
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self._delta_cache.float()).to(w.dtype))
+        del self._delta_cache
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, d_out={self.d_out}, d_in={self.d_in}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Targeting and attaching
+
+
+def _matches(name: str, patterns: Sequence[str] | str) -> bool:
+    """peft's rule: a string is a full-match regex; a list means exact names or dotted suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_targets(model: nn.Module, config: PLPConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` that ``config`` targets, in module order."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, PLPLinear):
+            raise B4MError(f"{name}: the model already carries PLP adapters; remove them first (remove_plp)")
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        if config.exclude and _matches(name, config.exclude):
+            continue
+        if _matches(name, config.targets):
+            names.append(name)
+    if not names:
+        raise B4MError(f"no nn.Linear module matches targets {config.targets!r} (exclude {config.exclude!r})")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_plp(model: nn.Module, config: PLPConfig) -> dict[str, PLPLinear]:
+    """Wrap every targeted linear layer of ``model`` in a :class:`PLPLinear`; returns them by module name.
+
+    The base model's own parameters are frozen (``requires_grad=False``); only the learned halves train.
+    """
+    names = find_targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name in names:
+        layer = PLPLinear(model.get_submodule(name), config, name)
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    return layers
+
+
+def plp_layers(model: nn.Module) -> dict[str, PLPLinear]:
+    """The PLP layers of ``model`` by module name (the name of the wrapped linear layer)."""
+    return {m.name: m for m in model.modules() if isinstance(m, PLPLinear)}
+
+
+def remove_plp(model: nn.Module) -> None:
+    """Put the original linear layers back (unmerging first where merged)."""
+    for name, layer in plp_layers(model).items():
+        layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+
+
+def learned_parameters(model: nn.Module, role: str | None = None, config: PLPConfig | None = None) -> Iterator:
+    """The learned halves of every PLP layer; with ``role``, only the half that holds it (needs ``config``)."""
+    half = None
+    if role is not None:
+        if config is None:
+            raise B4MError("learned_parameters(role=...) needs the PLPConfig to know which half holds the role")
+        half = config.half_of(role)
+    for layer in plp_layers(model).values():
+        if half in (None, "up"):
+            yield layer.up_learned
+        if half in (None, "down"):
+            yield layer.down_learned
+
+
+def set_scales(
+    model: nn.Module,
+    config: PLPConfig,
+    *,
+    scale: float = 1.0,
+    content_scale: float = 1.0,
+    style_scale: float = 1.0,
+) -> None:
+    """Scale the whole ΔW and the content and style halves separately (generation-time knobs)."""
+    up = content_scale if config.half_of("content") == "up" else style_scale
+    down = style_scale if config.half_of("content") == "up" else content_scale
+    for layer in plp_layers(model).values():
+        if layer.merged:
+            raise B4MError(f"{layer.name}: unmerge before changing scales")
+        layer.scale, layer.up_scale, layer.down_scale = scale, up, down
+
+
+@dataclass
+class DryRun:
+    """What :func:`add_plp` would do: matched modules and parameter counts."""
+
+    modules: list[tuple[str, int, int, int, int]]  # name, in, out, trainable, frozen
+    trainable: int
+    frozen: int
+
+    def lines(self) -> list[str]:
+        out = [f"{'module':<80} {'in':>6} {'out':>6} {'trainable':>10} {'frozen':>10}"]
+        out += [f"{n:<80} {i:>6} {o:>6} {t:>10} {f:>10}" for n, i, o, t, f in self.modules]
+        out.append(f"{len(self.modules)} modules, {self.trainable:,} trainable, {self.frozen:,} frozen parameters")
+        return out
+
+
+def dry_run(model: nn.Module, config: PLPConfig) -> DryRun:
+    """List matched modules and trainable/frozen counts without touching the model."""
+    rows = []
+    for name in find_targets(model, config):
+        lin = model.get_submodule(name)
+        m, n, r = lin.out_features, lin.in_features, config.rank
+        d_out, d_in = int(config.ratio * m), int(config.ratio * n)
+        rows.append((name, n, m, (m - d_out) * r + r * (n - d_in), d_out * r + r * d_in))
+    return DryRun(rows, sum(r[3] for r in rows), sum(r[4] for r in rows))

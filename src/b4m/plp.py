@@ -195,19 +195,19 @@ class PLPLinear(nn.Module):
 
     # The paper's letters, for readers of section 4.
     @property
-    def A(self) -> torch.Tensor:  # noqa: N802
+    def A(self) -> torch.Tensor:
         return self.up_frozen
 
     @property
-    def B(self) -> torch.Tensor:  # noqa: N802
+    def B(self) -> torch.Tensor:
         return self.up_learned
 
     @property
-    def C(self) -> torch.Tensor:  # noqa: N802
+    def C(self) -> torch.Tensor:
         return self.down_frozen
 
     @property
-    def D(self) -> torch.Tensor:  # noqa: N802
+    def D(self) -> torch.Tensor:
         return self.down_learned
 
     def up(self) -> torch.Tensor:

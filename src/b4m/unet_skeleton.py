@@ -1,0 +1,42 @@
+"""A UNet's module structure without its weights, for dry runs and key mapping (built on the meta device)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .errors import B4MError
+
+
+def read_unet_config(model: str | Path) -> dict:
+    """The UNet config of ``model``: a diffusers pipeline folder, a UNet folder, a ``config.json`` or a Hub id.
+
+    Only the small JSON config is read, never the weights.
+    """
+    path = Path(model)
+    candidates = [path] if path.suffix == ".json" else [path / "unet" / "config.json", path / "config.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except json.JSONDecodeError as e:
+                raise B4MError(f"{candidate}: not valid JSON ({e})") from e
+            if "block_out_channels" not in config:
+                raise B4MError(f"{candidate}: not a UNet2DConditionModel config (no block_out_channels)")
+            return config
+    if path.exists():
+        raise B4MError(f"{path}: no unet/config.json or config.json here; is it a diffusers model folder?")
+    try:  # a Hub id: users with network access get the config (a few KB) from the Hub cache or the Hub
+        return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet"))
+    except Exception as e:  # the Hub client raises many types
+        raise B4MError(f"{model}: not a local diffusers model and could not be read as a Hub id ({e})") from e
+
+
+def unet_skeleton(model: str | Path | dict) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` with the model's structure on the meta device (no memory for weights)."""
+    config = model if isinstance(model, dict) else read_unet_config(model)
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)

@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from b4m.adapter_file import load_adapter, save_adapter
+from b4m.cli import app
+from b4m.lora_io import load_lora
+from conftest import TINY_SD_UNET
+from test_adapter_file import trained_run
+
+runner = CliRunner()
+SDXL_CONFIG = Path(__file__).parent / "data" / "sdxl-unet-config.json"  # SDXL base 1.0 UNet config
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("inspect", "dry-run", "fuse", "export", "demo"):
+        assert command in result.output
+
+
+def test_fuse_inspect_and_export(tmp_path):
+    _, content = trained_run("content", 1)
+    _, style = trained_run("style", 2)
+    save_adapter(content, tmp_path / "c.b4m.safetensors")
+    save_adapter(style, tmp_path / "s.b4m.safetensors")
+    fused_path = tmp_path / "f.b4m.safetensors"
+    result = runner.invoke(app, ["fuse", str(tmp_path / "c.b4m.safetensors"), str(tmp_path / "s.b4m.safetensors"),
+                                 "-o", str(fused_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert load_adapter(fused_path).role == "fused"
+
+    result = runner.invoke(app, ["inspect", str(fused_path)])
+    assert result.exit_code == 0, result.output
+    for text in ("fused", "rank", "4", "ratio", "0.5", "approx", content.fingerprint(), "<content>, <style>",
+                 "48 modules (to_k, to_out.0, to_q, to_v)"):  # fmt: skip
+        assert text in result.output
+
+    for fmt in ("diffusers", "kohya"):
+        out = tmp_path / f"lora_{fmt}.safetensors"
+        result = runner.invoke(app, ["export", str(fused_path), "-o", str(out), "--format", fmt, "--style-scale", "0"])
+        assert result.exit_code == 0, result.output
+        factors, meta = load_lora(out)
+        expected = load_adapter(fused_path).factors(style_scale=0.0)
+        assert meta["b4m_role"] == "fused"
+        for name, (up, down) in expected.items():
+            torch.testing.assert_close(factors[name][0] @ factors[name][1], up @ down)
+        inspected = runner.invoke(app, ["inspect", str(out)])
+        assert f"plain LoRA ({'kohya' if fmt == 'kohya' else 'peft'} format)" in inspected.output
+        assert "48 modules" in inspected.output
+
+
+def test_dry_run_on_sdxl_config_matches_the_official_placement():
+    result = runner.invoke(app, ["dry-run", "--model", str(SDXL_CONFIG)])
+    assert result.exit_code == 0, result.output
+    # 70 transformer blocks × 2 attentions × 4 projections; half of the 92.9 M LoRA entries are trainable.
+    assert "560 modules, 46,448,640 trainable, 46,448,640 frozen parameters" in result.output
+
+
+def test_dry_run_on_a_diffusers_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(TINY_SD_UNET))
+    result = runner.invoke(app, ["dry-run", "--model", str(tmp_path), "--rank", "4", "--targets", "re:.*attn2\\.to_k"])
+    assert result.exit_code == 0, result.output
+    assert "6 modules, 512 trainable, 512 frozen" in result.output  # 6 cross-attentions
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    plain = tmp_path / "not_ours.safetensors"
+    plain.write_bytes(b"garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "b4m.cli", "fuse", str(plain), str(plain), "-o", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not_ours.safetensors: not a readable safetensors file" in lines[0]
+    assert not (tmp_path / "x.safetensors").exists()
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "b4m.cli", "dry-run", "--model", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "is it a diffusers model folder?" in proc.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path), "--steps", "8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["exported_lora_max_abs_diff"] < 1e-4
+    assert {"content.b4m.safetensors", "style.b4m.safetensors", "made.b4m.safetensors"} <= {
+        p.name for p in tmp_path.iterdir()
+    }

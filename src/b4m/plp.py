@@ -19,6 +19,7 @@ float32, so two runs on different machines build the same ``A`` and ``C`` (and e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import zlib
@@ -184,6 +185,9 @@ class PLPLinear(nn.Module):
         self.scale = 1.0
         self.enabled = True
         self.merged = False
+        # Set by the trainer (see `routing`): (k, owned) = the first k samples of the batch train only the `owned`
+        # half ("up" or "down"), the others only the other half.
+        self.route: tuple[int, str] | None = None
 
     @property
     def in_features(self) -> int:
@@ -212,13 +216,11 @@ class PLPLinear(nn.Module):
 
     def up(self) -> torch.Tensor:
         """W_up = [A; up_scale·B] (m × r)."""
-        b = self.up_learned if self.up_scale == 1.0 else self.up_learned * self.up_scale
-        return torch.cat([self.up_frozen, b], dim=0)
+        return self._up(detach=False)
 
     def down(self) -> torch.Tensor:
         """W_down = [C, down_scale·D] (r × n)."""
-        d = self.down_learned if self.down_scale == 1.0 else self.down_learned * self.down_scale
-        return torch.cat([self.down_frozen, d], dim=1)
+        return self._down(detach=False)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · W_up · W_down (m × n), in the adapter's dtype."""
@@ -228,12 +230,25 @@ class PLPLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
-        dtype = self.up_learned.dtype
-        h = F.linear(x.to(dtype), self.down())  # (..., r): two skinny matmuls, ΔW never materialised
-        out = F.linear(h, self.up())  # (..., m)
+        x = x.to(self.up_learned.dtype)
+        if self.route is None:
+            out = F.linear(F.linear(x, self.down()), self.up())  # two skinny matmuls; ΔW is never materialised
+        else:
+            k, owned = self.route
+            main = F.linear(F.linear(x[:k], self._down(detach=owned != "down")), self._up(detach=owned != "up"))
+            aux = F.linear(F.linear(x[k:], self._down(detach=owned == "down")), self._up(detach=owned == "up"))
+            out = torch.cat([main, aux])
         if self.scale != 1.0:
             out = out * self.scale
         return y + out.to(y.dtype)
+
+    def _up(self, detach: bool) -> torch.Tensor:
+        b = self.up_learned.detach() if detach else self.up_learned
+        return torch.cat([self.up_frozen, b if self.up_scale == 1.0 else b * self.up_scale], dim=0)
+
+    def _down(self, detach: bool) -> torch.Tensor:
+        d = self.down_learned.detach() if detach else self.down_learned
+        return torch.cat([self.down_frozen, d if self.down_scale == 1.0 else d * self.down_scale], dim=1)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -324,6 +339,28 @@ def remove_plp(model: nn.Module) -> None:
     for name, layer in plp_layers(model).items():
         layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, k: int, owned: str) -> Iterator[None]:
+    """Clean gradient routing in one forward and one backward (multi-correspondence, paper eq. 12).
+
+    Inside the context, the first ``k`` samples of every batch send gradients only to the ``owned`` learned half
+    (``"up"`` = B or ``"down"`` = D) and the other samples only to the other half. Samples of a batch are
+    independent in a UNet (GroupNorm and attention act per sample), so this equals computing the main loss's
+    gradient for the owned half and the auxiliary loss's gradient for the other half separately, at the cost of
+    one backward pass. Activations and values are unchanged; only which parameter receives which gradient.
+    """
+    if owned not in ("up", "down"):
+        raise B4MError(f"owned half must be 'up' or 'down', got {owned!r}")
+    layers = list(plp_layers(model).values())
+    for layer in layers:
+        layer.route = (k, owned)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.route = None
 
 
 def learned_parameters(model: nn.Module, role: str | None = None, config: PLPConfig | None = None) -> Iterator:

@@ -1,0 +1,112 @@
+"""The one interface every base model implements (SDXL, SD 1.x/2.x, the built-in world, later DiT models).
+
+The trainer and the stages only talk to :class:`DiffusionModel`; they never import diffusers pipelines. A model
+adapter owns its denoiser (the module PLP attaches to), its text and image encoders, its training noise scheduler
+and its sampler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: what the denoiser needs besides noisy latents and timesteps.
+
+    ``hidden`` is the cross-attention context ``(B, T, D)``; ``extra`` holds model-specific tensors with the batch
+    first (SDXL: ``text_embeds`` ``(B, P)`` and ``time_ids`` ``(B, 6)``).
+    """
+
+    hidden: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, index) -> Conditioning:
+        """Rows of the batch (an int keeps the batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Conditioning(self.hidden[index], {k: v[index] for k, v in self.extra.items()})
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        return Conditioning(self.hidden.to(device, dtype), {k: v.to(device, dtype) for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        return Conditioning(
+            torch.cat([c.hidden for c in items]),
+            {k: torch.cat([c.extra[k] for c in items]) for k in items[0].extra},
+        )
+
+
+@dataclass
+class SampleRequest:
+    """What to generate. One image per (prompt, seed) pair, in prompt-major order."""
+
+    prompts: list[str]
+    seeds: list[int]
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance_scale: float = 5.0
+    height: int | None = None  # None: the model's default resolution
+    width: int | None = None
+    scheduler: str | None = None  # None: the model's default; else a name from SCHEDULERS
+
+
+class DiffusionModel(ABC):
+    """A base text-to-image model as the trainer sees it."""
+
+    #: Identity of the base model, stored in every adapter file (fuse refuses files of different base models).
+    identity: str
+    #: The module PLP attaches to (a diffusers UNet2DConditionModel or transformer).
+    denoiser: nn.Module
+    #: Default training and sampling resolution in pixels.
+    resolution: int
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Move every component (weights in ``dtype`` if given; adapters stay in their own dtype)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """Text conditioning for ``prompts`` (``size`` = image (height, width), for models that condition on it)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents (scaled as the denoiser expects) of images ``(B, 3, H, W)`` in ``[-1, 1]``."""
+
+    @abstractmethod
+    def offload_encoders(self) -> None:
+        """Move the text and image encoders to the CPU (after latents and embeddings are cached)."""
+
+    @property
+    @abstractmethod
+    def num_train_timesteps(self) -> int: ...
+
+    @abstractmethod
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion ``x_t`` for the training scheduler."""
+
+    @abstractmethod
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser should predict (noise for epsilon models, velocity for v-prediction models)."""
+
+    @abstractmethod
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output for a batch."""
+
+    @abstractmethod
+    def sample(self, request: SampleRequest) -> list[Image.Image]:
+        """Generate images with the denoiser as it is now (adapters attached, merged or not)."""

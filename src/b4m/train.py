@@ -1,0 +1,328 @@
+"""One training loop for every stage (content, style, make) and every baseline.
+
+A stage hands the loop cached training sets (latents and text conditioning) and says how gradients are routed.
+Each micro-step draws ``batch_size`` images from every set, runs them through the denoiser as one batch, and
+weights the per-sample diffusion losses so that ``loss = Σ_set weight_set · mean(loss over the set's samples)``.
+For a content run that is the paper's eq. 12: ``L_main + mean_i L_aux_i``.
+
+Routing (``TrainConfig.routing``):
+
+- ``clean`` (default): the owned half learns only from the main sets, the other half only from the auxiliary sets,
+  in one forward and one backward (see :func:`b4m.plp.routing`).
+- ``mixed``: the official code's behaviour: both halves learn from the whole loss, the other half at ``other_lr``
+  (the official 10× lower lr).
+- ``none``: both halves learn from the whole loss at ``lr`` (the make stage, baselines).
+
+Randomness (which images, noise, timesteps) comes from CPU generators whose state is checkpointed, so a resumed
+run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapter_file import AdapterFile, adapter_from_model, load_adapter, save_adapter
+from .errors import B4MError
+from .models.base import Conditioning, DiffusionModel
+from .optim import create_optimizer
+from .plp import PLPConfig, plp_layers, routing
+
+ROUTINGS = ("clean", "mixed", "none")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainSet:
+    """Cached training data of one source: latents and their conditioning (one row per image)."""
+
+    name: str
+    latents: torch.Tensor  # (N, C, h, w)
+    cond: Conditioning  # N rows
+    weight: float = 1.0  # the set's weight in the loss
+    main: bool = True  # main sets feed the owned half under clean routing, the others the other half
+
+    def __post_init__(self) -> None:
+        if len(self.cond) != len(self.latents):
+            raise B4MError(f"training set {self.name}: {len(self.latents)} latents but {len(self.cond)} captions")
+        if len(self.latents) == 0:
+            raise B4MError(f"training set {self.name} is empty")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (one stage). Defaults are the official B4M settings minus their bugs."""
+
+    steps: int = 1000
+    lr: float = 1e-4
+    other_lr: float | None = None  # lr of the non-owned half under routing "mixed" (default lr / 10)
+    routing: str = "clean"
+    owned: str | None = None  # "up" or "down": the half the main sets train (clean and mixed routing)
+    batch_size: int = 1  # images per set per micro-step
+    grad_accum: int = 4  # micro-steps per optimizer step
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    precondition: bool = False
+    precond_reg: float = 1e-2
+    precond_factors: str = "learned"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    check_every: int = 10  # steps between loss reads (NaN check, progress bar): the only host syncs in the loop
+    validate_every: int = 0  # 0: no validation images
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise B4MError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing != "none" and self.owned not in ("up", "down"):
+            raise B4MError(f"routing {self.routing!r} needs owned = 'up' or 'down', got {self.owned!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise B4MError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise B4MError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise B4MError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last check)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    out: Path, step: int, model: DiffusionModel, plp: PLPConfig, role: str, optimizer, state: dict
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temp folder, then rename); the previous checkpoint survives."""
+    final = _checkpoint_dir(out, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_adapter(adapter_from_model(model.denoiser, plp, role), tmp / "adapter.b4m.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), **state}, tmp / "state.pt")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise B4MError(f"{final}: could not write the checkpoint ({e.strerror or e}); the previous one is kept") from e
+    except B4MError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _prune(out: Path, keep: int) -> None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _fingerprint(config: TrainConfig, sets: list[TrainSet]) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    c = asdict(config)
+    for k in ("steps", "checkpoint_every", "keep_checkpoints", "check_every", "validate_every"):
+        c.pop(k)  # may change between sessions
+    c["sets"] = [(s.name, len(s.latents), s.weight, s.main) for s in sets]
+    return c
+
+
+def _param_groups(model: DiffusionModel, config: TrainConfig) -> list[dict]:
+    layers = plp_layers(model.denoiser).values()
+    if config.routing == "none":
+        return [{"params": [p for layer in layers for p in (layer.up_learned, layer.down_learned)], "lr": config.lr}]
+    owned = [getattr(layer, f"{config.owned}_learned") for layer in layers]
+    other_half = "down" if config.owned == "up" else "up"
+    other = [getattr(layer, f"{other_half}_learned") for layer in layers]
+    other_lr = config.lr if config.routing == "clean" else (config.other_lr or config.lr / 10)
+    return [{"params": owned, "lr": config.lr}, {"params": other, "lr": other_lr}]
+
+
+def make_optimizer(model: DiffusionModel, config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
+    return create_optimizer(
+        model.denoiser,
+        cls,
+        lr=config.lr,
+        precondition=config.precondition,
+        reg=config.precond_reg,
+        factors=config.precond_factors,
+        max_grad_norm=config.max_grad_norm,
+        param_groups=_param_groups(model, config),
+        weight_decay=config.weight_decay,
+    )
+
+
+def _draw(sets: list[TrainSet], batch_size: int, g: torch.Generator) -> tuple[list[torch.Tensor], int]:
+    """Indices of the images of one micro-step, main sets first; also the number of main samples."""
+    ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
+    picks = [torch.randint(0, len(s.latents), (batch_size,), generator=g) for s in ordered]
+    return picks, batch_size * sum(s.main for s in sets)
+
+
+def micro_step_loss(
+    model: DiffusionModel, sets: list[TrainSet], config: TrainConfig, g: torch.Generator
+) -> torch.Tensor:
+    """The weighted diffusion loss of one micro-step (all images in one batch)."""
+    ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
+    picks, n_main = _draw(sets, config.batch_size, g)
+    device = model.device
+    latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
+    cond = Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
+    weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered]).to(device)
+    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    timesteps = torch.randint(0, model.num_train_timesteps, (len(latents),), generator=g).to(device)
+    noisy = model.add_noise(latents, noise, timesteps)
+    target = model.target(latents, noise, timesteps)
+    route = config.routing == "clean" and 0 < n_main < len(latents)
+    with routing(model.denoiser, n_main, config.owned) if route else contextlib.nullcontext():
+        pred = model.predict(noisy, timesteps, cond)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).sum()
+
+
+def train(
+    model: DiffusionModel,
+    plp: PLPConfig,
+    sets: list[TrainSet],
+    config: TrainConfig,
+    out: Path,
+    *,
+    role: str = "content",
+    resume: bool | Path = False,
+    validate: Callable[[int], None] | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
+) -> TrainResult:
+    """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps.
+
+    Args:
+        model: The base model, with PLP layers attached (and loaded, for make).
+        plp: The adapter's config (stored in checkpoints).
+        role: The role written into checkpoint adapter files ("content", "style" or "fused").
+        sets: Cached training sets.
+        config: Loop settings.
+        out: Run folder; checkpoints go to ``out/checkpoints/step-N``.
+        resume: ``True`` continues from the latest checkpoint in ``out``; a path continues from that checkpoint.
+        validate: Called with the step number every ``config.validate_every`` steps.
+        progress: Called as ``progress(step, total, loss_or_None)`` after every step.
+
+    Raises:
+        B4MError: Bad settings, a checkpoint of another run, or a NaN/Inf loss (with the step range and the last
+            good checkpoint).
+    """
+    out = Path(out)
+    if not sets:
+        raise B4MError("no training data")
+    if config.routing == "clean" and all(s.main for s in sets):
+        raise B4MError("clean routing needs auxiliary sets (the other half would never learn); use routing none")
+    if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
+        model.denoiser.enable_gradient_checkpointing()
+    model.denoiser.train()
+    optimizer = make_optimizer(model, config)
+    g = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    fingerprint = _fingerprint(config, sets)
+
+    if resume:
+        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
+        if ckpt is None:
+            raise B4MError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}")
+        start_step = _restore(ckpt, model, optimizer, g, fingerprint)
+
+    use_amp = config.mixed_precision != "no" and model.device.type in ("cuda", "cpu")
+    amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(model.device.type, enabled=config.mixed_precision == "fp16")
+
+    t0 = time.perf_counter()
+    losses: list[tuple[int, float]] = []
+    running = torch.zeros((), device=model.device)
+    last_good = latest_checkpoint(out)
+    last_check = start_step
+    for step in range(start_step + 1, config.steps + 1):
+        for _ in range(config.grad_accum):
+            with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = micro_step_loss(model, sets, config, g) / config.grad_accum
+            scaler.scale(loss).backward()
+            running += loss.detach()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = None
+        if step % config.check_every == 0 or step == config.steps or step % config.checkpoint_every == 0:
+            loss_value = running.item() / (step - last_check)  # the one host sync of the loop
+            if not math.isfinite(loss_value):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise B4MError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
+            losses.append((step, loss_value))
+            running.zero_()
+            last_check = step
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            state = {"step": step, "generator": g.get_state(), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+            last_good = save_checkpoint(out, step, model, plp, role, optimizer, state)
+            _prune(out, config.keep_checkpoints)
+        if validate is not None and config.validate_every and step % config.validate_every == 0:
+            validate(step)
+            model.denoiser.train()
+        if progress is not None:
+            progress(step, config.steps, loss_value)
+    model.denoiser.eval()
+    final = losses[-1][1] if losses else float("nan")
+    return TrainResult(config.steps - start_step, final, time.perf_counter() - t0, losses)
+
+
+def _restore(ckpt: Path, model: DiffusionModel, optimizer, g: torch.Generator, fingerprint: dict) -> int:
+    state_file = ckpt / "state.pt"
+    if not state_file.exists():
+        raise B4MError(f"{ckpt}: not a b4m checkpoint (no state.pt)")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    saved = json.loads(state["fingerprint"])
+    now = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise B4MError(f"{ckpt}: checkpoint of another configuration ({', '.join(diff)} differ); not resumed")
+    adapter: AdapterFile = load_adapter(ckpt / "adapter.b4m.safetensors")
+    layers = plp_layers(model.denoiser)
+    if sorted(layers) != adapter.modules:
+        raise B4MError(f"{ckpt}: the checkpoint adapts other modules than the model; not resumed")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for part, tensor in adapter.tensors[name].items():
+                getattr(layer, part).copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    g.set_state(state["generator"])
+    return int(state["step"])

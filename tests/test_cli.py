@@ -29,15 +29,25 @@ def test_fuse_inspect_and_export(tmp_path):
     save_adapter(content, tmp_path / "c.b4m.safetensors")
     save_adapter(style, tmp_path / "s.b4m.safetensors")
     fused_path = tmp_path / "f.b4m.safetensors"
-    result = runner.invoke(app, ["fuse", str(tmp_path / "c.b4m.safetensors"), str(tmp_path / "s.b4m.safetensors"),
-                                 "-o", str(fused_path)])  # fmt: skip
+    result = runner.invoke(
+        app, ["fuse", str(tmp_path / "c.b4m.safetensors"), str(tmp_path / "s.b4m.safetensors"), "-o", str(fused_path)]
+    )
     assert result.exit_code == 0, result.output
     assert load_adapter(fused_path).role == "fused"
 
     result = runner.invoke(app, ["inspect", str(fused_path)])
     assert result.exit_code == 0, result.output
-    for text in ("fused", "rank", "4", "ratio", "0.5", "approx", content.fingerprint(), "<content>, <style>",
-                 "48 modules (to_k, to_out.0, to_q, to_v)"):  # fmt: skip
+    for text in (
+        "fused",
+        "rank",
+        "4",
+        "ratio",
+        "0.5",
+        "approx",
+        content.fingerprint(),
+        "<content>, <style>",
+        "48 modules (to_k, to_out.0, to_q, to_v)",
+    ):
         assert text in result.output
 
     for fmt in ("diffusers", "kohya"):

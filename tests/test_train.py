@@ -35,8 +35,11 @@ def attached(seed: int = 0) -> tuple[ToyModel, PLPConfig]:
 
 
 def adapter_state(model: ToyModel) -> dict[str, torch.Tensor]:
-    return {f"{n}.{p}": getattr(l, p).detach().clone() for n, l in plp_layers(model.denoiser).items()
-            for p in ("up_frozen", "up_learned", "down_frozen", "down_learned")}  # fmt: skip
+    return {
+        f"{n}.{p}": getattr(l, p).detach().clone()
+        for n, l in plp_layers(model.denoiser).items()
+        for p in ("up_frozen", "up_learned", "down_frozen", "down_learned")
+    }
 
 
 def test_clean_routing_equals_separate_gradients():
@@ -66,8 +69,9 @@ def test_clean_routing_equals_separate_gradients():
 
 
 def test_resume_continues_exactly(tmp_path):
-    config = TrainConfig(steps=6, lr=1e-3, routing="clean", owned="up", grad_accum=2, checkpoint_every=4,
-                         check_every=2)  # fmt: skip
+    config = TrainConfig(
+        steps=6, lr=1e-3, routing="clean", owned="up", grad_accum=2, checkpoint_every=4, check_every=2
+    )
     model, plp = attached()
     train(model, plp, toy_sets(model), config, tmp_path / "straight")
     straight = adapter_state(model)
@@ -86,8 +90,14 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoints_are_pruned_and_hold_the_adapter(tmp_path):
     model, plp = attached()
-    train(model, plp, toy_sets(model), TrainConfig(steps=5, routing="clean", owned="down", grad_accum=1,
-          checkpoint_every=1, keep_checkpoints=2), tmp_path, role="style")  # fmt: skip
+    train(
+        model,
+        plp,
+        toy_sets(model),
+        TrainConfig(steps=5, routing="clean", owned="down", grad_accum=1, checkpoint_every=1, keep_checkpoints=2),
+        tmp_path,
+        role="style",
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-000004", "step-000005"]
     adapter = load_adapter(tmp_path / "checkpoints" / "step-000005" / "adapter.b4m.safetensors")
@@ -135,11 +145,23 @@ def test_resume_refuses_another_configuration(tmp_path):
     train(model, plp, toy_sets(model), TrainConfig(steps=2, routing="clean", owned="up", grad_accum=1), tmp_path)
     model, plp = attached()
     with pytest.raises(B4MError, match="checkpoint of another configuration \\(lr differ\\)"):
-        train(model, plp, toy_sets(model), TrainConfig(steps=4, lr=1.0, routing="clean", owned="up", grad_accum=1),
-              tmp_path, resume=True)  # fmt: skip
+        train(
+            model,
+            plp,
+            toy_sets(model),
+            TrainConfig(steps=4, lr=1.0, routing="clean", owned="up", grad_accum=1),
+            tmp_path,
+            resume=True,
+        )
     with pytest.raises(B4MError, match="there is no checkpoint"):
-        train(model, plp, toy_sets(model), TrainConfig(steps=4, routing="clean", owned="up"), tmp_path / "new",
-              resume=True)  # fmt: skip
+        train(
+            model,
+            plp,
+            toy_sets(model),
+            TrainConfig(steps=4, routing="clean", owned="up"),
+            tmp_path / "new",
+            resume=True,
+        )
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -159,10 +181,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_bad_settings():
-    with pytest.raises(B4MError, match="routing 'clean' needs owned"):
-        TrainConfig(routing="clean")
     with pytest.raises(B4MError, match="routing must be one of"):
         TrainConfig(routing="sideways")
     model, plp = attached()
+    with pytest.raises(B4MError, match="routing 'clean' needs owned"):
+        train(model, plp, toy_sets(model), TrainConfig(routing="clean"), "unused")
     with pytest.raises(B4MError, match="clean routing needs auxiliary sets"):
         train(model, plp, toy_sets(model, n_aux=0), TrainConfig(routing="clean", owned="up"), "unused")

@@ -137,6 +137,207 @@ def export(
     console.print(f"wrote {output} ({format}, {dtype}, {len(factors)} modules)", highlight=False)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Stages. Every flag left unset falls back to the --config file, then to the stage's defaults.
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with any of the settings.")]
+PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Diffusers folder, single file or Hub id.")]
+OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Run folder.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")]
+
+
+def _stage_config(stage: str, config: Path | None, overrides: dict):
+    from .config import load_config
+    from .stages import STAGE_DEFAULTS
+
+    return load_config(config, overrides, STAGE_DEFAULTS[stage])
+
+
+def _break(role: str, config, print_config, resume, overrides: dict) -> None:
+    from .config import to_toml
+    from .stages import run_break
+
+    cfg = _stage_config(role, config, overrides)
+    if print_config:
+        typer.echo(to_toml(cfg), nl=False)
+        return
+    if not cfg.model:
+        raise B4MError("no --model given (a diffusers folder, a single-file checkpoint or a Hub id)")
+    run_break(role, cfg, resume=resume, console=console)
+
+
+def _break_overrides(
+    model,
+    images,
+    prompt,
+    output,
+    aux,
+    steps,
+    rank,
+    lr,
+    resolution,
+    placeholder,
+    seed,
+    mixed_precision,
+    routing,
+    validate_every,
+    checkpoint_every,
+) -> dict:
+    return {
+        "model": model,
+        "images": images,
+        "prompt": prompt,
+        "output": output,
+        "aux": aux,
+        "resolution": resolution,
+        "placeholder": placeholder,
+        "train.steps": steps,
+        "train.lr": lr,
+        "adapter.rank": rank,
+        "adapter.seed": seed,
+        "train.mixed_precision": mixed_precision,
+        "train.routing": routing,
+        "train.validate_every": validate_every,
+        "train.checkpoint_every": checkpoint_every,
+    }
+
+
+def _break_command(role: str):
+    def command(
+        model: ModelOpt = None,
+        images: Annotated[
+            str | None, typer.Option(help="Folder of training images (+ optional same-name .txt captions).")
+        ] = None,
+        prompt: Annotated[str | None, typer.Option(help="Caption of the images, with the placeholder token.")] = None,
+        output: OutOpt = None,
+        aux: Annotated[
+            str | None, typer.Option(help="Folder of folders: auxiliary sets (default: generated).")
+        ] = None,
+        steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 1000).")] = None,
+        rank: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
+        lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
+        resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
+        placeholder: Annotated[str | None, typer.Option(help="Token captions must contain, e.g. sks.")] = None,
+        seed: Annotated[
+            int | None, typer.Option(help="Seed of the frozen parts (runs to fuse must share it).")
+        ] = None,
+        mixed_precision: Annotated[str | None, typer.Option(help="no, bf16 or fp16.")] = None,
+        routing: Annotated[str | None, typer.Option(help="clean (default), mixed (official) or none.")] = None,
+        validate_every: Annotated[int | None, typer.Option(help="Sample validation images every N steps.")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+        config: ConfigOpt = None,
+        print_config: PrintOpt = False,
+        resume: ResumeOpt = False,
+    ) -> None:
+        overrides = _break_overrides(
+            model,
+            images,
+            prompt,
+            output,
+            aux,
+            steps,
+            rank,
+            lr,
+            resolution,
+            placeholder,
+            seed,
+            mixed_precision,
+            routing,
+            validate_every,
+            checkpoint_every,
+        )
+        _break(role, config, print_config, resume, overrides)
+
+    command.__doc__ = (
+        f"Break: learn a {role} in its half of the adapter, the other half learning auxiliary "
+        f"{'styles' if role == 'content' else 'contents'} (multi-correspondence)."
+    )
+    return command
+
+
+app.command("content")(_break_command("content"))
+app.command("style")(_break_command("style"))
+
+
+@app.command()
+def make(
+    content: Annotated[str | None, typer.Option(help="Content run folder or .b4m.safetensors.")] = None,
+    style: Annotated[str | None, typer.Option(help="Style run folder or .b4m.safetensors.")] = None,
+    output: OutOpt = None,
+    model: ModelOpt = None,
+    steps: Annotated[int | None, typer.Option(help="Fine-tuning steps (default 50; 0 = fuse only).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
+    precondition: Annotated[
+        bool | None, typer.Option("--precondition/--no-precondition", help="Riemannian preconditioner (default on).")
+    ] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, bf16 or fp16.")] = None,
+    config: ConfigOpt = None,
+    print_config: PrintOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner."""
+    from .config import to_toml
+    from .stages import run_make
+
+    overrides = {
+        "content": content,
+        "style": style,
+        "output": output,
+        "model": model,
+        "train.steps": steps,
+        "train.lr": lr,
+        "train.precondition": precondition,
+        "train.mixed_precision": mixed_precision,
+    }
+    cfg = _stage_config("make", config, overrides)
+    if print_config:
+        typer.echo(to_toml(cfg), nl=False)
+        return
+    run_make(cfg, resume=resume, console=console)
+
+
+@app.command()
+def generate(
+    run: Annotated[str, typer.Argument(help="A run folder (fused, content or style) or a .b4m.safetensors file.")],
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the images and the grid.")] = "out",
+    n: Annotated[int, typer.Option("-n", help="Images per prompt (seeds seed … seed+n-1).")] = 4,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    model: ModelOpt = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    scheduler: Annotated[str | None, typer.Option(help="euler, euler_a, dpm++, ddim, pndm, unipc.")] = None,
+    scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter.")] = 1.0,
+    content_scale: Annotated[float, typer.Option(help="Multiplier of the content half.")] = 1.0,
+    style_scale: Annotated[float, typer.Option(help="Multiplier of the style half.")] = 1.0,
+    merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (faster sampling).")] = False,
+    resolution: Annotated[int | None, typer.Option(help="Image size (default: the model's).")] = None,
+) -> None:
+    """Generate images with a made (or content/style) adapter; PNG metadata holds prompt, seed and settings."""
+    from .stages import generate as run_generate
+
+    run_generate(
+        run,
+        prompts,
+        output=output,
+        model=model,
+        n=n,
+        seed=seed,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        scale=scale,
+        content_scale=content_scale,
+        style_scale=style_scale,
+        merge=merge,
+        resolution=resolution,
+        console=console,
+    )
+
+
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the demo's files.")] = Path("demo"),
@@ -152,7 +353,14 @@ def demo(
         raise typer.Exit(1)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning  # one line per warning, no source excerpt
     try:
         app()
     except B4MError as e:

@@ -87,8 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise B4MError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
-        if self.routing != "none" and self.owned not in ("up", "down"):
-            raise B4MError(f"routing {self.routing!r} needs owned = 'up' or 'down', got {self.owned!r}")
+        if self.owned not in (None, "up", "down"):
+            raise B4MError(f"owned must be 'up' or 'down', got {self.owned!r}")
         if self.optimizer not in OPTIMIZERS:
             raise B4MError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.mixed_precision not in PRECISIONS:
@@ -246,6 +246,8 @@ def train(
     out = Path(out)
     if not sets:
         raise B4MError("no training data")
+    if config.routing != "none" and config.owned is None:
+        raise B4MError(f"routing {config.routing!r} needs owned = 'up' or 'down' (which half the main sets train)")
     if config.routing == "clean" and all(s.main for s in sets):
         raise B4MError("clean routing needs auxiliary sets (the other half would never learn); use routing none")
     if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):

@@ -1,0 +1,166 @@
+"""Stage configs: one TOML file can replace every flag; flags override it; ``--print-config`` shows the result.
+
+A config file has top-level keys for the run (``model``, ``images``, ``prompt``, …) and one table per component::
+
+    model = "stabilityai/stable-diffusion-xl-base-1.0"
+    images = "data/my_dog"
+    prompt = "a photo of sks dog"
+    output = "runs/dog"
+
+    [adapter]          # b4m.plp.PLPConfig
+    rank = 64
+
+    [train]            # b4m.train.TrainConfig
+    steps = 1000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import B4MError
+from .plp import PLPConfig
+from .train import TrainConfig
+
+
+@dataclass
+class ValidationConfig:
+    """Sample images during and after training, at fixed seeds."""
+
+    prompts: list[str] = field(default_factory=list)  # empty: the run's own prompt
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 25
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class AutoAuxConfig:
+    """Auxiliary sets that b4m generates with the base model when ``aux`` is not given."""
+
+    sets: int = 3
+    images: int = 4
+    steps: int = 25
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class ExportConfig:
+    """Plain LoRA files written at the end of a run."""
+
+    formats: list[str] = field(default_factory=lambda: ["diffusers"])
+    dtype: str = "fp32"
+
+
+@dataclass
+class StageConfig:
+    """Everything one stage needs (content, style or make)."""
+
+    model: str = ""
+    images: str = ""
+    prompt: str = ""
+    output: str = ""
+    aux: str | None = None  # a folder of folders, one per auxiliary set
+    content: str | None = None  # make: the content run folder or file
+    style: str | None = None  # make: the style run folder or file
+    resolution: int | None = None  # None: the model's default
+    placeholder: str | None = None  # warn when a caption lacks this token
+    device: str | None = None  # None: cuda if available, else cpu
+    adapter: PLPConfig = field(default_factory=PLPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    auto_aux: AutoAuxConfig = field(default_factory=AutoAuxConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TABLES = {
+    "adapter": PLPConfig,
+    "train": TrainConfig,
+    "validation": ValidationConfig,
+    "auto_aux": AutoAuxConfig,
+    "export": ExportConfig,
+}
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
+    """A :class:`StageConfig` from a nested dict (TOML layout). Unknown keys are errors that name them."""
+    top = {f.name for f in dataclasses.fields(StageConfig)} - set(_TABLES)
+    unknown = sorted(set(data) - top - set(_TABLES))
+    if unknown:
+        raise B4MError(f"{source}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: v for k, v in data.items() if k in top}
+    for name, cls in _TABLES.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise B4MError(f"{source}: [{name}] must be a table")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(table) - fields)
+        if bad:
+            raise B4MError(f"{source}: unknown key(s) in [{name}]: {', '.join(bad)}")
+        try:
+            kwargs[name] = cls(**table)
+        except TypeError as e:
+            raise B4MError(f"{source}: [{name}]: {e}") from e
+    return StageConfig(**kwargs)
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> StageConfig:
+    """Merge stage defaults < the TOML file < command-line overrides (dotted keys such as ``train.steps``)."""
+    data: dict[str, Any] = {}
+    _merge(data, defaults or {})
+    if path is not None:
+        path = Path(path)
+        try:
+            _merge(data, tomllib.loads(path.read_text()))
+        except FileNotFoundError:
+            raise B4MError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise B4MError(f"{path}: not valid TOML ({e})") from e
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *tables, leaf = key.split(".")
+        node = data
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[leaf] = value
+    return build_config(data, str(path) if path else "command line")
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def to_toml(config: StageConfig) -> str:
+    """The config as TOML (``None`` values are left out, as TOML has no null)."""
+    data = config.to_dict()
+    lines = [f"{k} = {_value(v)}" for k, v in data.items() if k not in _TABLES and v is not None]
+    for name in _TABLES:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_value(v)}" for k, v in data[name].items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise B4MError(f"cannot write {v!r} as TOML")

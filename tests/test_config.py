@@ -1,0 +1,46 @@
+import tomllib
+
+import pytest
+
+from b4m import B4MError
+from b4m.config import load_config, to_toml
+from b4m.stages import STAGE_DEFAULTS
+
+
+def test_file_then_flags_override_defaults(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'model = "sdxl"\nprompt = "a photo of sks dog"\n[train]\nsteps = 300\nlr = 2e-4\n[adapter]\nrank = 16\n'
+    )
+    cfg = load_config(path, {"train.steps": 500, "images": "dogs", "output": None}, STAGE_DEFAULTS["content"])
+    assert (cfg.model, cfg.images, cfg.prompt) == ("sdxl", "dogs", "a photo of sks dog")
+    assert (cfg.train.steps, cfg.train.lr, cfg.adapter.rank) == (500, 2e-4, 16)
+    assert cfg.train.grad_accum == 4 and cfg.adapter.ratio == 0.5  # untouched defaults
+
+
+def test_make_defaults_and_print_config_round_trip(tmp_path):
+    cfg = load_config(None, {"content": "runs/dog", "style": "runs/yarn"}, STAGE_DEFAULTS["make"])
+    assert (cfg.train.steps, cfg.train.routing, cfg.train.precondition) == (50, "none", True)
+    text = to_toml(cfg)
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert load_config(path, {}) == cfg
+    assert tomllib.loads(text)["train"]["steps"] == 50
+
+
+def test_bad_config_files(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nstep = 3\n")
+    with pytest.raises(B4MError, match="bad.toml: unknown key\\(s\\) in \\[train\\]: step"):
+        load_config(path, {})
+    path.write_text("modle = 'x'\n")
+    with pytest.raises(B4MError, match="bad.toml: unknown key\\(s\\) modle"):
+        load_config(path, {})
+    path.write_text("model = \n")
+    with pytest.raises(B4MError, match="bad.toml: not valid TOML"):
+        load_config(path, {})
+    with pytest.raises(B4MError, match="missing.toml: no such config file"):
+        load_config(tmp_path / "missing.toml", {})
+    path.write_text("[adapter]\nrank = 0\n")
+    with pytest.raises(B4MError, match="rank must be >= 1"):
+        load_config(path, {})

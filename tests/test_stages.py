@@ -1,0 +1,230 @@
+"""Every command end to end on tiny SD and SDXL pipelines saved with save_pretrained and loaded by our real loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from typer.testing import CliRunner
+
+from b4m import B4MError
+from b4m.adapter_file import load_adapter
+from b4m.cli import app
+from b4m.config import load_config
+from b4m.lora_io import load_lora
+from b4m.stages import STAGE_DEFAULTS, run_break, run_make
+from tiny_pipelines import save_tiny_sd, save_tiny_sdxl
+
+runner = CliRunner()
+FAST = ["--steps", "2", "--rank", "4", "--resolution", "32"]
+
+
+def _images(folder, n: int, colour, shape: str) -> str:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        a = np.full((40, 40, 3), 255, np.uint8)
+        if shape == "square":
+            a[8:32, 8:32] = colour
+        else:
+            a[::4] = colour
+        a = np.clip(a.astype(int) + rng.integers(-10, 10, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    aux = root / "aux"
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        _images(aux / f"set{i}", 2, colour, "stripes")
+        (aux / f"set{i}" / "prompt.txt").write_text(f"a cat in style{i} style")
+    caux = root / "content_aux"
+    for i, colour in enumerate([(0, 150, 0), (90, 90, 0)]):
+        _images(caux / f"obj{i}", 2, colour, "square")
+        (caux / f"obj{i}" / "prompt.txt").write_text(f"a photo of obj{i}")
+    return {
+        "sd": str(save_tiny_sd(root / "tiny-sd")),
+        "sdxl": str(save_tiny_sdxl(root / "tiny-sdxl")),
+        "dog": _images(root / "dog", 3, (120, 60, 20), "square"),
+        "yarn": _images(root / "yarn", 3, (250, 100, 200), "stripes"),
+        "aux": str(aux),
+        "content_aux": str(caux),
+    }
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_content_style_make_generate_end_to_end(world, tmp_path, kind):
+    model = world[kind]
+    _cli(
+        "content",
+        "--model",
+        model,
+        "--images",
+        world["dog"],
+        "--prompt",
+        "a photo of sks dog",
+        "--aux",
+        world["aux"],
+        "-o",
+        tmp_path / "dog",
+        *FAST,
+    )
+    _cli(
+        "style",
+        "--model",
+        model,
+        "--images",
+        world["yarn"],
+        "--prompt",
+        "a cat in sks style",
+        "--aux",
+        world["content_aux"],
+        "-o",
+        tmp_path / "yarn",
+        *FAST,
+    )
+    _cli("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", tmp_path / "made", "--steps", "2")
+
+    content = load_adapter(tmp_path / "dog" / "content.b4m.safetensors")
+    style = load_adapter(tmp_path / "yarn" / "style.b4m.safetensors")
+    made = load_adapter(tmp_path / "made" / "fused.b4m.safetensors")
+    assert content.role == "content" and style.role == "style" and made.role == "fused"
+    assert content.config.base_model == f"{kind}:tiny-{kind}"
+    name = content.modules[0]
+    assert content.tensors[name]["up_learned"].abs().sum() > 0  # the content half learned
+    assert torch.equal(made.tensors[name]["up_frozen"], content.tensors[name]["up_frozen"])
+    run = json.loads((tmp_path / "dog" / "run.json").read_text())
+    assert run["stage"] == "content" and run["aux_sets"] == ["set0", "set1"] and run["versions"]["torch"]
+    assert (tmp_path / "dog" / "checkpoints" / "step-000002").is_dir()
+
+    # The exported plain LoRA loads into the diffusers pipeline with no b4m code.
+    pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipe = pipe_cls.from_pretrained(model)
+    pipe.load_lora_weights(str(tmp_path / "made" / "fused_lora.safetensors"))
+    factors, _ = load_lora(tmp_path / "made" / "fused_lora.safetensors")
+    assert sorted(factors) == made.modules
+
+    # generate: deterministic per seed, metadata in the PNG, grid written.
+    out1, out2 = tmp_path / "g1", tmp_path / "g2"
+    for out in (out1, out2):
+        _cli(
+            "generate",
+            tmp_path / "made",
+            "a sks dog in sks style",
+            "-n",
+            "2",
+            "--seed",
+            "7",
+            "-o",
+            out,
+            "--steps",
+            "2",
+            "--style-scale",
+            "0.5",
+        )
+    a = np.asarray(Image.open(out1 / "00_seed7.png"))
+    assert np.array_equal(a, np.asarray(Image.open(out2 / "00_seed7.png")))
+    assert not np.array_equal(a, np.asarray(Image.open(out1 / "00_seed8.png")))
+    meta = json.loads(Image.open(out1 / "00_seed7.png").text["b4m"])
+    assert meta["seed"] == 7 and meta["prompt"] == "a sks dog in sks style" and meta["style_scale"] == 0.5
+    assert Image.open(out1 / "grid.png").size == (64, 32)
+
+
+def test_generated_auxiliary_sets_are_cached_and_reused(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("B4M_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(
+        None,
+        {
+            "model": world["sd"],
+            "images": world["dog"],
+            "prompt": "a photo of sks dog",
+            "output": str(tmp_path / "r1"),
+            "train.steps": 1,
+            "train.grad_accum": 1,
+            "adapter.rank": 4,
+            "auto_aux.sets": 2,
+            "auto_aux.images": 2,
+            "auto_aux.steps": 2,
+        },
+        STAGE_DEFAULTS["content"],
+    )
+    summary = run_break("content", cfg)
+    assert summary["aux_sets"] == ["a house in watercolor painting style", "a bicycle in pixel art style"]
+    files = sorted((tmp_path / "cache" / "aux").rglob("*.png"))
+    assert len(files) == 4
+    stamps = [f.stat().st_mtime_ns for f in files]
+    run_break("content", cfg.__class__(**{**cfg.__dict__, "output": str(tmp_path / "r2")}))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not regenerated
+
+
+def test_bad_input_fails_before_the_model_loads(world, tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "model": str(tmp_path / "no-model"),
+            "images": str(tmp_path / "missing"),
+            "prompt": "a sks dog",
+            "output": str(tmp_path / "o"),
+        },
+    )
+    with pytest.raises(B4MError, match="missing"):
+        run_break("content", cfg)
+    cfg = load_config(
+        None,
+        {
+            "model": str(tmp_path / "no-model"),
+            "images": world["dog"],
+            "prompt": "a sks dog",
+            "output": str(tmp_path / "o"),
+        },
+    )
+    with pytest.raises(B4MError, match="no-model: no such file or folder"):
+        run_break("content", cfg)
+
+
+def test_make_names_what_differs(world, tmp_path):
+    for name, rank in (("c", 4), ("s", 8)):
+        role = "content" if name == "c" else "style"
+        _cli(
+            role,
+            "--model",
+            world["sd"],
+            "--images",
+            world["dog"],
+            "--prompt",
+            "a photo of sks dog",
+            "--aux",
+            world["aux"],
+            "-o",
+            tmp_path / name,
+            "--steps",
+            "1",
+            "--rank",
+            rank,
+            "--resolution",
+            "32",
+        )
+    cfg = load_config(
+        None,
+        {"content": str(tmp_path / "c"), "style": str(tmp_path / "s"), "output": str(tmp_path / "m")},
+        STAGE_DEFAULTS["make"],
+    )
+    with pytest.raises(B4MError, match="cannot fuse .*rank differs \\(4 vs 8\\)"):
+        run_make(cfg)
+    assert not (tmp_path / "m").exists()
+
+
+def test_print_config_shows_the_merged_result(tmp_path):
+    (tmp_path / "c.toml").write_text('model = "m"\n[train]\nsteps = 7\n')
+    result = _cli("content", "--config", tmp_path / "c.toml", "--lr", "0.001", "--print-config")
+    assert 'model = "m"' in result.output and "steps = 7" in result.output and "lr = 0.001" in result.output

@@ -1,0 +1,157 @@
+"""Tiny SD and SDXL pipelines built in code and saved as diffusers folders: nothing is downloaded.
+
+Images are 32 px: the VAE has two blocks (factor 2) and the UNets a 16 px sample size. The tokenizer is a byte-level
+CLIP BPE whose vocabulary holds every byte (alone and word-final) plus a few whole words, written by
+:func:`write_clip_vocab`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from conftest import TINY_SD_UNET, TINY_SDXL_UNET
+
+IMAGE_SIZE = 32
+MAX_LENGTH = 77
+WORDS = ("a", "photo", "of", "cat", "dog", "in", "the", "style", "painting", "sks")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+# Text dims of the tiny encoders: SD 24; SDXL 16 + 24 = 40 (the UNets' cross_attention_dim), pooled projection 32.
+SD_TEXT = 24
+SDXL_TEXT = (16, 24)
+SDXL_POOLED = 32
+
+SD_UNET = {**TINY_SD_UNET, "sample_size": IMAGE_SIZE // 2, "cross_attention_dim": SD_TEXT}
+SDXL_UNET = {
+    **TINY_SDXL_UNET,
+    "sample_size": IMAGE_SIZE // 2,
+    "cross_attention_dim": sum(SDXL_TEXT),
+    "projection_class_embeddings_input_dim": 6 * TINY_SDXL_UNET["addition_time_embed_dim"] + SDXL_POOLED,
+}
+
+
+def write_clip_vocab(folder: Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a byte-level CLIP BPE into ``folder``.
+
+    Every byte character is a token alone and with CLIP's word-end mark ``</w>``, so any text tokenizes; the merges
+    build :data:`WORDS` left to right into whole-word tokens.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = ByteLevel.alphabet()
+    vocab = [*chars, *(c + "</w>" for c in chars)]
+    merges = []
+    for word in WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.append(parts[0])
+    vocab = list(dict.fromkeys([*vocab, BOS, EOS]))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *dict.fromkeys(merges)]) + "\n", encoding="utf-8")
+    return folder
+
+
+def make_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """A CLIP tokenizer over the tiny vocabulary (its files are written to a temporary folder and read back)."""
+    with tempfile.TemporaryDirectory() as folder:
+        vocab = write_clip_vocab(Path(folder))
+        return CLIPTokenizer.from_pretrained(vocab, pad_token=pad_token, model_max_length=MAX_LENGTH)
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_vae(scaling_factor: float, seed: int = 0) -> AutoencoderKL:
+    """A two-block VAE (factor 2, 4 latent channels)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _unet(config: dict, seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config)
+
+
+def save_tiny_sdxl(path: str | Path) -> Path:
+    """Save a tiny SDXL pipeline folder (Euler sampler, epsilon prediction) at ``path`` and return it."""
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    tokenizer_2 = make_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, SDXL_TEXT[0]))
+    torch.manual_seed(2)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, SDXL_TEXT[1], SDXL_POOLED))
+    pipe = StableDiffusionXLPipeline(
+        vae=make_vae(0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_unet(SDXL_UNET, seed=3),
+        scheduler=EulerDiscreteScheduler(**BETAS, steps_offset=1, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_sd(path: str | Path, prediction_type: str = "epsilon") -> Path:
+    """Save a tiny SD 1.x-style pipeline folder (PNDM sampler) at ``path`` and return it.
+
+    ``prediction_type="v_prediction"`` makes it an SD 2.x-v-style model.
+    """
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, SD_TEXT))
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(0.18215),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_unet(SD_UNET, seed=3),
+        scheduler=PNDMScheduler(
+            **BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path

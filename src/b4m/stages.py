@@ -166,6 +166,7 @@ def _run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, ti
         "base_model": model.identity,
         "config": cfg.to_dict(),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         **extra,
     }
     with atomic_path(out / "run.json") as tmp:
@@ -301,6 +302,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
         "adapter": str(path),
         "exports": [str(p) for p in exports],
         "final_loss": result.final_loss,
+        "train": _train_stats(result),
         "losses": result.losses,
         "images": [str(f) for f in main_set.files],
         "aux_sets": [s.name for s in aux_sets],
@@ -308,6 +310,16 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     _run_json(out, cfg, role, model, timings, summary)
     _say(console, f"wrote {path}")
     return summary
+
+
+def _train_stats(result: TrainResult) -> dict:
+    steady = (result.seconds - result.first_step_seconds) / max(result.steps - 1, 1)
+    return {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "first_step_seconds": round(result.first_step_seconds, 2),
+        "steady_seconds_per_step": round(steady, 4),
+    }
 
 
 def _durations(t: dict[str, float]) -> dict[str, float]:
@@ -395,6 +407,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
         "content_run": str(c_file),
         "style_run": str(s_file),
         "final_loss": result.final_loss if result else None,
+        "train": _train_stats(result) if result else None,
     }
     cfg = dataclasses.replace(cfg, model=model_name)
     _run_json(out, cfg, "make", model, _durations(t), summary)

@@ -103,6 +103,7 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
+    first_step_seconds: float  # includes warm-up (allocations, autotuning); the rest is steady state
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last check)
 
 
@@ -273,6 +274,7 @@ def train(
     running = torch.zeros((), device=model.device)
     last_good = latest_checkpoint(out)
     last_check = start_step
+    first = 0.0
     for step in range(start_step + 1, config.steps + 1):
         for _ in range(config.grad_accum):
             with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
@@ -300,11 +302,16 @@ def train(
         if validate is not None and config.validate_every and step % config.validate_every == 0:
             validate(step)
             model.denoiser.train()
+        if step == start_step + 1:
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()  # once, so the warm-up step is timed apart from the steady state
+            first = time.perf_counter() - t0
         if progress is not None:
             progress(step, config.steps, loss_value)
     model.denoiser.eval()
     final = losses[-1][1] if losses else float("nan")
-    return TrainResult(config.steps - start_step, final, time.perf_counter() - t0, losses)
+    steps_done = config.steps - start_step
+    return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
 
 
 def _restore(ckpt: Path, model: DiffusionModel, optimizer, g: torch.Generator, fingerprint: dict) -> int:

@@ -188,3 +188,16 @@ def test_bad_settings():
         train(model, plp, toy_sets(model), TrainConfig(routing="clean"), "unused")
     with pytest.raises(B4MError, match="clean routing needs auxiliary sets"):
         train(model, plp, toy_sets(model, n_aux=0), TrainConfig(routing="clean", owned="up"), "unused")
+
+
+def test_tensorboard_logs_the_loss(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, plp = attached()
+    config = TrainConfig(steps=4, routing="clean", owned="up", grad_accum=1, check_every=2, tensorboard=True)
+    result = train(model, plp, toy_sets(model), config, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in logged] == [2, 4]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in result.losses])

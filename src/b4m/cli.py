@@ -154,60 +154,49 @@ def _stage_config(stage: str, config: Path | None, overrides: dict):
     return load_config(config, overrides, STAGE_DEFAULTS[stage])
 
 
-def _break(role: str, config, print_config, resume, overrides: dict) -> None:
-    from .config import to_toml
-    from .stages import run_break
+# Where each stage flag goes in the config (flags left unset do not override anything).
+FLAG_KEYS = {
+    "model": "model", "images": "images", "prompt": "prompt", "output": "output", "aux": "aux",
+    "resolution": "resolution", "placeholder": "placeholder", "content": "content", "style": "style",
+    "steps": "train.steps", "lr": "train.lr", "rank": "adapter.rank", "seed": "adapter.seed",
+    "mixed_precision": "train.mixed_precision", "routing": "train.routing", "precondition": "train.precondition",
+    "validate_every": "train.validate_every", "checkpoint_every": "train.checkpoint_every",
+    "gradient_checkpointing": "train.gradient_checkpointing", "tensorboard": "train.tensorboard",
+    "export_dtype": "export.dtype", "export_format": "export.formats",
+}  # fmt: skip
 
-    cfg = _stage_config(role, config, overrides)
+
+def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool, resume: bool) -> None:
+    from .config import to_toml
+    from .stages import run_break, run_make
+
+    overrides = {FLAG_KEYS[k]: v for k, v in flags.items() if k in FLAG_KEYS}
+    cfg = _stage_config(stage, config, overrides)
     if print_config:
         typer.echo(to_toml(cfg), nl=False)
         return
+    if stage == "make":
+        run_make(cfg, resume=resume, console=console)
+        return
     if not cfg.model:
         raise B4MError("no --model given (a diffusers folder, a single-file checkpoint or a Hub id)")
-    run_break(role, cfg, resume=resume, console=console)
+    run_break(stage, cfg, resume=resume, console=console)
 
 
-def _break_overrides(
-    model,
-    images,
-    prompt,
-    output,
-    aux,
-    steps,
-    rank,
-    lr,
-    resolution,
-    placeholder,
-    seed,
-    mixed_precision,
-    routing,
-    validate_every,
-    checkpoint_every,
-) -> dict:
-    return {
-        "model": model,
-        "images": images,
-        "prompt": prompt,
-        "output": output,
-        "aux": aux,
-        "resolution": resolution,
-        "placeholder": placeholder,
-        "train.steps": steps,
-        "train.lr": lr,
-        "adapter.rank": rank,
-        "adapter.seed": seed,
-        "train.mixed_precision": mixed_precision,
-        "train.routing": routing,
-        "train.validate_every": validate_every,
-        "train.checkpoint_every": checkpoint_every,
-    }
+MixedOpt = Annotated[str | None, typer.Option(help="no, bf16 or fp16 autocast (adapters stay fp32).")]
+CkptOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
+TbOpt = Annotated[bool | None, typer.Option("--tensorboard", help="Log loss and lr to OUTPUT/tensorboard.")]
+ExportDtypeOpt = Annotated[str | None, typer.Option(help="Plain LoRA export dtype: fp32, bf16 or fp16.")]
+ExportFormatOpt = Annotated[
+    list[str] | None, typer.Option(help="Plain LoRA export format(s): diffusers, kohya (repeatable).")
+]
 
 
 def _break_command(role: str):
     def command(
         model: ModelOpt = None,
         images: Annotated[
-            str | None, typer.Option(help="Folder of training images (+ optional same-name .txt captions).")
+            str | None, typer.Option(help="Folder of training images (+ optional same-name .txt).")
         ] = None,
         prompt: Annotated[str | None, typer.Option(help="Caption of the images, with the placeholder token.")] = None,
         output: OutOpt = None,
@@ -222,32 +211,20 @@ def _break_command(role: str):
         seed: Annotated[
             int | None, typer.Option(help="Seed of the frozen parts (runs to fuse must share it).")
         ] = None,
-        mixed_precision: Annotated[str | None, typer.Option(help="no, bf16 or fp16.")] = None,
+        mixed_precision: MixedOpt = None,
         routing: Annotated[str | None, typer.Option(help="clean (default), mixed (official) or none.")] = None,
         validate_every: Annotated[int | None, typer.Option(help="Sample validation images every N steps.")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+        gradient_checkpointing: CkptOpt = None,
+        tensorboard: TbOpt = None,
+        export_dtype: ExportDtypeOpt = None,
+        export_format: ExportFormatOpt = None,
         config: ConfigOpt = None,
         print_config: PrintOpt = False,
         resume: ResumeOpt = False,
     ) -> None:
-        overrides = _break_overrides(
-            model,
-            images,
-            prompt,
-            output,
-            aux,
-            steps,
-            rank,
-            lr,
-            resolution,
-            placeholder,
-            seed,
-            mixed_precision,
-            routing,
-            validate_every,
-            checkpoint_every,
-        )
-        _break(role, config, print_config, resume, overrides)
+        flags = dict(locals())
+        _run_stage(role, flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"))
 
     command.__doc__ = (
         f"Break: learn a {role} in its half of the adapter, the other half learning auxiliary "
@@ -268,33 +245,22 @@ def make(
     model: ModelOpt = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps (default 50; 0 = fuse only).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
     precondition: Annotated[
         bool | None, typer.Option("--precondition/--no-precondition", help="Riemannian preconditioner (default on).")
     ] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help="no, bf16 or fp16.")] = None,
+    mixed_precision: MixedOpt = None,
+    gradient_checkpointing: CkptOpt = None,
+    tensorboard: TbOpt = None,
+    export_dtype: ExportDtypeOpt = None,
+    export_format: ExportFormatOpt = None,
     config: ConfigOpt = None,
     print_config: PrintOpt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner."""
-    from .config import to_toml
-    from .stages import run_make
-
-    overrides = {
-        "content": content,
-        "style": style,
-        "output": output,
-        "model": model,
-        "train.steps": steps,
-        "train.lr": lr,
-        "train.precondition": precondition,
-        "train.mixed_precision": mixed_precision,
-    }
-    cfg = _stage_config("make", config, overrides)
-    if print_config:
-        typer.echo(to_toml(cfg), nl=False)
-        return
-    run_make(cfg, resume=resume, console=console)
+    flags = dict(locals())
+    _run_stage("make", flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"))
 
 
 @app.command()

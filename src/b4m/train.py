@@ -80,8 +80,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    check_every: int = 10  # steps between loss reads (NaN check, progress bar): the only host syncs in the loop
+    check_every: int = 10  # steps between loss reads (NaN check, progress bar); no per-step .item()
     validate_every: int = 0  # 0: no validation images
+    tensorboard: bool = False  # write loss and lr to out/tensorboard (needs the tensorboard package)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,7 +156,7 @@ def _prune(out: Path, keep: int) -> None:
 def _fingerprint(config: TrainConfig, sets: list[TrainSet]) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     c = asdict(config)
-    for k in ("steps", "checkpoint_every", "keep_checkpoints", "check_every", "validate_every"):
+    for k in ("steps", "checkpoint_every", "keep_checkpoints", "check_every", "validate_every", "tensorboard"):
         c.pop(k)  # may change between sessions
     c["sets"] = [(s.name, len(s.latents), s.weight, s.main) for s in sets]
     return c
@@ -269,6 +270,7 @@ def train(
     amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(model.device.type, enabled=config.mixed_precision == "fp16")
 
+    writer = _tensorboard(out) if config.tensorboard else None
     t0 = time.perf_counter()
     losses: list[tuple[int, float]] = []
     running = torch.zeros((), device=model.device)
@@ -293,6 +295,10 @@ def train(
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
                 raise B4MError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
             losses.append((step, loss_value))
+            if writer is not None:
+                writer.add_scalar("loss", loss_value, step)
+                for i, group in enumerate(optimizer.param_groups):
+                    writer.add_scalar(f"lr/group{i}", group["lr"], step)
             running.zero_()
             last_check = step
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -308,10 +314,20 @@ def train(
             first = time.perf_counter() - t0
         if progress is not None:
             progress(step, config.steps, loss_value)
+    if writer is not None:
+        writer.close()
     model.denoiser.eval()
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step
     return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise B4MError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def _restore(ckpt: Path, model: DiffusionModel, optimizer, g: torch.Generator, fingerprint: dict) -> int:

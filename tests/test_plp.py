@@ -211,3 +211,19 @@ def test_sd_and_sdxl_default_targets_cover_every_attention_projection():
         unet = make_unet(cfg)
         n_attn = sum(1 for n, m in unet.named_modules() if n.endswith((".attn1", ".attn2")))
         assert len(dry_run(unet, PLPConfig(rank=4)).modules) == 4 * n_attn
+
+
+def test_bf16_base_layer_with_fp32_adapter_with_and_without_autocast():
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = PLPLinear(base, PLPConfig(rank=4), "to_q")
+    randomize_learned(nn.Sequential(layer))
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    expected = base(x).float() + x.float() @ layer.delta_weight().T
+    plain = layer(x)
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = layer(x)
+    torch.testing.assert_close(autocast.float(), expected, rtol=2e-2, atol=2e-2)
+    autocast.float().sum().backward()
+    assert layer.up_learned.grad.dtype == torch.float32  # adapter weights and their grads stay fp32

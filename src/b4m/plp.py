@@ -232,7 +232,8 @@ class PLPLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
-        x = x.to(self.up_learned.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.up_learned.dtype)  # under autocast F.linear picks the dtype; a cast would only copy
         if self.route is None:
             out = F.linear(F.linear(x, self.down()), self.up())  # two skinny matmuls; ΔW is never materialised
         else:

@@ -360,28 +360,31 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     model_name = cfg.model or c_run.get("config", {}).get("model") or ""
     if not model_name:
         raise B4MError(f"{c_file}: no run.json beside it says which base model to use; pass --model")
+    # The runs' own images, prompts and resolution (from their run.json), checked before the model loads.
+    resolution = cfg.resolution or c_run.get("config", {}).get("resolution")
     sets_info = []
     if cfg.train.steps > 0:
-        for run, file, role in ((c_run, c_file, "content"), (s_run, s_file, "style")):
-            rc = run.get("config", {})
-            images = cfg.images if (role == "content" and cfg.images) else rc.get("images")
-            prompt = rc.get("prompt") or load_adapter(file).metadata.get("prompt")
+        warn = _warn_once()
+        for run, file, adapter, role in ((c_run, c_file, content, "content"), (s_run, s_file, style, "style")):
+            images = run.get("config", {}).get("images")
+            prompt = run.get("config", {}).get("prompt") or adapter.metadata.get("prompt")
             if not images or not prompt:
-                raise B4MError(f"{file}: its run.json does not name the {role} images and prompt; pass them")
+                raise B4MError(f"{file}: no run.json beside it names the {role} images and prompt")
+            load_image_set(images, prompt, resolution or 16, name=role, warn=warn)
             sets_info.append((role, images, prompt))
     out.mkdir(parents=True, exist_ok=True)
 
-    model = load_model(model_name, device=cfg.device or default_device(), resolution=cfg.resolution)
+    model = load_model(model_name, device=cfg.device or default_device(), resolution=resolution)
     if fused.config.base_model and fused.config.base_model != model.identity:
         raise B4MError(f"{c_file}: made with base model {fused.config.base_model!r}, not {model.identity!r}")
-    res = cfg.resolution or model.resolution
+    res = resolution or model.resolution
     t["load"] = time.perf_counter()
     apply_adapter(model.denoiser, fused)
     result = None
     if cfg.train.steps > 0:
         sets = []
         for role, images, prompt in sets_info:
-            image_set = load_image_set(images, prompt, res, name=role)
+            image_set = load_image_set(images, prompt, res, name=role, warn=warn)
             sets.append(encode_set(model, image_set, 1.0, True))
         model.offload_encoders()
         t["cache"] = time.perf_counter()

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import B4MError
+from .lowrank import low_rank_product
 
 FROZEN_INITS = ("approx", "exact", "random")
 ASSIGNMENTS = ("paper", "official")
@@ -218,11 +218,13 @@ class PLPLinear(nn.Module):
 
     def up(self) -> torch.Tensor:
         """W_up = [A; up_scale·B] (m × r)."""
-        return self._up(detach=False)
+        b = self.up_learned if self.up_scale == 1.0 else self.up_learned * self.up_scale
+        return torch.cat([self.up_frozen, b], dim=0)
 
     def down(self) -> torch.Tensor:
         """W_down = [C, down_scale·D] (r × n)."""
-        return self._down(detach=False)
+        d = self.down_learned if self.down_scale == 1.0 else self.down_learned * self.down_scale
+        return torch.cat([self.down_frozen, d], dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · W_up · W_down (m × n), in the adapter's dtype."""
@@ -232,26 +234,20 @@ class PLPLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.up_learned.dtype)  # under autocast F.linear picks the dtype; a cast would only copy
-        if self.route is None:
-            out = F.linear(F.linear(x, self.down()), self.up())  # two skinny matmuls; ΔW is never materialised
-        else:
-            k, owned = self.route
-            main = F.linear(F.linear(x[:k], self._down(detach=owned != "down")), self._up(detach=owned != "up"))
-            aux = F.linear(F.linear(x[k:], self._down(detach=owned == "down")), self._up(detach=owned == "up"))
-            out = torch.cat([main, aux])
+        # One autograd node for the whole adapter (see b4m.lowrank); ΔW is never materialised.
+        out = low_rank_product(
+            x,
+            self.up_frozen,
+            self.up_learned,
+            self.down_frozen,
+            self.down_learned,
+            self.up_scale,
+            self.down_scale,
+            self.route,
+        )
         if self.scale != 1.0:
             out = out * self.scale
         return y + out.to(y.dtype)
-
-    def _up(self, detach: bool) -> torch.Tensor:
-        b = self.up_learned.detach() if detach else self.up_learned
-        return torch.cat([self.up_frozen, b if self.up_scale == 1.0 else b * self.up_scale], dim=0)
-
-    def _down(self, detach: bool) -> torch.Tensor:
-        d = self.down_learned.detach() if detach else self.down_learned
-        return torch.cat([self.down_frozen, d if self.down_scale == 1.0 else d * self.down_scale], dim=1)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -352,7 +348,8 @@ def routing(model: nn.Module, k: int, owned: str) -> Iterator[None]:
     (``"up"`` = B or ``"down"`` = D) and the other samples only to the other half. Samples of a batch are
     independent in a UNet (GroupNorm and attention act per sample), so this equals computing the main loss's
     gradient for the owned half and the auxiliary loss's gradient for the other half separately, at the cost of
-    one backward pass. Activations and values are unchanged; only which parameter receives which gradient.
+    one backward pass (the weight gradients are summed over the chosen rows: see :mod:`b4m.lowrank`). Values and
+    activation gradients are unchanged.
     """
     if owned not in ("up", "down"):
         raise B4MError(f"owned half must be 'up' or 'down', got {owned!r}")

@@ -44,3 +44,10 @@ def test_bad_config_files(tmp_path):
     path.write_text("[adapter]\nrank = 0\n")
     with pytest.raises(B4MError, match="rank must be >= 1"):
         load_config(path, {})
+
+
+def test_overrides_never_change_the_stage_defaults():
+    before = repr(STAGE_DEFAULTS)
+    load_config(None, {"train.steps": 3, "train.lr": 1.0}, STAGE_DEFAULTS["make"])
+    assert repr(STAGE_DEFAULTS) == before
+    assert load_config(None, {}, STAGE_DEFAULTS["make"]).train.steps == 50

@@ -16,6 +16,7 @@ A config file has top-level keys for the run (``model``, ``images``, ``prompt``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -137,11 +138,14 @@ def load_config(
 
 
 def _merge(into: dict, new: dict) -> None:
+    """Merge ``new`` into ``into`` recursively, copying, so later writes never reach ``new`` (e.g. the defaults)."""
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
+        if isinstance(v, dict):
+            if not isinstance(into.get(k), dict):
+                into[k] = {}
             _merge(into[k], v)
         else:
-            into[k] = v
+            into[k] = copy.deepcopy(v)
 
 
 def to_toml(config: StageConfig) -> str:

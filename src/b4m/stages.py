@@ -67,6 +67,15 @@ AUX_CONTENT_PROMPTS = [
 ]
 
 
+#: Training resolution when none is given: the official B4M scripts train SDXL at 512 px.
+DEFAULT_TRAIN_RESOLUTION = 512
+
+
+def train_resolution(model: DiffusionModel) -> int:
+    """512 px as in the official code, or the model's own resolution if that is smaller (the built-in world)."""
+    return min(model.resolution, DEFAULT_TRAIN_RESOLUTION)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -104,10 +113,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("B4M_CACHE", Path.home() / ".cache" / "b4m"))
 
 
-def generated_aux_sets(model: DiffusionModel, role: str, cfg: StageConfig, console=None) -> list[ImageSet]:
-    """Auxiliary sets made with the base model from built-in prompts, cached on disk by model and prompt."""
+def generated_aux_sets(
+    model: DiffusionModel, role: str, cfg: StageConfig, train_res: int, console=None
+) -> list[ImageSet]:
+    """Auxiliary sets made with the base model from built-in prompts, cached on disk by model and prompt.
+
+    Generated at the model's own resolution (its best quality), loaded at the training resolution.
+    """
     prompts = (AUX_STYLE_PROMPTS if role == "content" else AUX_CONTENT_PROMPTS)[: cfg.auto_aux.sets]
-    res = cfg.resolution or model.resolution
+    res = model.resolution
     sets = []
     for prompt in prompts:
         key = hashlib.sha256(json.dumps([model.identity, prompt, res, dataclasses.asdict(cfg.auto_aux)]).encode())
@@ -127,7 +141,7 @@ def generated_aux_sets(model: DiffusionModel, role: str, cfg: StageConfig, conso
             for f, image in zip(files, model.sample(request), strict=True):
                 with atomic_path(f) as tmp:
                     image.save(tmp, format="PNG")
-        sets.append(load_image_set(folder, prompt, res, name=prompt))
+        sets.append(load_image_set(folder, prompt, train_res, name=prompt))
     return sets
 
 
@@ -254,13 +268,13 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     out.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution)
-    res = cfg.resolution or model.resolution
+    res = cfg.resolution or train_resolution(model)
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
         aux_sets = load_aux_sets(cfg.aux, res, warn=warn) if cfg.aux else None
     t["load"] = time.perf_counter()
     if aux_sets is None:
-        aux_sets = generated_aux_sets(model, role, cfg, console)
+        aux_sets = generated_aux_sets(model, role, cfg, res, console)
     t["aux"] = time.perf_counter()
     sets = [encode_set(model, main_set, 1.0, True)]
     sets += [encode_set(model, s, 1.0 / len(aux_sets), False) for s in aux_sets]
@@ -377,7 +391,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     model = load_model(model_name, device=cfg.device or default_device(), resolution=resolution)
     if fused.config.base_model and fused.config.base_model != model.identity:
         raise B4MError(f"{c_file}: made with base model {fused.config.base_model!r}, not {model.identity!r}")
-    res = resolution or model.resolution
+    res = resolution or train_resolution(model)
     t["load"] = time.perf_counter()
     apply_adapter(model.denoiser, fused)
     result = None

@@ -39,7 +39,7 @@ from .plp import PLPConfig, plp_layers, routing
 
 ROUTINGS = ("clean", "mixed", "none")
 OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class TrainConfig:
     precond_reg: float = 1e-2
     precond_factors: str = "learned"
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -266,9 +266,10 @@ def train(
             raise B4MError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}")
         start_step = _restore(ckpt, model, optimizer, g, fingerprint)
 
-    use_amp = config.mixed_precision != "no" and model.device.type in ("cuda", "cpu")
-    amp_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(model.device.type, enabled=config.mixed_precision == "fp16")
+    precision = resolve_precision(config.mixed_precision, model.device)
+    use_amp = precision != "no"
+    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16")
 
     writer = _tensorboard(out) if config.tensorboard else None
     t0 = time.perf_counter()
@@ -320,6 +321,13 @@ def train(
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step
     return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` on a CUDA GPU that supports it, else ``no`` (fp32)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
 def _tensorboard(out: Path):

@@ -1,0 +1,617 @@
+"""The built-in world's catalog: contents, styles, layouts and backgrounds, read from a TOML file.
+
+Everything the renderer can draw is data, so users extend the world without code (see ``catalog.toml`` for the
+format; a user file that starts with ``extends = "builtin"`` adds entries to the shipped catalog).
+
+Coordinates of content shapes lie in a unit box, x and y in -1..1, **y pointing down** (as image rows do); angles
+are degrees, clockwise on screen, 0 pointing right (+x). Pattern lengths are in *reference pixels*, 1/64 of the
+image side, so a pattern looks the same at 32, 64 or 128 px.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import B4MError
+
+RGB = tuple[int, int, int]
+
+#: Reserved tokens for customisation ("a sks in zwx style"): no catalog name and no training caption uses them.
+PLACEHOLDERS: tuple[str, ...] = ("sks", "zwx", "qxv", "vbn", "pqz", "kjw", "xdf", "bvq", "hjt", "wmz")
+
+#: Outline widths in reference pixels (1/64 of the image side).
+OUTLINE_WIDTHS: dict[str, float] = {"none": 0.0, "thin": 1.3, "thick": 2.6}
+
+#: Palette name that takes the content's own colour (its "natural" look), as the ``plain`` style does.
+NATURAL = "natural"
+
+# A parameter spec: (default, low, high). Booleans have no range; ints are checked to be whole numbers.
+_Spec = tuple[Any, float, float]
+_ANGLE: _Spec = (0.0, -360.0, 360.0)
+_FRACTION: _Spec = (0.5, 0.02, 0.98)
+
+#: Fill patterns and their parameters. Lengths are in reference pixels.
+PATTERNS: dict[str, dict[str, _Spec]] = {
+    "flat": {},
+    "stripes": {"angle": _ANGLE, "period": (8.0, 2.0, 64.0), "width": _FRACTION},
+    "dots": {"spacing": (8.0, 2.0, 64.0), "radius": (2.5, 0.5, 32.0), "stagger": (True, 0, 1)},
+    "checker": {"size": (6.0, 1.5, 64.0), "angle": _ANGLE},
+    "rings": {"period": (8.0, 2.0, 64.0), "width": _FRACTION},
+    "waves": {
+        "angle": _ANGLE,
+        "period": (8.0, 2.0, 64.0),
+        "amplitude": (2.0, 0.0, 32.0),
+        "wavelength": (16.0, 2.0, 128.0),
+        "width": _FRACTION,
+    },
+    "zigzag": {
+        "angle": _ANGLE,
+        "period": (8.0, 2.0, 64.0),
+        "amplitude": (3.0, 0.0, 32.0),
+        "wavelength": (12.0, 2.0, 128.0),
+        "width": _FRACTION,
+    },
+    "hatching": {"angle": (45.0, -360.0, 360.0), "period": (5.0, 2.0, 64.0), "width": (0.3, 0.02, 0.98)},
+    "crosshatch": {"angle": (45.0, -360.0, 360.0), "period": (5.0, 2.0, 64.0), "width": (0.3, 0.02, 0.98)},
+    "noise": {"scale": (6.0, 1.0, 64.0)},
+    "gradient": {"angle": (90.0, -360.0, 360.0)},
+    "radial": {},
+    "spiral": {"period": (10.0, 2.0, 64.0), "arms": (1, 1, 12), "width": _FRACTION},
+    "sectors": {"count": (12, 2, 64), "angle": _ANGLE},
+    "plaid": {"angle": _ANGLE, "period": (12.0, 3.0, 64.0), "width": (0.35, 0.05, 0.95)},
+    "bricks": {"width": (10.0, 2.0, 64.0), "height": (5.0, 1.5, 64.0), "mortar": (0.2, 0.05, 0.6)},
+    "grid": {"angle": _ANGLE, "period": (8.0, 2.0, 64.0), "width": (0.2, 0.02, 0.9)},
+    "tiles": {"size": (6.0, 2.0, 64.0), "grout": (0.18, 0.0, 0.6)},
+}
+
+#: Whole-image effects, applied after downsampling, in order.
+EFFECTS: dict[str, dict[str, _Spec]] = {
+    "grain": {"amount": (12.0, 0.0, 64.0)},  # std of Gaussian noise, in 0..255 units
+    "blur": {"radius": (1.0, 0.1, 8.0)},  # reference pixels
+    "cast": {"color": ("#704214", 0, 0), "strength": (0.25, 0.0, 0.35)},  # blend towards a colour
+    "fade": {"strength": (0.25, 0.0, 0.35)},  # blend towards white
+    "posterize": {"levels": (6, 6, 64)},  # levels per channel (>= 6 keeps the object's contrast)
+    "pixelate": {"block": (3.0, 1.0, 8.0)},  # reference pixels
+    "scanlines": {"period": (4.0, 2.0, 16.0), "strength": (0.35, 0.0, 0.6)},
+    "vignette": {"strength": (0.35, 0.0, 0.5)},
+}
+
+#: Shape primitives and their keys (besides ``type`` and ``subtract``).
+PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "polygon": ("points",),
+    "rect": ("center", "size", "angle"),
+    "ellipse": ("center", "radii", "angle"),
+    "circle": ("center", "radius"),
+    "star": ("center", "radius", "points", "inner", "angle"),
+    "regular": ("center", "radius", "sides", "angle"),
+    "line": ("points", "width"),
+    "arc": ("center", "radius", "start", "end", "width"),
+}
+
+_WORD = re.compile(r"^[a-z][a-z0-9]*$")
+_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+_BOX = 1.0001  # shapes must stay inside the unit box
+_CURVE_STEPS = 72  # polygon vertices of a full ellipse
+
+
+@dataclass(eq=False)
+class Part:
+    """One drawable piece of a silhouette: a filled polygon or a thick polyline (unit-box coordinates)."""
+
+    kind: str  # "fill" | "line"
+    points: np.ndarray  # (n, 2) float64
+    width: float = 0.0  # line width, unit-box units
+    subtract: bool = False  # cut a hole instead of adding
+
+
+@dataclass(eq=False)
+class Content:
+    """An object: a silhouette built from parts, with its own ("natural") colours."""
+
+    name: str
+    parts: list[Part]
+    color: RGB
+    novel: bool = False
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A fill pattern: its type (a key of :data:`PATTERNS`) and all its parameters (defaults filled in)."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A whole-image effect: its type (a key of :data:`EFFECTS`) and all its parameters."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Style:
+    """A rendering: fill pattern, palette, outline and whole-image effects."""
+
+    name: str
+    pattern: Pattern
+    palette: str  # a palette name, or NATURAL
+    colors: tuple[RGB, ...]  # empty for NATURAL (taken from the content)
+    outline: str  # a key of OUTLINE_WIDTHS
+    outline_color: RGB
+    effects: tuple[Effect, ...] = ()
+    novel: bool = False
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the object's centre lies, in image fractions (x right, y down)."""
+
+    name: str
+    phrase: str
+    center: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Size:
+    """How large the object is: the unit box spans ``scale`` of the image side."""
+
+    name: str
+    phrase: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class Background:
+    """A named, flat background colour."""
+
+    name: str
+    color: RGB
+
+
+@dataclass(eq=False)
+class Catalog:
+    """Everything the world can draw. Lists keep file order; lookups by name raise :class:`B4MError`."""
+
+    contents: list[Content]
+    styles: list[Style]
+    positions: list[Position]
+    sizes: list[Size]
+    backgrounds: list[Background]
+    palettes: dict[str, tuple[RGB, ...]]
+    source: str = "catalog"
+
+    def __post_init__(self) -> None:
+        self._index = {
+            kind: {x.name: x for x in getattr(self, kind)}
+            for kind in ("contents", "styles", "positions", "sizes", "backgrounds")
+        }
+
+    def _get(self, kind: str, name: str) -> Any:
+        try:
+            return self._index[kind][name]
+        except KeyError:
+            known = ", ".join(self._index[kind])
+            raise B4MError(f"{self.source}: unknown {kind[:-1]} {name!r} (known: {known})") from None
+
+    def content(self, name: str) -> Content:
+        """The content called ``name``."""
+        return self._get("contents", name)
+
+    def style(self, name: str) -> Style:
+        """The style called ``name``."""
+        return self._get("styles", name)
+
+    def position(self, name: str) -> Position:
+        """The position called ``name``."""
+        return self._get("positions", name)
+
+    def size(self, name: str) -> Size:
+        """The size called ``name``."""
+        return self._get("sizes", name)
+
+    def background(self, name: str) -> Background:
+        """The background called ``name``."""
+        return self._get("backgrounds", name)
+
+    @property
+    def known_contents(self) -> list[Content]:
+        """Contents that pretraining renders."""
+        return [c for c in self.contents if not c.novel]
+
+    @property
+    def novel_contents(self) -> list[Content]:
+        """Contents held out of pretraining (stand-ins for the user's own subject)."""
+        return [c for c in self.contents if c.novel]
+
+    @property
+    def known_styles(self) -> list[Style]:
+        """Styles that pretraining renders."""
+        return [s for s in self.styles if not s.novel]
+
+    @property
+    def novel_styles(self) -> list[Style]:
+        """Styles held out of pretraining (stand-ins for an artist's own style)."""
+        return [s for s in self.styles if s.novel]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def builtin_catalog_text() -> str:
+    """The text of the catalog shipped inside the package."""
+    return resources.files(__package__).joinpath("catalog.toml").read_text(encoding="utf-8")
+
+
+_DEFAULT: Catalog | None = None
+
+
+def default_catalog() -> Catalog:
+    """The shipped catalog, loaded once."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = load_catalog()
+    return _DEFAULT
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Read and validate a catalog file (default: the one shipped in ``b4m.world``).
+
+    A file whose first key is ``extends = "builtin"`` adds its entries to the shipped catalog. Errors are
+    :class:`B4MError` lines naming the file and the entry.
+    """
+    if path is None:
+        source, text = "b4m/world/catalog.toml", builtin_catalog_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise B4MError(f"{source}: no such catalog file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise B4MError(f"{source}: not valid TOML ({e})") from e
+    extends = data.pop("extends", None)
+    if extends is not None:
+        if extends != "builtin":
+            raise B4MError(f'{source}: extends must be "builtin", not {extends!r}')
+        data = _merge_tables(tomllib.loads(builtin_catalog_text()), data)
+    return parse_catalog(data, source)
+
+
+def _merge_tables(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+class _Bad(Exception):
+    """A validation problem inside one entry; load_catalog adds the file and entry names."""
+
+
+def parse_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
+    """Validate a catalog given as a TOML-shaped dict (see :func:`load_catalog`)."""
+    top = {"colors", "palettes", "content", "style", "position", "size", "background"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise B4MError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
+
+    def entry_error(what: str, e: Exception) -> B4MError:
+        return B4MError(f"{source}: {what}: {e}")
+
+    colors: dict[str, RGB] = {}
+    for name, value in _table(data, "colors", source).items():
+        try:
+            colors[name] = _hex(value)
+        except _Bad as e:
+            raise entry_error(f"color {name!r}", e) from None
+    palettes: dict[str, tuple[RGB, ...]] = {}
+    for name, value in _table(data, "palettes", source).items():
+        try:
+            if name == NATURAL:
+                raise _Bad(f"{NATURAL!r} is reserved for the content's own colours")
+            if not isinstance(value, list) or not 1 <= len(value) <= 4:
+                raise _Bad("must be a list of 1 to 4 colours")
+            palettes[name] = tuple(_color(v, colors) for v in value)
+        except _Bad as e:
+            raise entry_error(f"palette {name!r}", e) from None
+
+    out: dict[str, list[Any]] = {}
+    parsers = {
+        "content": lambda e: _content(e, colors),
+        "style": lambda e: _style(e, colors, palettes),
+        "position": _position,
+        "size": _size,
+        "background": lambda e: _background(e, colors),
+    }
+    for kind, parse in parsers.items():
+        entries = data.get(kind, [])
+        if not isinstance(entries, list) or not entries:
+            raise B4MError(f"{source}: needs at least one [[{kind}]] entry")
+        items, seen = [], set()
+        for i, entry in enumerate(entries):
+            label = f"{kind} #{i + 1}"
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                label = f"{kind} {entry['name']!r}"
+            try:
+                if not isinstance(entry, dict):
+                    raise _Bad("must be a table")
+                item = parse(entry)
+            except _Bad as e:
+                raise entry_error(label, e) from None
+            if item.name in seen:
+                raise B4MError(f"{source}: {label}: duplicate name")
+            seen.add(item.name)
+            items.append(item)
+        out[kind] = items
+
+    words: dict[str, str] = {}
+    for kind in ("content", "style", "background"):
+        for item in out[kind]:
+            if item.name in words:
+                raise B4MError(f"{source}: {kind} {item.name!r}: name already used by a {words[item.name]}")
+            if item.name in PLACEHOLDERS:
+                raise B4MError(f"{source}: {kind} {item.name!r}: name is a reserved placeholder token")
+            words[item.name] = kind
+    return Catalog(
+        contents=out["content"],
+        styles=out["style"],
+        positions=out["position"],
+        sizes=out["size"],
+        backgrounds=out["background"],
+        palettes=palettes,
+        source=source,
+    )
+
+
+def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise B4MError(f"{source}: [{key}] must be a table")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entries
+
+
+def _keys(entry: dict[str, Any], allowed: set[str], required: set[str]) -> None:
+    bad = sorted(set(entry) - allowed)
+    if bad:
+        raise _Bad(f"unknown key(s) {', '.join(bad)}")
+    missing = sorted(required - set(entry))
+    if missing:
+        raise _Bad(f"missing key(s) {', '.join(missing)}")
+
+
+def _name(value: Any, pattern: re.Pattern[str] = _WORD) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        kind = "one lowercase word" if pattern is _WORD else "lowercase letters, digits and _"
+        raise _Bad(f"name must be {kind} (got {value!r})")
+    return value
+
+
+def _phrase(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z]+( [a-z]+)*", value):
+        raise _Bad(f"phrase must be lowercase words separated by single spaces (got {value!r})")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"{what} must be true or false (got {value!r})")
+    return value
+
+
+def _num(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Bad(f"{what} must be a number (got {value!r})")
+    if integer and value != int(value):
+        raise _Bad(f"{what} must be a whole number (got {value!r})")
+    if not lo <= value <= hi:
+        raise _Bad(f"{what} must lie in [{lo:g}, {hi:g}] (got {value!r})")
+    return int(value) if integer else float(value)
+
+
+def _pair(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Bad(f"{what} must be a pair [a, b] (got {value!r})")
+    return _num(value[0], what, lo, hi), _num(value[1], what, lo, hi)
+
+
+def _hex(value: Any) -> RGB:
+    if not isinstance(value, str) or not _HEX.match(value):
+        raise _Bad(f"colour must be '#rrggbb' (got {value!r})")
+    return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
+
+
+def _color(value: Any, colors: dict[str, RGB]) -> RGB:
+    if isinstance(value, str) and value in colors:
+        return colors[value]
+    if isinstance(value, str) and not value.startswith("#"):
+        raise _Bad(f"unknown colour {value!r} (use '#rrggbb' or a name from [colors])")
+    return _hex(value)
+
+
+def _params(spec: dict[str, _Spec], given: dict[str, Any], what: str, colors: dict[str, RGB]) -> dict[str, Any]:
+    bad = sorted(set(given) - set(spec))
+    if bad:
+        raise _Bad(f"{what}: unknown parameter(s) {', '.join(bad)} (known: {', '.join(spec) or 'none'})")
+    out: dict[str, Any] = {}
+    for key, (default, lo, hi) in spec.items():
+        value = given.get(key, default)
+        label = f"{what} {key}"
+        if isinstance(default, bool):
+            out[key] = _bool(value, label)
+        elif isinstance(default, str):
+            out[key] = _color(value, colors)
+        else:
+            out[key] = _num(value, label, lo, hi, integer=isinstance(default, int))
+    return out
+
+
+def _content(entry: dict[str, Any], colors: dict[str, RGB]) -> Content:
+    _keys(entry, {"name", "color", "novel", "parts"}, {"name", "parts"})
+    name = _name(entry["name"])
+    parts_in = entry["parts"]
+    if not isinstance(parts_in, list) or not parts_in:
+        raise _Bad("parts must be a non-empty list of shape tables")
+    parts: list[Part] = []
+    for i, p in enumerate(parts_in):
+        try:
+            parts.extend(_primitive(p))
+        except _Bad as e:
+            raise _Bad(f"part #{i + 1}: {e}") from None
+    if parts[0].subtract:
+        raise _Bad("the first part must add, not subtract")
+    color = _color(entry.get("color", "#808080"), colors)
+    return Content(name, parts, color, _bool(entry.get("novel", False), "novel"))
+
+
+def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tuple[RGB, ...]]) -> Style:
+    allowed = {"name", "pattern", "palette", "outline", "outline_color", "effects", "novel"}
+    _keys(entry, allowed, {"name", "palette"})
+    name = _name(entry["name"])
+    pattern_in = entry.get("pattern", "flat")
+    if isinstance(pattern_in, str):
+        pattern_in = {"type": pattern_in}
+    if not isinstance(pattern_in, dict) or "type" not in pattern_in:
+        raise _Bad("pattern must be a type name or a table with a type")
+    kind = pattern_in["type"]
+    if kind not in PATTERNS:
+        raise _Bad(f"unknown pattern type {kind!r} (known: {', '.join(PATTERNS)})")
+    params = _params(PATTERNS[kind], {k: v for k, v in pattern_in.items() if k != "type"}, f"pattern {kind}", colors)
+    palette = entry["palette"]
+    if palette == NATURAL:
+        pal: tuple[RGB, ...] = ()
+    elif isinstance(palette, str) and palette in palettes:
+        pal = palettes[palette]
+    else:
+        raise _Bad(f"unknown palette {palette!r} (known: {NATURAL}, {', '.join(palettes)})")
+    outline = entry.get("outline", "none")
+    if outline not in OUTLINE_WIDTHS:
+        raise _Bad(f"outline must be one of {', '.join(OUTLINE_WIDTHS)} (got {outline!r})")
+    outline_color = _color(entry.get("outline_color", "#1a1a1a"), colors)
+    effects_in = entry.get("effects", [])
+    if not isinstance(effects_in, list):
+        raise _Bad("effects must be a list of tables")
+    effects = []
+    for e in effects_in:
+        if not isinstance(e, dict) or e.get("type") not in EFFECTS:
+            got = e.get("type") if isinstance(e, dict) else e
+            raise _Bad(f"unknown effect {got!r} (known: {', '.join(EFFECTS)})")
+        given = {k: v for k, v in e.items() if k != "type"}
+        effects.append(Effect(e["type"], _params(EFFECTS[e["type"]], given, f"effect {e['type']}", colors)))
+    novel = _bool(entry.get("novel", False), "novel")
+    return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), novel)
+
+
+def _position(entry: dict[str, Any]) -> Position:
+    _keys(entry, {"name", "phrase", "center"}, {"name", "phrase", "center"})
+    center = _pair(entry["center"], "center", 0.0, 1.0)
+    return Position(_name(entry["name"], _KEY), _phrase(entry["phrase"]), center)
+
+
+def _size(entry: dict[str, Any]) -> Size:
+    _keys(entry, {"name", "phrase", "scale"}, {"name", "phrase", "scale"})
+    return Size(_name(entry["name"], _KEY), _phrase(entry["phrase"]), _num(entry["scale"], "scale", 0.05, 1.5))
+
+
+def _background(entry: dict[str, Any], colors: dict[str, RGB]) -> Background:
+    _keys(entry, {"name", "color"}, {"name", "color"})
+    return Background(_name(entry["name"]), _color(entry["color"], colors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape primitives -> parts
+
+
+def _ellipse_points(
+    cx: float, cy: float, rx: float, ry: float, angle: float, a0: float = 0.0, a1: float = 360.0
+) -> np.ndarray:
+    """Points along an ellipse (or an arc of it, from angle a0 to a1), rotated by ``angle``."""
+    n = max(8, int(_CURVE_STEPS * abs(a1 - a0) / 360.0))
+    t = np.radians(np.linspace(a0, a1, n, endpoint=abs(a1 - a0) < 360.0))
+    pts = np.stack([rx * np.cos(t), ry * np.sin(t)], axis=1)
+    return _rotate(pts, angle) + np.array([cx, cy])
+
+
+def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+    a = math.radians(angle)
+    c, s = math.cos(a), math.sin(a)
+    return points @ np.array([[c, s], [-s, c]])
+
+
+def _points(value: Any, what: str, minimum: int) -> np.ndarray:
+    if not isinstance(value, list) or len(value) < minimum:
+        raise _Bad(f"{what} must be a list of at least {minimum} [x, y] pairs")
+    return np.array([_pair(p, what) for p in value], dtype=np.float64)
+
+
+def _primitive(p: Any) -> list[Part]:
+    if not isinstance(p, dict) or p.get("type") not in PRIMITIVES:
+        got = p.get("type") if isinstance(p, dict) else p
+        raise _Bad(f"unknown shape type {got!r} (known: {', '.join(PRIMITIVES)})")
+    kind = p["type"]
+    _keys(p, {"type", "subtract", *PRIMITIVES[kind]}, set())
+    subtract = _bool(p.get("subtract", False), "subtract")
+    center = _pair(p.get("center", [0.0, 0.0]), "center")
+    angle = _num(p.get("angle", 0.0), "angle", -360.0, 360.0)
+    width = 0.0
+    if kind == "polygon":
+        pts, fill = _points(p.get("points"), "points", 3), True
+    elif kind == "rect":
+        w, h = _pair(p.get("size"), "size", 0.0, 2.0)
+        pts, fill = _rotate(np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2, angle) + center, True
+    elif kind in ("ellipse", "circle"):
+        if kind == "circle":
+            r = _num(p.get("radius"), "radius", 0.0, 1.0)
+            rx, ry = r, r
+        else:
+            rx, ry = _pair(p.get("radii"), "radii", 0.0, 1.0)
+        pts, fill = _ellipse_points(*center, rx, ry, angle), True
+    elif kind in ("star", "regular"):
+        r = _num(p.get("radius", 1.0), "radius", 0.0, 1.0)
+        if kind == "star":
+            n = _num(p.get("points", 5), "points", 3, 64, integer=True)
+            inner = _num(p.get("inner", 0.45), "inner", 0.05, 0.99)
+            radii = np.where(np.arange(2 * n) % 2 == 0, r, r * inner)
+            t = np.radians(-90.0 + angle + np.arange(2 * n) * 180.0 / n)
+        else:
+            n = _num(p.get("sides", 6), "sides", 3, 64, integer=True)
+            radii = np.full(n, r)
+            t = np.radians(-90.0 + angle + np.arange(n) * 360.0 / n)
+        pts, fill = np.stack([radii * np.cos(t), radii * np.sin(t)], axis=1) + center, True
+    elif kind == "line":
+        pts, fill = _points(p.get("points"), "points", 2), False
+        width = _num(p.get("width", 0.1), "width", 0.01, 1.0)
+    else:  # arc
+        r = _num(p.get("radius"), "radius", 0.0, 1.0)
+        a0 = _num(p.get("start", 0.0), "start", -720.0, 720.0)
+        a1 = _num(p.get("end", 180.0), "end", -720.0, 720.0)
+        if a1 <= a0:
+            raise _Bad(f"end ({a1:g}) must be larger than start ({a0:g})")
+        pts, fill = _ellipse_points(*center, r, r, 0.0, a0, a1), False
+        width = _num(p.get("width", 0.1), "width", 0.01, 1.0)
+    reach = np.abs(pts).max() + width / 2
+    if reach > (2 * _BOX if subtract else _BOX):  # holes may reach past the box: they cut nothing there
+        raise _Bad(f"{kind} reaches {reach:.2f} outside the unit box -1..1")
+    return [Part("fill" if fill else "line", pts, width, subtract)]

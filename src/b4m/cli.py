@@ -156,14 +156,29 @@ def _stage_config(stage: str, config: Path | None, overrides: dict):
 
 # Where each stage flag goes in the config (flags left unset do not override anything).
 FLAG_KEYS = {
-    "model": "model", "images": "images", "prompt": "prompt", "output": "output", "aux": "aux",
-    "resolution": "resolution", "placeholder": "placeholder", "content": "content", "style": "style",
-    "steps": "train.steps", "lr": "train.lr", "rank": "adapter.rank", "seed": "adapter.seed",
-    "mixed_precision": "train.mixed_precision", "routing": "train.routing", "precondition": "train.precondition",
-    "validate_every": "train.validate_every", "checkpoint_every": "train.checkpoint_every",
-    "gradient_checkpointing": "train.gradient_checkpointing", "tensorboard": "train.tensorboard",
-    "export_dtype": "export.dtype", "export_format": "export.formats",
-}  # fmt: skip
+    "model": "model",
+    "images": "images",
+    "prompt": "prompt",
+    "output": "output",
+    "aux": "aux",
+    "resolution": "resolution",
+    "placeholder": "placeholder",
+    "content": "content",
+    "style": "style",
+    "steps": "train.steps",
+    "lr": "train.lr",
+    "rank": "adapter.rank",
+    "seed": "adapter.seed",
+    "mixed_precision": "train.mixed_precision",
+    "routing": "train.routing",
+    "precondition": "train.precondition",
+    "validate_every": "train.validate_every",
+    "checkpoint_every": "train.checkpoint_every",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "tensorboard": "train.tensorboard",
+    "export_dtype": "export.dtype",
+    "export_format": "export.formats",
+}
 
 
 def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool, resume: bool) -> None:
@@ -302,6 +317,42 @@ def generate(
         resolution=resolution,
         console=console,
     )
+
+
+world_app = typer.Typer(help="The built-in world: pretrain its base model, render scenes.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("pretrain")
+def world_pretrain(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for checkpoints and the trained model.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20_000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    resolution: Annotated[int, typer.Option(help="Image size in pixels (32 or 64).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    dataset_size: Annotated[int, typer.Option(help="Renders made once and sampled from.")] = 200_000,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the held-out combinations and the weights.")] = 0,
+    compile: Annotated[bool, typer.Option(help="torch.compile the UNet.")] = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Train the world's base text-to-image model on renders of known contents × known styles (resumable)."""
+    from .world.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        resolution=resolution,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        dataset_size=dataset_size,
+        seed=seed,
+        compile=compile,
+    )
+
+    def progress(step: int, total: int, loss: float) -> None:
+        console.print(f"step {step}/{total}  loss {loss:.4f}", highlight=False)
+
+    pretrain(config, output, resume=resume, progress=progress)
+    console.print(f"wrote {output / 'model'}", highlight=False)
 
 
 @app.command()

@@ -68,9 +68,25 @@ _DTYPE_KEY = (
 )
 
 
+def _builtin_world(device="cpu", **_) -> DiffusionModel:
+    """The world model shipped inside the package (``b4m/world/weights``)."""
+    from ..world.model import load_world_model
+
+    folder = Path(__file__).resolve().parents[1] / "world" / "weights"
+    if not (folder / "world_model.json").is_file():
+        raise B4MError(
+            f"{folder}: the built-in world model is not shipped in this version yet; "
+            "train one with `b4m world pretrain` and pass its folder as --model"
+        )
+    return load_world_model(folder, device=str(device), identity="world")
+
+
 def register_model(name: str, loader: Callable[..., DiffusionModel]) -> None:
     """Make ``load_model(name, ...)`` call ``loader(device=..., dtype=..., variant=..., resolution=...)``."""
     MODEL_LOADERS[name] = loader
+
+
+register_model("world", _builtin_world)
 
 
 def load_model(
@@ -102,6 +118,10 @@ def load_model(
     """
     if model in MODEL_LOADERS:
         loaded = MODEL_LOADERS[model](device=device, dtype=dtype, variant=variant, resolution=resolution)
+    elif (Path(model) / "world_model.json").is_file():  # a world model folder (e.g. written by b4m world pretrain)
+        from ..world.model import load_world_model
+
+        loaded = load_world_model(model, device=str(device), identity=f"world:{Path(model).name}")
     else:
         dtype = dtype or default_dtype(device)
         cls, pipe, name = _load_pipeline(model, dtype, variant)

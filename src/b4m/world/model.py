@@ -1,0 +1,222 @@
+"""The world's base text-to-image model: a small word-level text encoder and a diffusers UNet2DConditionModel.
+
+The UNet has cross-attention with to_q/to_k/to_v/to_out.0 exactly like SDXL's, so PLP adapts it the same way. It
+works in pixel space (no VAE): at 32–64 px a latent space buys little, and ground truth stays exact.
+:class:`WorldModel` implements :class:`~b4m.models.base.DiffusionModel`, so every command takes ``--model world``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from torch import nn
+
+from ..errors import B4MError
+from ..io_utils import load_safetensors, save_safetensors
+from ..models.base import Conditioning, DiffusionModel, SampleRequest
+from ..models.schedulers import make_scheduler
+from .vocab import Vocab, build_vocab
+
+MAX_TOKENS = 16  # <bos> + the longest caption (12 words) + <eos>, padded
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 128
+    width: int = 256
+    layers: int = 3
+    heads: int = 4
+    max_tokens: int = MAX_TOKENS
+
+
+class WorldTextEncoder(nn.Module):
+    """Token + position embeddings and a pre-norm transformer encoder; returns every token's hidden state."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokens = nn.Embedding(config.vocab_size, config.width)
+        self.positions = nn.Parameter(torch.zeros(config.max_tokens, config.width))
+        layer = nn.TransformerEncoderLayer(
+            config.width,
+            config.heads,
+            4 * config.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+        nn.init.normal_(self.positions, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, width)
+        h = self.tokens(ids) + self.positions[: ids.shape[1]]
+        return self.norm(self.encoder(h))
+
+
+def default_unet_config(resolution: int, text_width: int) -> dict:
+    """A small pixel-space UNet with SDXL's attention layout (cross-attention in the deeper blocks)."""
+    return dict(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(96, 192, 384),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+
+@dataclass
+class WorldModelConfig:
+    resolution: int = 32
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: dict = field(default_factory=dict)  # empty: default_unet_config(resolution, text.width)
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = TextEncoderConfig(**self.text)
+        if not self.unet:
+            self.unet = default_unet_config(self.resolution, self.text.width)
+
+
+class WorldModel(DiffusionModel):
+    """The built-in world's base model behind the common interface."""
+
+    def __init__(self, config: WorldModelConfig, vocab: Vocab | None = None, identity: str = "world") -> None:
+        self.config = config
+        self.vocab = vocab or build_vocab()
+        if len(self.vocab) > config.text.vocab_size:
+            raise B4MError(
+                f"vocabulary of {len(self.vocab)} words exceeds the text encoder's {config.text.vocab_size}"
+            )
+        self.text_encoder = WorldTextEncoder(config.text)
+        self.denoiser = UNet2DConditionModel(**config.unet)
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule=config.beta_schedule, prediction_type=config.prediction_type
+        )
+        self.identity = identity
+        self.resolution = config.resolution
+
+    # -- DiffusionModel ---------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device, dtype=None) -> WorldModel:
+        self.denoiser.to(device, dtype)
+        self.text_encoder.to(device, dtype)
+        return self
+
+    def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.vocab.encode(p, self.config.text.max_tokens) for p in prompts], dtype=torch.long)
+
+    def encode_prompts(self, prompts: Sequence[str], size=None) -> Conditioning:
+        ids = self.tokens(prompts).to(next(self.text_encoder.parameters()).device)
+        return Conditioning(self.text_encoder(ids).to(self.device))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.device)  # pixel space: the "latents" are the images in [-1, 1]
+
+    def offload_encoders(self) -> None:
+        pass  # the text encoder is a few MB; it stays where it is
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.train_scheduler.config.num_train_timesteps
+
+    def add_noise(self, latents, noise, timesteps):
+        return self.train_scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents, noise, timesteps):
+        if self.config.prediction_type == "v_prediction":
+            return self.train_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def predict(self, noisy, timesteps, cond: Conditioning):
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.hidden).sample
+
+    @torch.no_grad()
+    def sample(self, request: SampleRequest) -> list[Image.Image]:
+        arrays = self.sample_arrays(request)
+        return [Image.fromarray(a) for a in arrays]
+
+    @torch.no_grad()
+    def sample_arrays(self, request: SampleRequest, batch_size: int = 256) -> np.ndarray:
+        """Images as uint8 (N, H, W, 3), one per (prompt, seed), prompt-major, with classifier-free guidance."""
+        res = request.height or self.resolution
+        pairs = [(p, s) for p in request.prompts for s in request.seeds]
+        scheduler = make_scheduler(request.scheduler or "dpm++", self.train_scheduler.config)
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        out = []
+        uncond = self.encode_prompts([request.negative_prompt])
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            cond = self.encode_prompts([p for p, _ in chunk])
+            noise = torch.stack(
+                [torch.randn(3, res, res, generator=torch.Generator().manual_seed(s)) for _, s in chunk]
+            ).to(self.device, cond.hidden.dtype)
+            x = noise * scheduler.init_noise_sigma
+            scheduler.set_timesteps(request.steps, device=self.device)
+            ctx = torch.cat([uncond.hidden.expand(len(chunk), -1, -1), cond.hidden])
+            for t in scheduler.timesteps:
+                inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+                eps_u, eps_c = self.denoiser(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+                eps = eps_u + request.guidance_scale * (eps_c - eps_u)
+                x = scheduler.step(eps, t, x).prev_sample
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        self.denoiser.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, res, res, 3), np.uint8)
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """``world_model.json``, ``unet.safetensors``, ``text_encoder.safetensors``, ``vocab.json`` (atomic each)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"b4m_world_model": json.dumps(asdict(self.config))}
+        save_safetensors(_half(self.denoiser.state_dict()), folder / "unet.safetensors", meta)
+        save_safetensors(_half(self.text_encoder.state_dict()), folder / "text_encoder.safetensors", meta)
+        self.vocab.save(folder / "vocab.json")
+        (folder / "world_model.json").write_text(json.dumps(asdict(self.config), indent=2))
+        return folder
+
+
+def _half(state: dict) -> dict:
+    """fp16 on disk (the shipped files must stay small); loaded back as fp32."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "world") -> WorldModel:
+    folder = Path(folder)
+    config_file = folder / "world_model.json"
+    if not config_file.exists():
+        raise B4MError(f"{folder}: not a world model folder (no world_model.json)")
+    config = WorldModelConfig(**json.loads(config_file.read_text()))
+    model = WorldModel(config, Vocab.load(folder / "vocab.json"), identity)
+    for module, name in ((model.denoiser, "unet"), (model.text_encoder, "text_encoder")):
+        tensors, _ = load_safetensors(folder / f"{name}.safetensors")
+        missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+        if missing or unexpected:
+            raise B4MError(
+                f"{folder / (name + '.safetensors')}: does not fit the config ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected tensors)"
+            )
+    model.denoiser.eval()
+    model.text_encoder.eval()
+    return model.to(device)

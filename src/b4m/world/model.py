@@ -68,13 +68,13 @@ def default_unet_config(resolution: int, text_width: int) -> dict:
         sample_size=resolution,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(96, 192, 384),
+        block_out_channels=(48, 96, 192),  # ~14 M parameters: the shipped weights must stay under 40 MB
         layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=text_width,
-        attention_head_dim=32,
-        norm_num_groups=32,
+        attention_head_dim=24,
+        norm_num_groups=16,
     )
 
 

@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--no-speed", action="store_true", help="skip the step-speed table")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "speed": []}
-    for channels in [(48, 96, 192), (64, 128, 256), (96, 192, 384)]:
+    for channels in [] if args.no_speed else [(48, 96, 192), (64, 128, 256), (96, 192, 384)]:
         for batch in (256, 512):
             unet = {**default_unet_config(args.resolution, 256), "block_out_channels": channels}
             sps, mparams = speed(WorldModelConfig(resolution=args.resolution, unet=unet), batch)

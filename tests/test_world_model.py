@@ -121,3 +121,30 @@ def test_content_run_on_the_world_model(world_model, tmp_path):
 def test_the_builtin_name_says_what_is_missing():
     with pytest.raises(B4MError, match="built-in world model is not shipped"):
         load_model("world")
+
+
+class _PerfectDenoiser(torch.nn.Module):
+    """Predicts the exact noise that leads to a known image ``x0``: a correct sampler must then return ``x0``."""
+
+    def __init__(self, x0: torch.Tensor, alphas: torch.Tensor) -> None:
+        super().__init__()
+        self.x0, self.alphas = x0, alphas
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+        self.training = False
+
+    def forward(self, x, t, encoder_hidden_states):
+        a = self.alphas[int(t)]
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return type("Out", (), {"sample": eps})()
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler"])
+def test_the_sampler_reaches_the_image_a_perfect_denoiser_points_to(world_model, scheduler):
+    model = load_world_model(world_model / "model")
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    model.denoiser = _PerfectDenoiser(x0, model.train_scheduler.alphas_cumprod)
+    out = model.sample_arrays(
+        SampleRequest(["a cat in zebra style"], [0, 1], steps=20, guidance_scale=4.0, scheduler=scheduler)
+    )
+    expected = ((x0[0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
+    assert np.abs(out.astype(float) - expected).max() <= 2

@@ -188,19 +188,14 @@ def make_optimizer(model: DiffusionModel, config: TrainConfig) -> torch.optim.Op
     )
 
 
-def _draw(sets: list[TrainSet], batch_size: int, g: torch.Generator) -> tuple[list[torch.Tensor], int]:
-    """Indices of the images of one micro-step, main sets first; also the number of main samples."""
-    ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
-    picks = [torch.randint(0, len(s.latents), (batch_size,), generator=g) for s in ordered]
-    return picks, batch_size * sum(s.main for s in sets)
-
-
 def micro_step_loss(
     model: DiffusionModel, sets: list[TrainSet], config: TrainConfig, g: torch.Generator
 ) -> torch.Tensor:
-    """The weighted diffusion loss of one micro-step (all images in one batch)."""
+    """The weighted diffusion loss of one micro-step: ``batch_size`` images of every set, main sets first, in one
+    batch."""
     ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
-    picks, n_main = _draw(sets, config.batch_size, g)
+    picks = [torch.randint(0, len(s.latents), (config.batch_size,), generator=g) for s in ordered]
+    n_main = config.batch_size * sum(s.main for s in sets)
     device = model.device
     latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
     cond = Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
@@ -255,6 +250,8 @@ def train(
     if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
         model.denoiser.enable_gradient_checkpointing()
     model.denoiser.train()
+    # The cached sets move to the device once (latents and embeddings of a few dozen images: megabytes).
+    sets = [TrainSet(s.name, s.latents.to(model.device), s.cond.to(model.device), s.weight, s.main) for s in sets]
     optimizer = make_optimizer(model, config)
     g = torch.Generator().manual_seed(config.seed)
     start_step = 0

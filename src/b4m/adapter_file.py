@@ -87,8 +87,7 @@ class AdapterFile:
 
     def factors(self, *, scale: float = 1.0, content_scale: float = 1.0, style_scale: float = 1.0) -> dict:
         """Plain-LoRA factors ``{module: (up m×r, down r×n)}`` with ΔW = up @ down and the scales folded in."""
-        up_s = content_scale if self.config.half_of("content") == "up" else style_scale
-        down_s = style_scale if self.config.half_of("content") == "up" else content_scale
+        up_s, down_s = self.config.half_scales(content_scale, style_scale)
         out = {}
         for name in self.modules:
             t = self.tensors[name]

@@ -120,20 +120,16 @@ def export(
     ] = None,
 ) -> None:
     """Export a b4m adapter as a plain LoRA that diffusers, ComfyUI or A1111 load with no custom code."""
-    import torch
-
     from .adapter_file import load_adapter
-    from .lora_io import save_lora
+    from .lora_io import dtype_from_name, save_lora
     from .unet_skeleton import read_unet_config
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise B4MError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    torch_dtype = dtype_from_name(dtype)
     adapter = load_adapter(file)
     factors = adapter.factors(scale=scale, content_scale=content_scale, style_scale=style_scale)
     metadata = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
     config = read_unet_config(unet_config) if unet_config else None
-    save_lora(factors, output, format=format, dtype=dtypes[dtype], metadata=metadata, unet_config=config)
+    save_lora(factors, output, format=format, dtype=torch_dtype, metadata=metadata, unet_config=config)
     console.print(f"wrote {output} ({format}, {dtype}, {len(factors)} modules)", highlight=False)
 
 

@@ -41,6 +41,17 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 FORMATS = ("diffusers", "kohya")
 KOHYA_NAMINGS = ("auto", "diffusers", "sgm")
 SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Export dtypes by the names the CLI and config files use.
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` as a torch dtype; a one-line error for anything else."""
+    if name not in DTYPE_NAMES:
+        raise B4MError(f"export dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
 KOHYA_NETWORK_MODULE = "networks.lora"
 
 # diffusers' safetensors metadata entry for the peft LoraConfig kwargs (diffusers.loaders.lora_base).

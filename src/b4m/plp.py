@@ -87,6 +87,12 @@ class PLPConfig:
             return content
         return "down" if content == "up" else "up"
 
+    def half_scales(self, content_scale: float, style_scale: float) -> tuple[float, float]:
+        """(up_scale, down_scale): the content and style multipliers placed on the halves that hold them."""
+        if self.half_of("content") == "up":
+            return content_scale, style_scale
+        return style_scale, content_scale
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -363,20 +369,6 @@ def routing(model: nn.Module, k: int, owned: str) -> Iterator[None]:
             layer.route = None
 
 
-def learned_parameters(model: nn.Module, role: str | None = None, config: PLPConfig | None = None) -> Iterator:
-    """The learned halves of every PLP layer; with ``role``, only the half that holds it (needs ``config``)."""
-    half = None
-    if role is not None:
-        if config is None:
-            raise B4MError("learned_parameters(role=...) needs the PLPConfig to know which half holds the role")
-        half = config.half_of(role)
-    for layer in plp_layers(model).values():
-        if half in (None, "up"):
-            yield layer.up_learned
-        if half in (None, "down"):
-            yield layer.down_learned
-
-
 def set_scales(
     model: nn.Module,
     config: PLPConfig,
@@ -386,8 +378,7 @@ def set_scales(
     style_scale: float = 1.0,
 ) -> None:
     """Scale the whole ΔW and the content and style halves separately (generation-time knobs)."""
-    up = content_scale if config.half_of("content") == "up" else style_scale
-    down = style_scale if config.half_of("content") == "up" else content_scale
+    up, down = config.half_scales(content_scale, style_scale)
     for layer in plp_layers(model).values():
         if layer.merged:
             raise B4MError(f"{layer.name}: unmerge before changing scales")

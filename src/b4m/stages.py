@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .adapter_file import AdapterFile, adapter_from_model, apply_adapter, fuse, load_adapter, save_adapter
@@ -26,7 +27,7 @@ from .config import StageConfig
 from .data import ImageSet, load_aux_sets, load_image_set, to_tensor
 from .errors import B4MError
 from .io_utils import atomic_path
-from .lora_io import save_lora
+from .lora_io import dtype_from_name, save_lora
 from .models import load_model
 from .models.base import DiffusionModel, SampleRequest
 from .plp import PLPConfig, add_plp, plp_layers, set_scales
@@ -37,7 +38,6 @@ ADAPTER_NAMES = {
     "style": "style.b4m.safetensors",
     "fused": "fused.b4m.safetensors",
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Defaults per stage, merged under the user's config file and flags.
 STAGE_DEFAULTS = {
@@ -139,8 +139,7 @@ def generated_aux_sets(
                 width=res,
             )
             for f, image in zip(files, model.sample(request), strict=True):
-                with atomic_path(f) as tmp:
-                    image.save(tmp, format="PNG")
+                save_png(image, f)
         sets.append(load_image_set(folder, prompt, train_res, name=prompt))
     return sets
 
@@ -188,13 +187,12 @@ def _run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, ti
 
 
 def _export(out: Path, name: str, adapter: AdapterFile, cfg: StageConfig, console=None) -> list[Path]:
-    if cfg.export.dtype not in DTYPES:
-        raise B4MError(f"export dtype must be one of {', '.join(DTYPES)}, got {cfg.export.dtype!r}")
+    dtype = dtype_from_name(cfg.export.dtype)
     paths = []
     meta = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
     for fmt in cfg.export.formats:
         path = out / f"{name}_lora{'' if fmt == 'diffusers' else '_' + fmt}.safetensors"
-        save_lora(adapter.factors(), path, format=fmt, dtype=DTYPES[cfg.export.dtype], metadata=meta)
+        save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta)
         paths.append(path)
     _say(console, "exported " + ", ".join(str(p) for p in paths))
     return paths
@@ -436,20 +434,24 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
 # Generate
 
 
+def save_png(image: Image.Image, path: Path, info: dict | None = None) -> Path:
+    """Write ``image`` atomically, with ``info`` (if any) as JSON in the PNG's ``b4m`` text chunk."""
+    meta = PngInfo()
+    if info is not None:
+        meta.add_text("b4m", json.dumps(info))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+    return path
+
+
 def save_grid(images: list[Image.Image], columns: int, path: Path, info: dict) -> Path:
     """A grid of equally sized images, written atomically with ``info`` as PNG text metadata."""
-    from PIL.PngImagePlugin import PngInfo
-
     w, h = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, im in enumerate(images):
         grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    meta = PngInfo()
-    meta.add_text("b4m", json.dumps(info))
-    with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG", pnginfo=meta)
-    return path
+    return save_png(grid, path, info)
 
 
 def generate(
@@ -513,17 +515,14 @@ def generate(
         "style_scale": style_scale,
         "merged": merge,
     }
-    paths = []
-    from PIL.PngImagePlugin import PngInfo
-
-    for i, image in enumerate(images):
-        prompt, s = prompts[i // n], seeds[i % n]
-        meta = PngInfo()
-        meta.add_text("b4m", json.dumps({"prompt": prompt, "seed": s, **settings}))
-        path = out / f"{i // n:02d}_seed{s}.png"
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=meta)
-        paths.append(path)
+    paths = [
+        save_png(
+            image,
+            out / f"{i // n:02d}_seed{seeds[i % n]}.png",
+            {"prompt": prompts[i // n], "seed": seeds[i % n], **settings},
+        )
+        for i, image in enumerate(images)
+    ]
     grid = save_grid(images, n, out / "grid.png", {"prompts": prompts, "seeds": seeds, **settings})
     _say(console, f"wrote {len(paths)} images and {grid}")
     return [*paths, grid]

@@ -11,7 +11,7 @@ from b4m.models import load_model
 from b4m.models.base import SampleRequest
 from b4m.world import default_catalog, tokenize
 from b4m.world.model import TextEncoderConfig, WorldModelConfig, load_world_model
-from b4m.world.pretrain import PretrainConfig, holdout_combinations, pretrain, render_dataset
+from b4m.world.pretrain import PretrainConfig, _lr, holdout_combinations, pretrain, render_dataset, snr_weights
 
 TINY = WorldModelConfig(
     resolution=16,
@@ -59,13 +59,42 @@ def test_dataset_never_shows_novel_or_held_out_combinations():
 
 
 def test_pretrain_resume_is_exact(tmp_path, world_model):
-    pretrain(PretrainConfig(steps=3, **FAST), tmp_path, model_config=TINY, device="cpu")
+    pretrain(PretrainConfig(steps=6, stop_at=3, **FAST), tmp_path, model_config=TINY, device="cpu")
+    first = json.loads((tmp_path / "pretrain.json").read_text())
+    assert first["step"] == 3 and not first["finished"] and (tmp_path / "model" / "unet.safetensors").exists()
     resumed = pretrain(PretrainConfig(steps=6, **{**FAST}), tmp_path, model_config=TINY, device="cpu", resume=True)
     straight = load_world_model(world_model / "model")
     for a, b in zip(straight.denoiser.parameters(), resumed.denoiser.parameters(), strict=True):
         torch.testing.assert_close(a, b.half().float())  # the folder holds fp16 weights
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["finished"] and [(s["from_step"], s["to_step"]) for s in record["sessions"]] == [(0, 3), (3, 6)]
+    assert [row[0] for row in record["log"]] == [3, 6]  # the history survives the resume
+    assert len(list(tmp_path.glob("data-*.npy"))) == 1  # rendered once, reloaded on resume
     with pytest.raises(B4MError, match="other pretraining settings"):
         pretrain(PretrainConfig(steps=9, lr=1.0, **FAST), tmp_path, model_config=TINY, device="cpu", resume=True)
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path):
+    pretrain(PretrainConfig(steps=50, max_seconds=1e-9, **FAST), tmp_path, model_config=TINY, device="cpu")
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["step"] == 1 and not record["finished"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_lr_schedule_and_min_snr_weights():
+    config = PretrainConfig(steps=1000, warmup=100, lr=1.0, decay_fraction=0.2)
+    assert [_lr(s, config) for s in (50, 100, 800, 900, 1000)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1])
+    ac = torch.tensor([0.99, 0.5, 0.01])
+    t = torch.tensor([0, 1, 2])
+    snr = ac / (1 - ac)  # 99, 1, 1/99
+    torch.testing.assert_close(
+        snr_weights(ac, t, 5.0, "epsilon"), torch.stack([5 / snr[0], snr[1] / snr[1], snr[2] / snr[2]])
+    )
+    torch.testing.assert_close(
+        snr_weights(ac, t, 5.0, "v_prediction"),
+        torch.stack([5 / (snr[0] + 1), snr[1] / (snr[1] + 1), snr[2] / (snr[2] + 1)]),
+    )
+    assert torch.equal(snr_weights(ac, t, 0.0, "epsilon"), torch.ones(3))
 
 
 def test_load_and_sample_deterministically(world_model):
@@ -148,3 +177,20 @@ def test_the_sampler_reaches_the_image_a_perfect_denoiser_points_to(world_model,
     )
     expected = ((x0[0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
     assert np.abs(out.astype(float) - expected).max() <= 2
+
+
+def test_weights_are_sharded_below_the_file_limit(tmp_path):
+    from b4m.io_utils import load_sharded, save_sharded
+
+    tensors = {f"w{i}": torch.full((256,), float(i)) for i in range(10)}  # 1 KiB each: two per shard
+    paths = save_sharded(tensors, tmp_path, "unet", {}, max_bytes=3000)
+    assert [p.name for p in paths] == [f"unet-0000{i}-of-00005.safetensors" for i in range(1, 6)]
+    assert all(p.stat().st_size < 3000 + 1024 for p in paths)
+    loaded = load_sharded(tmp_path, "unet")
+    assert list(loaded) == list(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    save_sharded(tensors, tmp_path, "unet", {}, max_bytes=10**6)  # one file now: the old shards go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.safetensors"]
+    save_sharded(tensors, tmp_path, "unet", {}, max_bytes=3000)
+    paths[1].unlink()
+    with pytest.raises(B4MError, match="4 of 5 unet shards"):
+        load_sharded(tmp_path, "unet")

@@ -224,7 +224,7 @@ def test_position_and_size_move_the_object(cat):
         ratios.append(areas["center", "large"] / areas["center", "small"])
     # thin parts blur away at the small size, so single contents vary; the typical ratio is the scale ratio squared
     expected = (cat.size("large").scale / cat.size("small").scale) ** 2
-    assert min(ratios) > 2.0 and 0.85 * expected < np.median(ratios) < 1.15 * expected, (expected, ratios)
+    assert min(ratios) > 0.75 * expected and 0.85 * expected < np.median(ratios) < 1.15 * expected, (expected, ratios)
 
 
 def test_object_visible_on_every_background(cat):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -322,13 +323,18 @@ app.add_typer(world_app, name="world")
 @world_app.command("pretrain")
 def world_pretrain(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for checkpoints and the trained model.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20_000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (sets the lr schedule).")] = 20_000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
     resolution: Annotated[int, typer.Option(help="Image size in pixels (32 or 64).")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
     dataset_size: Annotated[int, typer.Option(help="Renders made once and sampled from.")] = 200_000,
     seed: Annotated[int, typer.Option(help="Seed of the data, the held-out combinations and the weights.")] = 0,
-    compile: Annotated[bool, typer.Option(help="torch.compile the UNet.")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the UNet (falls back to eager if it fails).")] = False,
+    max_minutes: Annotated[
+        float, typer.Option(help="Stop after this much training time, checkpointed; continue with --resume.")
+    ] = 0.0,
+    stop_at: Annotated[int, typer.Option(help="Stop after this step, checkpointed (0: run to --steps).")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps between loss lines.")] = 100,
     resume: ResumeOpt = False,
 ) -> None:
     """Train the world's base text-to-image model on renders of known contents × known styles (resumable)."""
@@ -342,13 +348,115 @@ def world_pretrain(
         dataset_size=dataset_size,
         seed=seed,
         compile=compile,
+        max_seconds=max_minutes * 60,
+        stop_at=stop_at,
+        log_every=log_every,
     )
+    started = time.perf_counter()
 
     def progress(step: int, total: int, loss: float) -> None:
-        console.print(f"step {step}/{total}  loss {loss:.4f}", highlight=False)
+        elapsed = time.perf_counter() - started
+        console.print(f"step {step}/{total}  loss {loss:.4f}  {elapsed:.0f} s", highlight=False)
 
     pretrain(config, output, resume=resume, progress=progress)
     console.print(f"wrote {output / 'model'}", highlight=False)
+
+
+@world_app.command("oracle")
+def world_oracle(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The oracle file to write (.safetensors).")],
+    catalog: Annotated[
+        Path | None, typer.Option(help="A catalog TOML (default: the built-in one; extend it with extends).")
+    ] = None,
+    arch: Annotated[str, typer.Option(help="Trunk: cnn_a (residual, GroupNorm) or cnn_b (BatchNorm).")] = "cnn_a",
+    seed: Annotated[int, typer.Option(help="Seed of weights, renders and augmentation.")] = 0,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 6000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    width: Annotated[int, typer.Option(help="Channels of the first stage.")] = 64,
+    resolution: Annotated[int, typer.Option(help="Image size the oracle reads (the world model's).")] = 32,
+    workers: Annotated[int, typer.Option(help="Render processes (0: one per core but one).")] = 0,
+    check: Annotated[int, typer.Option(help="Fresh renders to measure the accuracy on afterwards.")] = 4000,
+) -> None:
+    """Train an oracle (content, style, position, size, background classifier) on fresh renders of a catalog."""
+    import json
+
+    from .world import default_catalog, load_catalog
+    from .world.oracle import OracleConfig, fresh_render_accuracy, save_oracle, train_oracle
+
+    cat = load_catalog(catalog) if catalog else default_catalog()
+    config = OracleConfig(
+        arch=arch,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        width=width,
+        resolution=resolution,
+        workers=workers,
+        log_every=max(1, steps // 20),
+    )
+    started = time.perf_counter()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        elapsed = time.perf_counter() - started
+        console.print(f"step {step}/{total}  loss {loss:.4f}  {elapsed:.0f} s", highlight=False)
+
+    oracle = train_oracle(cat, config, progress=progress)
+    seconds = time.perf_counter() - started
+    save_oracle(oracle, output)
+    accuracy = fresh_render_accuracy(oracle, cat, n=check, seed=10_000 + seed) if check else {}
+    record = {"config": config.__dict__, "train_seconds": round(seconds, 1), "fresh_render_accuracy": accuracy}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    console.print(
+        "fresh renders: " + "  ".join(f"{a} {v:.3f}" for a, v in accuracy.items()) + f"  ({seconds:.0f} s training)",
+        highlight=False,
+    )
+
+
+@world_app.command("evaluate")
+def world_evaluate(
+    oracle: Annotated[Path, typer.Option(help="The oracle that scores (see b4m world oracle).")],
+    model: Annotated[str, typer.Option(help="A world model folder, or world (the shipped one).")] = "world",
+    second: Annotated[Path | None, typer.Option(help="A second oracle; reports how often the two agree.")] = None,
+    n: Annotated[int, typer.Option(help="Images to generate and score.")] = 512,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,
+    guidance: Annotated[list[float], typer.Option(help="CFG scale; repeat to compare several.")] = [4.0],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of the scenes and the noise.")] = 0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for quality.json and a grid.")] = None,
+) -> None:
+    """The base model's quality bar: images of held-out content × style pairs, scored by the oracle."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from .models import load_model
+    from .world import default_catalog
+    from .world.oracle import ATTRIBUTES, load_oracle
+    from .world.quality import QualityConfig, base_model_quality, held_out_pairs
+
+    cat = default_catalog()
+    first = load_oracle(oracle, cat)
+    other = load_oracle(second, cat) if second else None
+    base = load_model(model)
+    pairs = held_out_pairs(base)
+    results = []
+    for g in guidance:
+        config = QualityConfig(n=n, seed=seed, steps=steps, guidance_scale=g)
+        result, images, _ = base_model_quality(base, first, cat, pairs, config, other)
+        results.append(result)
+        line = "  ".join(f"{a} {result[a]['accuracy']:.3f}" for a in ATTRIBUTES)
+        console.print(f"guidance {g}: {line}", highlight=False)
+        if other is not None:
+            console.print(
+                "  agreement: " + "  ".join(f"{a} {v:.3f}" for a, v in result["agreement"].items()), highlight=False
+            )
+        if output:
+            output.mkdir(parents=True, exist_ok=True)
+            tiles = images[:64]
+            rows = [np.concatenate(list(tiles[i : i + 16]), axis=1) for i in range(0, len(tiles), 16)]
+            Image.fromarray(np.concatenate(rows, axis=0)).save(output / f"samples-g{g}.png")
+    if output:
+        (output / "quality.json").write_text(json.dumps({"pairs": len(pairs), "results": results}, indent=1))
 
 
 @app.command()

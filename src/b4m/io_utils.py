@@ -68,3 +68,58 @@ def load_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tupl
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise B4MError(f"{path}: tensor {k} holds NaN or Inf values")
     return tensors, metadata
+
+
+def shard_names(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped in order into shards of at most ``max_bytes`` each (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_sharded(
+    tensors: dict[str, torch.Tensor], folder: Path, stem: str, metadata: dict[str, str], max_bytes: int
+) -> list[Path]:
+    """``stem.safetensors``, or ``stem-00001-of-0000N.safetensors`` shards when larger than ``max_bytes``.
+
+    Older files of the same stem are removed after the new ones are written, so a folder never mixes layouts.
+    """
+    groups = shard_names(tensors, max_bytes)
+    if len(groups) == 1:
+        paths = [folder / f"{stem}.safetensors"]
+    else:
+        paths = [folder / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for names, path in zip(groups, paths, strict=True):
+        save_safetensors({k: tensors[k] for k in names}, path, metadata)
+    for old in sharded_files(folder, stem):
+        if old not in paths:
+            old.unlink()
+    return paths
+
+
+def sharded_files(folder: Path, stem: str) -> list[Path]:
+    """The files :func:`save_sharded` wrote for ``stem`` (one file or the shards, in order); [] if none."""
+    single = folder / f"{stem}.safetensors"
+    shards = sorted(folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return ([single] if single.exists() else []) + shards
+
+
+def load_sharded(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """All tensors of ``stem`` in ``folder`` (single file or shards); errors name what is missing."""
+    files = sharded_files(folder, stem)
+    if not files:
+        raise B4MError(f"{folder}: no {stem}.safetensors (or {stem}-*-of-*.safetensors shards)")
+    expected = files[-1].stem.rsplit("-of-", 1)[-1] if files[-1].stem != stem else None
+    if expected is not None and len(files) != int(expected):
+        raise B4MError(f"{folder}: {len(files)} of {int(expected)} {stem} shards present")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_safetensors(f)[0])
+    return tensors

@@ -19,11 +19,12 @@ from PIL import Image
 from torch import nn
 
 from ..errors import B4MError
-from ..io_utils import load_safetensors, save_safetensors
+from ..io_utils import load_sharded, save_sharded
 from ..models.base import Conditioning, DiffusionModel, SampleRequest
 from ..models.schedulers import make_scheduler
 from .vocab import Vocab, build_vocab
 
+MAX_FILE_BYTES = 15 * 2**20  # weights are sharded below 16 MiB per file (what the GPU machine can send back)
 MAX_TOKENS = 16  # <bos> + the longest caption (12 words) + <eos>, padded
 
 
@@ -110,6 +111,7 @@ class WorldModel(DiffusionModel):
         )
         self.identity = identity
         self.resolution = config.resolution
+        self.held_out: list[tuple[str, str]] = []  # (content, style) pairs never shown together in pretraining
 
     # -- DiffusionModel ---------------------------------------------------------------------------------------------
 
@@ -158,8 +160,14 @@ class WorldModel(DiffusionModel):
     @torch.no_grad()
     def sample_arrays(self, request: SampleRequest, batch_size: int = 256) -> np.ndarray:
         """Images as uint8 (N, H, W, 3), one per (prompt, seed), prompt-major, with classifier-free guidance."""
+        return self.sample_pairs([(p, s) for p in request.prompts for s in request.seeds], request, batch_size)
+
+    @torch.no_grad()
+    def sample_pairs(
+        self, pairs: Sequence[tuple[str, int]], request: SampleRequest, batch_size: int = 256
+    ) -> np.ndarray:
+        """Images as uint8 (N, H, W, 3), one per (prompt, seed) pair; ``request`` gives all but prompts and seeds."""
         res = request.height or self.resolution
-        pairs = [(p, s) for p in request.prompts for s in request.seeds]
         scheduler = make_scheduler(request.scheduler or "dpm++", self.train_scheduler.config)
         was_training = self.denoiser.training
         self.denoiser.eval()
@@ -186,12 +194,15 @@ class WorldModel(DiffusionModel):
     # -- files ------------------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        """``world_model.json``, ``unet.safetensors``, ``text_encoder.safetensors``, ``vocab.json`` (atomic each)."""
+        """``world_model.json``, ``unet*.safetensors``, ``text_encoder*.safetensors``, ``vocab.json`` (atomic each).
+
+        Weights are fp16 and sharded into files under 16 MiB (``unet-00001-of-00002.safetensors``, ...).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"b4m_world_model": json.dumps(asdict(self.config))}
-        save_safetensors(_half(self.denoiser.state_dict()), folder / "unet.safetensors", meta)
-        save_safetensors(_half(self.text_encoder.state_dict()), folder / "text_encoder.safetensors", meta)
+        for name, module in (("unet", self.denoiser), ("text_encoder", self.text_encoder)):
+            save_sharded(_half(module.state_dict()), folder, name, meta, MAX_FILE_BYTES)
         self.vocab.save(folder / "vocab.json")
         (folder / "world_model.json").write_text(json.dumps(asdict(self.config), indent=2))
         return folder
@@ -210,13 +221,16 @@ def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "w
     config = WorldModelConfig(**json.loads(config_file.read_text()))
     model = WorldModel(config, Vocab.load(folder / "vocab.json"), identity)
     for module, name in ((model.denoiser, "unet"), (model.text_encoder, "text_encoder")):
-        tensors, _ = load_safetensors(folder / f"{name}.safetensors")
+        tensors = load_sharded(folder, name)
         missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
         if missing or unexpected:
             raise B4MError(
-                f"{folder / (name + '.safetensors')}: does not fit the config ({len(missing)} missing, "
+                f"{folder / name}*.safetensors: does not fit the config ({len(missing)} missing, "
                 f"{len(unexpected)} unexpected tensors)"
             )
+    holdout = folder / "holdout.json"
+    if holdout.exists():  # the combinations pretraining never showed together (the quality bar's prompts)
+        model.held_out = [tuple(p) for p in json.loads(holdout.read_text())["held_out"]]
     model.denoiser.eval()
     model.text_encoder.eval()
     return model.to(device)

@@ -78,7 +78,7 @@ class OracleConfig:
     arch: str = "cnn_a"  # a key of ARCHS
     width: int = 64  # channels of the first stage
     embed_dim: int = 128  # hidden width of each head (the embedding that embed() returns)
-    resolution: int = 64  # images are resized to this before the trunk
+    resolution: int = 32  # images are resized to this before the trunk (the world model's resolution)
     seed: int = 0  # weights, render stream and augmentation
     steps: int = 6000
     batch_size: int = 256

@@ -13,15 +13,16 @@ import math
 import multiprocessing as mp
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import B4MError
+from ..io_utils import atomic_path
 from ..train import resolve_precision
 from .captions import caption
 from .catalog import Catalog, default_catalog
@@ -34,8 +35,10 @@ class PretrainConfig:
     resolution: int = 32
     steps: int = 20_000
     batch_size: int = 256
-    lr: float = 3e-4
+    lr: float = 5e-4
     warmup: int = 500
+    decay_fraction: float = 0.25  # the last quarter of the steps decays the lr linearly to 10% of its peak
+    snr_gamma: float = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off
     ema: float = 0.999
     caption_dropout: float = 0.1  # share of captions replaced by "" (teaches the unconditional model for CFG)
     dataset_size: int = 200_000
@@ -46,6 +49,8 @@ class PretrainConfig:
     mixed_precision: str = "auto"
     compile: bool = False
     workers: int = 0  # 0: all CPU cores
+    max_seconds: float = 0.0  # stop (checkpointed, resumable) after this much training time; 0: no limit
+    stop_at: int = 0  # stop (checkpointed, resumable) after this step, schedule unchanged; 0: run to ``steps``
 
 
 def holdout_combinations(catalog: Catalog, fraction: float, seed: int) -> set[tuple[str, str]]:
@@ -93,7 +98,38 @@ def render_dataset(
 
 
 def _lr(step: int, config: PretrainConfig) -> float:
-    return config.lr * min(1.0, step / max(config.warmup, 1))
+    """Linear warm-up, constant, then a linear decay to 10% over the last ``decay_fraction`` of the steps."""
+    warm = min(1.0, step / max(config.warmup, 1))
+    decay_start = config.steps * (1 - config.decay_fraction)
+    if config.decay_fraction <= 0 or step <= decay_start:
+        return config.lr * warm
+    return config.lr * warm * (1 - 0.9 * (step - decay_start) / (config.steps - decay_start))
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample min-SNR-γ loss weights: min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v."""
+    if gamma <= 0:
+        return torch.ones(len(t), device=t.device)
+    ac = alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac)
+    return snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
+def cached_dataset(
+    config: PretrainConfig, holdout: set[tuple[str, str]], folder: Path
+) -> tuple[np.ndarray, list[str], float]:
+    """The renders and captions, made once and kept in ``folder`` (a resumed run loads them: no second render)."""
+    key = f"{config.dataset_size}-{config.resolution}-{config.seed}-{config.holdout_fraction}"
+    images_file, captions_file = folder / f"data-{key}.npy", folder / f"data-{key}.json"
+    t0 = time.perf_counter()
+    if images_file.exists() and captions_file.exists():
+        return np.load(images_file), json.loads(captions_file.read_text()), time.perf_counter() - t0
+    images, captions = render_dataset(config.dataset_size, config.resolution, config.seed, holdout, config.workers)
+    with atomic_path(captions_file) as tmp:
+        tmp.write_text(json.dumps(captions))
+    with atomic_path(images_file) as tmp, open(tmp, "wb") as f:
+        np.save(f, images)
+    return images, captions, time.perf_counter() - t0
 
 
 def pretrain(
@@ -111,9 +147,7 @@ def pretrain(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     catalog = default_catalog()
     holdout = holdout_combinations(catalog, config.holdout_fraction, config.seed)
-    t0 = time.perf_counter()
-    images, captions = render_dataset(config.dataset_size, config.resolution, config.seed, holdout, config.workers)
-    t_render = time.perf_counter() - t0
+    images, captions, t_render = cached_dataset(config, holdout, out)
 
     torch.manual_seed(config.seed)
     model = WorldModel(model_config or WorldModelConfig(resolution=config.resolution)).to(device)
@@ -143,11 +177,14 @@ def pretrain(
     precision = resolve_precision(config.mixed_precision, torch.device(device))
     amp = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     denoiser = torch.compile(model.denoiser) if config.compile else model.denoiser
+    compiled = config.compile
+    alphas_cumprod = model.train_scheduler.alphas_cumprod.to(device)
     model.denoiser.train()
     model.text_encoder.train()
-    log = []
+    log = _previous_log(out) if start else []
     running = torch.zeros((), device=device)
     t_train = time.perf_counter()
+    step = start
     for step in range(start + 1, config.steps + 1):
         idx = torch.randint(0, len(data), (config.batch_size,), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
@@ -160,8 +197,18 @@ def pretrain(
             group["lr"] = _lr(step, config)
         with torch.autocast(**amp):
             ctx = model.text_encoder(tok)
-            pred = denoiser(model.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
-            loss = F.mse_loss(pred.float(), model.target(x0, noise, t))
+            noisy = model.add_noise(x0, noise, t)
+            try:
+                pred = denoiser(noisy, t, encoder_hidden_states=ctx).sample
+            except Exception as e:  # a compile failure shows on the first call: fall back to eager, once
+                if not compiled or step != start + 1:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training uncompiled", stacklevel=1)
+                denoiser, compiled = model.denoiser, False
+                pred = denoiser(noisy, t, encoder_hidden_states=ctx).sample
+            per_sample = (pred.float() - model.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+            weights = snr_weights(alphas_cumprod, t, config.snr_gamma, model.config.prediction_type)
+            loss = (per_sample * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -179,31 +226,68 @@ def pretrain(
             log.append((step, value, round(time.perf_counter() - t_train, 1)))
             if progress:
                 progress(step, config.steps, value)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        out_of_time = (config.max_seconds > 0 and time.perf_counter() - t_train > config.max_seconds) or (
+            step == config.stop_at
+        )
+        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
             _save_checkpoint(ckpt, params, ema, opt, g, step, config)
+        if out_of_time:
+            break
 
-    steps_per_s = (config.steps - start) / max(time.perf_counter() - t_train, 1e-9)
+    seconds = time.perf_counter() - t_train
+    steps_per_s = (step - start) / max(seconds, 1e-9)
     with torch.no_grad():  # the shipped weights are the EMA
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
     model.denoiser.eval()
     model.text_encoder.eval()
     model.save(out / "model")
+    with atomic_path(out / "model" / "holdout.json") as tmp:  # the quality bar is measured on these
+        tmp.write_text(json.dumps({"seed": config.seed, "held_out": sorted(holdout)}, indent=1))
+    sessions = _previous(out, "sessions") if start else []
+    sessions.append(
+        {
+            "device": torch.cuda.get_device_name() if device == "cuda" else str(device),
+            "from_step": start,
+            "to_step": step,
+            "data_seconds": round(t_render, 1),
+            "train_seconds": round(seconds, 1),
+            "steps_per_second": round(steps_per_s, 2),
+            "compiled": compiled,
+        }
+    )
     record = {
         "config": asdict(config),
-        "device": torch.cuda.get_device_name() if device == "cuda" else device,
-        "render_seconds": round(t_render, 1),
-        "steps_per_second": round(steps_per_s, 2),
+        "step": step,
+        "finished": step >= config.steps,
+        "train_seconds_total": round(sum(s["train_seconds"] for s in sessions), 1),
+        "sessions": sessions,
         "log": log,
         "holdout": sorted(holdout),
     }
-    (out / "pretrain.json").write_text(json.dumps(record, indent=1))
+    with atomic_path(out / "pretrain.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
     return model
+
+
+def _previous(out: Path, key: str) -> list:
+    """A list from an earlier ``pretrain.json`` of this run (resumed runs keep their history)."""
+    try:
+        return list(json.loads((out / "pretrain.json").read_text()).get(key, []))
+    except (OSError, ValueError):
+        return []
+
+
+def _previous_log(out: Path) -> list:
+    return [tuple(row) for row in _previous(out, "log")]
+
+
+_MAY_CHANGE = ("steps", "checkpoint_every", "log_every", "workers", "max_seconds", "stop_at", "compile")
 
 
 def _resume_key(config: PretrainConfig) -> str:
     """The settings a resumed run must share (step counts, logging and worker counts may change)."""
-    keep = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "log_every", "workers")}
+    keep = {k: v for k, v in asdict(config).items() if k not in _MAY_CHANGE}
     return json.dumps(keep, sort_keys=True)
 
 

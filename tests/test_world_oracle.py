@@ -1,5 +1,6 @@
 """The world oracle: head shapes, input handling, augmentation, a tiny trained oracle, files, agreement, embeddings."""
 
+import copy
 import json
 
 import numpy as np
@@ -172,7 +173,12 @@ def test_save_load_round_trip(trained, small, renders, tmp_path):
     loaded = load_oracle(path, catalog=small)
     assert loaded.config == trained.config and loaded.classes == trained.classes
     assert not loaded.training
-    a, b = logits(trained, renders[0]), logits(loaded, renders[0])
+    rounded = copy.deepcopy(trained)  # the file holds fp16 weights: loading gives exactly the rounded oracle
+    with torch.no_grad():
+        for v in rounded.state_dict().values():
+            if v.is_floating_point():
+                v.copy_(v.half().float())
+    a, b = logits(rounded, renders[0]), logits(loaded, renders[0])
     assert all(torch.equal(a[k], b[k]) for k in ATTRIBUTES)
     assert predict(loaded, renders[0]) == predict(trained, renders[0])
 

@@ -559,9 +559,10 @@ def _check_classes(classes: dict[str, list[str]], catalog: Catalog, where: str) 
 
 
 def save_oracle(oracle: Oracle, path: str | Path) -> None:
-    """Write the oracle's weights as safetensors (atomic), with its config and class names in the metadata."""
+    """Write the oracle's weights as fp16 safetensors (atomic), with its config and class names in the metadata."""
     metadata = {"b4m_kind": _KIND, "config": asdict(oracle.config), "classes": oracle.classes}
-    save_safetensors(dict(oracle.state_dict()), path, metadata)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in oracle.state_dict().items()}
+    save_safetensors(state, path, metadata)  # fp16 on disk (shipped in the package), float32 once loaded
 
 
 def load_oracle(path: str | Path, catalog: Catalog | None = None, device: str | torch.device = "cpu") -> Oracle:
@@ -585,7 +586,7 @@ def load_oracle(path: str | Path, catalog: Catalog | None = None, device: str | 
             raise B4MError(f"{e}; retrain the oracle for this catalog") from None
     oracle = Oracle(config, classes)
     try:
-        oracle.load_state_dict(tensors, strict=True)
+        oracle.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
     except RuntimeError as e:
         raise B4MError(
             f"{path}: weights do not fit the oracle its metadata describes ({str(e).splitlines()[0]})"

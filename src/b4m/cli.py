@@ -430,14 +430,16 @@ def world_evaluate(
     from PIL import Image
 
     from .models import load_model
+    from .stages import default_device
     from .world import default_catalog
     from .world.oracle import ATTRIBUTES, load_oracle
     from .world.quality import QualityConfig, base_model_quality, held_out_pairs
 
     cat = default_catalog()
-    first = load_oracle(oracle, cat)
-    other = load_oracle(second, cat) if second else None
-    base = load_model(model)
+    device = default_device()
+    first = load_oracle(oracle, cat, device=device)
+    other = load_oracle(second, cat, device=device) if second else None
+    base = load_model(model, device=device)
     pairs = held_out_pairs(base)
     results = []
     for g in guidance:

@@ -171,7 +171,7 @@ def pretrain(
                 p.copy_(sp)
                 e.copy_(se)
         opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
+        g.set_state(state["generator"].cpu())  # map_location moved it to the device
         start = state["step"]
 
     precision = resolve_precision(config.mixed_precision, torch.device(device))
@@ -182,7 +182,7 @@ def pretrain(
     model.denoiser.train()
     model.text_encoder.train()
     log = _previous_log(out) if start else []
-    running = torch.zeros((), device=device)
+    running, counted = torch.zeros((), device=device), 0
     t_train = time.perf_counter()
     step = start
     for step in range(start + 1, config.steps + 1):
@@ -218,11 +218,13 @@ def pretrain(
             decay = min(config.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, params, 1 - decay)
         running += loss.detach()
+        counted += 1
         if step % config.log_every == 0 or step == config.steps:
-            value = running.item() / (config.log_every if step % config.log_every == 0 else step % config.log_every)
+            value = running.item() / counted  # a resumed run's first line averages fewer steps
             if not math.isfinite(value):
                 raise B4MError(f"pretraining loss became NaN/Inf before step {step}; the last checkpoint is {ckpt}")
             running.zero_()
+            counted = 0
             log.append((step, value, round(time.perf_counter() - t_train, 1)))
             if progress:
                 progress(step, config.steps, value)

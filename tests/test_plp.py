@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from b4m import B4MError, PLPConfig, add_plp, dry_run, plp_layers, remove_plp, set_scales
-from b4m.plp import PLPLinear, frozen_rng, make_frozen
+from b4m.adapter_file import adapter_from_model, fuse, load_adapter, save_adapter
+from b4m.lora_io import factors_from_model
+from b4m.plp import PLPLinear, frozen_rng, learned_rng, make_frozen, make_learned_down
 from conftest import TINY_SD_UNET, TINY_SDXL_UNET, make_unet, unet_inputs
 
 
@@ -190,6 +192,8 @@ def test_merge_refuses_non_finite():
         (dict(rank=0), "rank must be"),
         (dict(ratio=1.0), "ratio must be in"),
         (dict(ratio=0.0), "ratio 0 leaves no frozen part"),
+        (dict(ratio=0.0, learned_init="zero"), "or a non-zero learned_init"),
+        (dict(learned_init="xavier"), "learned_init must be one of"),
         (dict(init="orth"), "init must be one of"),
         (dict(assignment="swap"), "assignment must be one of"),
     ],
@@ -227,3 +231,93 @@ def test_bf16_base_layer_with_fp32_adapter_with_and_without_autocast():
     torch.testing.assert_close(autocast.float(), expected, rtol=2e-2, atol=2e-2)
     autocast.float().sum().backward()
     assert layer.up_learned.grad.dtype == torch.float32  # adapter weights and their grads stay fp32
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Frozen ratio d = 0 (paper Fig. 11) and a plain LoRA: no frozen part, a non-zero learned init
+
+
+def test_ratio_zero_has_no_frozen_part_and_starts_at_the_base_model(sd_unet):
+    base = nn.Linear(48, 20)
+    layer = PLPLinear(copy.deepcopy(base), PLPConfig(rank=8, ratio=0.0, learned_init="kaiming"), "to_k")
+    assert (layer.d_out, layer.d_in) == (0, 0)
+    assert layer.A.shape == (0, 8) and layer.C.shape == (8, 0)
+    assert layer.B.shape == (20, 8) and layer.D.shape == (8, 48)
+    assert torch.equal(layer.B, torch.zeros(20, 8))
+    # peft's kaiming_uniform_(a=√5) on an r × n down projection: U(-1/√n, 1/√n), n = 48.
+    bound = 1 / np.sqrt(48)
+    assert layer.D.abs().max() <= bound and layer.D.abs().max() > 0.9 * bound
+    assert abs(layer.D.std().item() - bound / np.sqrt(3)) < 0.02  # the uniform's std; 384 draws
+    assert torch.equal(layer.delta_weight(), torch.zeros(20, 48))
+    x = torch.randn(3, 48)
+    assert torch.equal(layer(x), base(x))  # ΔW = 0 at step 0, exactly
+
+    inputs = unet_inputs(sd_unet)
+    before = sd_unet(**inputs).sample
+    add_plp(sd_unet, PLPConfig(rank=4, ratio=0.0, learned_init="gaussian"))
+    assert torch.equal(before, sd_unet(**inputs).sample)
+    assert not any(n.endswith("_frozen") and b.numel() for n, b in sd_unet.named_buffers())
+
+
+def test_gaussian_learned_init_and_its_stream():
+    d = make_learned_down("gaussian", 640, 64, 0, learned_rng(0, "to_q"))
+    assert d.shape == (64, 640)
+    assert abs(d.std() - 1 / 64) < 1e-3  # N(0, 1/r²), diffusers' DreamBooth-LoRA init
+    again = make_learned_down("gaussian", 640, 64, 0, learned_rng(0, "to_q"))
+    assert np.array_equal(d, again)
+    assert not np.array_equal(d, make_learned_down("gaussian", 640, 64, 0, learned_rng(0, "to_k")))
+    assert not np.array_equal(d, make_learned_down("gaussian", 640, 64, 0, learned_rng(1, "to_q")))
+    assert np.array_equal(make_learned_down("zero", 48, 8, 24, learned_rng(0, "x")), np.zeros((8, 24)))
+
+
+def test_a_learned_init_leaves_the_frozen_parts_alone():
+    """learned_init draws from its own stream: A and C are the same as with a zero init; only D differs."""
+    zero = PLPLinear(nn.Linear(48, 20), PLPConfig(rank=8), "to_k")
+    kaiming = PLPLinear(nn.Linear(48, 20), PLPConfig(rank=8, learned_init="kaiming"), "to_k")
+    assert torch.equal(zero.A, kaiming.A) and torch.equal(zero.C, kaiming.C)
+    assert torch.equal(zero.B, kaiming.B) and torch.equal(zero.D, torch.zeros(8, 24))
+    assert kaiming.D.abs().min() >= 0 and kaiming.D.abs().max() <= 1 / np.sqrt(48)
+    assert kaiming.D.abs().sum() > 0
+
+
+def test_ratio_zero_trains_b_first_then_both_with_the_closed_form_gradient():
+    """With B = 0, the first SGD step moves only B, by -lr · ∂L/∂W · Dᵀ; the second moves D too."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = PLPLinear(copy.deepcopy(base), PLPConfig(rank=3, ratio=0.0, learned_init="kaiming"), "to_q")
+    x, y = torch.randn(4, 6), torch.randn(4, 5)
+    d0 = layer.D.detach().clone()
+    opt = torch.optim.SGD([layer.up_learned, layer.down_learned], lr=0.1)
+    loss = (layer(x) - y).pow(2).sum()
+    loss.backward()
+    grad_w = 2 * (base(x) - y).T @ x  # ∂L/∂ΔW at ΔW = 0
+    torch.testing.assert_close(layer.up_learned.grad, grad_w @ d0.T)
+    assert torch.equal(layer.down_learned.grad, torch.zeros(3, 6))
+    opt.step()
+    opt.zero_grad()
+    torch.testing.assert_close(layer.B.detach(), -0.1 * grad_w @ d0.T)
+    assert torch.equal(layer.D.detach(), d0)
+    (layer(x) - y).pow(2).sum().backward()
+    assert layer.down_learned.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(layer.D.detach(), d0)
+
+
+def test_ratio_zero_files_dry_run_export_and_fuse(tmp_path):
+    config = PLPConfig(rank=4, ratio=0.0, learned_init="kaiming")
+    model = TwoLayers()
+    dr = dry_run(model, config)
+    add_plp(model, config)
+    randomize_learned(model)
+    assert dr.frozen == 0 and dr.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    content = adapter_from_model(model, config, "content")
+    path = save_adapter(content, tmp_path / "c.b4m.safetensors")
+    loaded = load_adapter(path)
+    assert loaded.config.learned_init == "kaiming" and loaded.config.ratio == 0.0
+    factors = factors_from_model(model)
+    for name, layer in plp_layers(model).items():
+        torch.testing.assert_close(factors[name][0] @ factors[name][1], layer.delta_weight().detach())
+        assert torch.equal(loaded.factors()[name][0], layer.B.detach())  # up = [A; B] with A empty
+    style = adapter_from_model(model, config, "style")
+    fused = fuse(loaded, style)  # d = 0 ablation: B from the content run, D from the style run
+    assert fused.modules == loaded.modules

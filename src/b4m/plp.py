@@ -9,12 +9,18 @@ A PLP adapter on a linear layer ``W0`` (out ``m``, in ``n``) adds ``ΔW = W_up �
           [B·C, B·D]]
 
 with ``d_out = floor(ratio·m)`` and ``d_in = floor(ratio·n)``. ``A`` and ``C`` are buffers, not parameters, so no
-optimizer (weight decay included) can ever move them. ``B`` and ``D`` start at zero. Which learned half holds the
-content and which the style is a setting (:attr:`PLPConfig.assignment`): ``paper`` gives content to ``B`` (the up
-projection, eq. 14) and style to ``D`` (the down projection, eq. 13); ``official`` is the swap in the authors' code.
+optimizer (weight decay included) can ever move them. ``B`` and ``D`` start at zero (unless
+:attr:`PLPConfig.learned_init` says otherwise, see below). Which learned half holds the content and which the style
+is a setting (:attr:`PLPConfig.assignment`): ``paper`` gives content to ``B`` (the up projection, eq. 14) and style
+to ``D`` (the down projection, eq. 13); ``official`` is the swap in the authors' code.
 
 The frozen parts come from numpy's PCG64 generator in float64, seeded by ``(seed, crc32(module name))`` and cast to
 float32, so two runs on different machines build the same ``A`` and ``C`` (and every file stores them anyway).
+
+``ratio = 0`` (the paper's ``d = 0`` point of Fig. 11, and a plain LoRA for the baselines) leaves no frozen part, so
+``B = D = 0`` would never receive a gradient; it needs a non-zero learned init (:attr:`PLPConfig.learned_init`):
+``D`` is drawn as in standard LoRA (``kaiming``: peft's default, ``gaussian``: diffusers' DreamBooth-LoRA script)
+and ``B`` stays zero, so ``ΔW = 0`` at step 0 and the first step trains ``B``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .errors import B4MError
 from .lowrank import low_rank_product
 
 FROZEN_INITS = ("approx", "exact", "random")
+LEARNED_INITS = ("zero", "kaiming", "gaussian")
 ASSIGNMENTS = ("paper", "official")
 ROLES = ("content", "style")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -51,7 +58,7 @@ class PLPConfig:
         default="approx",
         metadata={"help": "Frozen-part init: approx (paper/official), exact (A·C = 0), random (w/o Orth ablation)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the frozen parts A and C."})
+    seed: int = field(default=0, metadata={"help": "Seed of the frozen parts A and C (and of a non-zero D init)."})
     assignment: str = field(
         default="paper", metadata={"help": "paper: content = B (up), style = D (down); official: the swap."}
     )
@@ -61,15 +68,25 @@ class PLPConfig:
     )
     exclude: list[str] | str = field(default_factory=list, metadata={"help": "Same rule as targets; wins."})
     base_model: str = field(default="", metadata={"help": "Identity of the base model the adapter belongs to."})
+    learned_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Init of the learned down half D (B is always zero): zero (B4M), kaiming (peft's LoRA default, "
+            "U(±1/√n)) or gaussian (N(0, 1/r²), diffusers' DreamBooth-LoRA). ratio 0 needs a non-zero one."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise B4MError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.ratio < 1.0:
             raise B4MError(f"ratio must be in [0, 1), got {self.ratio} (1 would leave nothing to learn)")
-        if self.ratio == 0.0:
+        if self.learned_init not in LEARNED_INITS:
+            raise B4MError(f"learned_init must be one of {LEARNED_INITS}, got {self.learned_init!r}")
+        if self.ratio == 0.0 and self.learned_init == "zero":
             raise B4MError(
-                "ratio 0 leaves no frozen part: with B = D = 0 nothing would ever receive a gradient; use ratio > 0"
+                "ratio 0 leaves no frozen part: with B = D = 0 nothing would ever receive a gradient; use ratio > 0 "
+                "or a non-zero learned_init ('kaiming' or 'gaussian')"
             )
         if self.init not in FROZEN_INITS:
             raise B4MError(f"init must be one of {FROZEN_INITS}, got {self.init!r}")
@@ -143,6 +160,8 @@ def make_frozen(
     """
     del m, n  # the shapes that matter are d_out, d_in and rank
     k = d_out + d_in
+    if k == 0:  # ratio 0: no frozen part
+        return np.zeros((0, rank)), np.zeros((rank, 0))
     if init == "approx":
         q = _orthonormal(rng, k, rank)  # k × r
         perm = rng.permutation(k)
@@ -162,6 +181,32 @@ def make_frozen(
     raise B4MError(f"init must be one of {FROZEN_INITS}, got {init!r}")
 
 
+def learned_rng(seed: int, module_name: str) -> np.random.Generator:
+    """The generator of a non-zero ``D`` init: a stream apart from :func:`frozen_rng`'s, so A and C do not depend on
+    ``learned_init``."""
+    return np.random.Generator(np.random.PCG64([int(seed), zlib.crc32(module_name.encode("utf-8")), 1]))
+
+
+def make_learned_down(init: str, n: int, rank: int, d_in: int, rng: np.random.Generator) -> np.ndarray:
+    """The initial learned down half ``D`` (``r × (n - d_in)``) in float64.
+
+    - ``zero``: B4M's (the frozen parts carry the signal at step 0).
+    - ``kaiming``: peft's default LoRA init of the down projection, ``kaiming_uniform_(a=√5)`` on an ``r × n``
+      matrix, i.e. ``U(-1/√n, 1/√n)`` with ``n`` the layer's input width.
+    - ``gaussian``: ``N(0, (1/r)²)``, the init of diffusers' DreamBooth-LoRA scripts (``init_lora_weights="gaussian"``)
+      and of the public ZipLoRA implementation's LoRAs.
+    """
+    shape = (rank, n - d_in)
+    if init == "zero":
+        return np.zeros(shape)
+    if init == "kaiming":
+        bound = 1.0 / np.sqrt(n)
+        return rng.uniform(-bound, bound, shape)
+    if init == "gaussian":
+        return rng.standard_normal(shape) / rank
+    raise B4MError(f"learned_init must be one of {LEARNED_INITS}, got {init!r}")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The layer
 
@@ -178,15 +223,16 @@ class PLPLinear(nn.Module):
         self.rank = config.rank
         m, n = base_layer.out_features, base_layer.in_features
         self.d_out, self.d_in = int(config.ratio * m), int(config.ratio * n)
-        if self.d_out == 0 or self.d_in == 0:
+        if config.ratio > 0 and (self.d_out == 0 or self.d_in == 0):
             raise B4MError(f"{name}: ratio {config.ratio} leaves no frozen rows/columns for a {m}×{n} layer")
         a, c = make_frozen(config.init, m, n, config.rank, self.d_out, self.d_in, frozen_rng(config.seed, name))
+        d = make_learned_down(config.learned_init, n, config.rank, self.d_in, learned_rng(config.seed, name))
         device = base_layer.weight.device
-        a, c = (torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(device) for t in (a, c))
+        a, c, d = (torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(device) for t in (a, c, d))
         self.register_buffer("up_frozen", a)  # A: d_out × r
         self.register_buffer("down_frozen", c)  # C: r × d_in
         self.up_learned = nn.Parameter(torch.zeros(m - self.d_out, config.rank, device=device))  # B
-        self.down_learned = nn.Parameter(torch.zeros(config.rank, n - self.d_in, device=device))  # D
+        self.down_learned = nn.Parameter(d)  # D
         # Multipliers of the learned halves and of the whole ΔW (generation-time knobs, not saved).
         self.up_scale = 1.0
         self.down_scale = 1.0

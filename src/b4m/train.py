@@ -13,6 +13,11 @@ Routing (``TrainConfig.routing``):
   (the official 10× lower lr).
 - ``none``: both halves learn from the whole loss at ``lr`` (the make stage, baselines).
 
+An :class:`Objective` replaces what trains and what the prediction is fitted to, for a run whose parameters are not
+PLP halves and whose target is not the diffusion target (ZipLoRA's merger coefficients, fitted to the predictions of
+the two LoRAs it merges: :mod:`b4m.baselines.ziplora`). Sampling, accumulation, mixed precision, the NaN stop,
+checkpoints and exact resume stay this loop's.
+
 Randomness (which images, noise, timesteps) comes from CPU generators whose state is checkpointed, so a resumed
 run continues exactly as if it had never stopped.
 """
@@ -27,12 +32,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .adapter_file import AdapterFile, adapter_from_model, load_adapter, save_adapter
 from .errors import B4MError
+from .io_utils import load_safetensors, save_safetensors
 from .models.base import Conditioning, DiffusionModel
 from .optim import create_optimizer
 from .plp import PLPConfig, plp_layers, routing
@@ -99,6 +106,30 @@ class TrainConfig:
                 raise B4MError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+class Objective(Protocol):
+    """What a run trains and fits the prediction to, when that is not the PLP halves and the diffusion target.
+
+    ``name`` goes into the resume fingerprint. ``param_groups`` are the optimizer's. ``target`` is called under
+    ``torch.no_grad()`` with the micro-step's batch and ``sources`` (for every row, the index in ``sets`` of the set
+    it was drawn from) and returns what the prediction is fitted to. ``penalty`` is added to every micro-step's loss.
+    ``state_dict``/``load_state_dict`` hold the trained tensors for checkpoints.
+    """
+
+    name: str
+
+    def param_groups(self, config: TrainConfig) -> list[dict]: ...
+
+    def target(
+        self, model: DiffusionModel, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, sources
+    ) -> torch.Tensor: ...
+
+    def penalty(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -117,7 +148,14 @@ def _checkpoint_dir(out: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    out: Path, step: int, model: DiffusionModel, plp: PLPConfig, role: str, optimizer, state: dict
+    out: Path,
+    step: int,
+    model: DiffusionModel,
+    plp: PLPConfig | None,
+    role: str,
+    optimizer,
+    state: dict,
+    objective: Objective | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temp folder, then rename); the previous checkpoint survives."""
     final = _checkpoint_dir(out, step)
@@ -125,7 +163,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_adapter(adapter_from_model(model.denoiser, plp, role), tmp / "adapter.b4m.safetensors")
+        if objective is not None:
+            save_safetensors(objective.state_dict(), tmp / "objective.safetensors", {"objective": objective.name})
+        else:
+            save_adapter(adapter_from_model(model.denoiser, plp, role), tmp / "adapter.b4m.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), **state}, tmp / "state.pt")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,16 +194,20 @@ def _prune(out: Path, keep: int) -> None:
 # The loop
 
 
-def _fingerprint(config: TrainConfig, sets: list[TrainSet]) -> dict:
+def _fingerprint(config: TrainConfig, sets: list[TrainSet], objective: Objective | None = None) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     c = asdict(config)
     for k in ("steps", "checkpoint_every", "keep_checkpoints", "check_every", "validate_every", "tensorboard"):
         c.pop(k)  # may change between sessions
     c["sets"] = [(s.name, len(s.latents), s.weight, s.main) for s in sets]
+    if objective is not None:
+        c["objective"] = objective.name
     return c
 
 
-def _param_groups(model: DiffusionModel, config: TrainConfig) -> list[dict]:
+def _param_groups(model: DiffusionModel, config: TrainConfig, objective: Objective | None = None) -> list[dict]:
+    if objective is not None:
+        return objective.param_groups(config)
     layers = plp_layers(model.denoiser).values()
     if config.routing == "none":
         return [{"params": [p for layer in layers for p in (layer.up_learned, layer.down_learned)], "lr": config.lr}]
@@ -173,7 +218,9 @@ def _param_groups(model: DiffusionModel, config: TrainConfig) -> list[dict]:
     return [{"params": owned, "lr": config.lr}, {"params": other, "lr": other_lr}]
 
 
-def make_optimizer(model: DiffusionModel, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: DiffusionModel, config: TrainConfig, objective: Objective | None = None
+) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
     return create_optimizer(
         model.denoiser,
@@ -183,16 +230,20 @@ def make_optimizer(model: DiffusionModel, config: TrainConfig) -> torch.optim.Op
         reg=config.precond_reg,
         factors=config.precond_factors,
         max_grad_norm=config.max_grad_norm,
-        param_groups=_param_groups(model, config),
+        param_groups=_param_groups(model, config, objective),
         weight_decay=config.weight_decay,
     )
 
 
 def micro_step_loss(
-    model: DiffusionModel, sets: list[TrainSet], config: TrainConfig, g: torch.Generator
+    model: DiffusionModel,
+    sets: list[TrainSet],
+    config: TrainConfig,
+    g: torch.Generator,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """The weighted diffusion loss of one micro-step: ``batch_size`` images of every set, main sets first, in one
-    batch."""
+    batch. With an ``objective``, the prediction is fitted to its ``target`` and its ``penalty`` is added."""
     ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
     picks = [torch.randint(0, len(s.latents), (config.batch_size,), generator=g) for s in ordered]
     n_main = config.batch_size * sum(s.main for s in sets)
@@ -203,17 +254,24 @@ def micro_step_loss(
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
     timesteps = torch.randint(0, model.num_train_timesteps, (len(latents),), generator=g).to(device)
     noisy = model.add_noise(latents, noise, timesteps)
-    target = model.target(latents, noise, timesteps)
+    if objective is None:
+        target = model.target(latents, noise, timesteps)
+    else:
+        order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
+        sources = [i for i in order for _ in range(config.batch_size)]
+        with torch.no_grad():
+            target = objective.target(model, noisy, timesteps, cond, sources)
     route = config.routing == "clean" and 0 < n_main < len(latents)
     with routing(model.denoiser, n_main, config.owned) if route else contextlib.nullcontext():
         pred = model.predict(noisy, timesteps, cond)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).sum()
+    loss = (per_sample * weights).sum()
+    return loss if objective is None else loss + objective.penalty()
 
 
 def train(
     model: DiffusionModel,
-    plp: PLPConfig,
+    plp: PLPConfig | None,
     sets: list[TrainSet],
     config: TrainConfig,
     out: Path,
@@ -222,12 +280,13 @@ def train(
     resume: bool | Path = False,
     validate: Callable[[int], None] | None = None,
     progress: Callable[[int, int, float | None], None] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps.
 
     Args:
         model: The base model, with PLP layers attached (and loaded, for make).
-        plp: The adapter's config (stored in checkpoints).
+        plp: The adapter's config (stored in checkpoints); ``None`` with an ``objective``.
         role: The role written into checkpoint adapter files ("content", "style" or "fused").
         sets: Cached training sets.
         config: Loop settings.
@@ -235,6 +294,8 @@ def train(
         resume: ``True`` continues from the latest checkpoint in ``out``; a path continues from that checkpoint.
         validate: Called with the step number every ``config.validate_every`` steps.
         progress: Called as ``progress(step, total, loss_or_None)`` after every step.
+        objective: Train the objective's parameters against its target instead of the PLP halves against the
+            diffusion target (routing must be ``none``); checkpoints then hold its state, not an adapter file.
 
     Raises:
         B4MError: Bad settings, a checkpoint of another run, or a NaN/Inf loss (with the step range and the last
@@ -245,6 +306,10 @@ def train(
         raise B4MError("no training data")
     if config.routing != "none" and config.owned is None:
         raise B4MError(f"routing {config.routing!r} needs owned = 'up' or 'down' (which half the main sets train)")
+    if objective is not None and config.routing != "none":
+        raise B4MError(f"routing {config.routing!r} splits PLP halves; a run with an objective needs routing none")
+    if objective is None and plp is None:
+        raise B4MError("no PLP config given (the checkpoints store it)")
     if config.routing == "clean" and all(s.main for s in sets):
         raise B4MError("clean routing needs auxiliary sets (the other half would never learn); use routing none")
     if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
@@ -252,16 +317,16 @@ def train(
     model.denoiser.train()
     # The cached sets move to the device once (latents and embeddings of a few dozen images: megabytes).
     sets = [TrainSet(s.name, s.latents.to(model.device), s.cond.to(model.device), s.weight, s.main) for s in sets]
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, objective)
     g = torch.Generator().manual_seed(config.seed)
     start_step = 0
-    fingerprint = _fingerprint(config, sets)
+    fingerprint = _fingerprint(config, sets, objective)
 
     if resume:
         ckpt = latest_checkpoint(out) if resume is True else Path(resume)
         if ckpt is None:
             raise B4MError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}")
-        start_step = _restore(ckpt, model, optimizer, g, fingerprint)
+        start_step = _restore(ckpt, model, optimizer, g, fingerprint, objective)
 
     precision = resolve_precision(config.mixed_precision, model.device)
     use_amp = precision != "no"
@@ -278,7 +343,7 @@ def train(
     for step in range(start_step + 1, config.steps + 1):
         for _ in range(config.grad_accum):
             with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = micro_step_loss(model, sets, config, g) / config.grad_accum
+                loss = micro_step_loss(model, sets, config, g, objective) / config.grad_accum
             scaler.scale(loss).backward()
             running += loss.detach()
         scaler.unscale_(optimizer)
@@ -301,7 +366,7 @@ def train(
             last_check = step
         if step % config.checkpoint_every == 0 or step == config.steps:
             state = {"step": step, "generator": g.get_state(), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
-            last_good = save_checkpoint(out, step, model, plp, role, optimizer, state)
+            last_good = save_checkpoint(out, step, model, plp, role, optimizer, state, objective)
             _prune(out, config.keep_checkpoints)
         if validate is not None and config.validate_every and step % config.validate_every == 0:
             validate(step)
@@ -335,7 +400,14 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def _restore(ckpt: Path, model: DiffusionModel, optimizer, g: torch.Generator, fingerprint: dict) -> int:
+def _restore(
+    ckpt: Path,
+    model: DiffusionModel,
+    optimizer,
+    g: torch.Generator,
+    fingerprint: dict,
+    objective: Objective | None = None,
+) -> int:
     state_file = ckpt / "state.pt"
     if not state_file.exists():
         raise B4MError(f"{ckpt}: not a b4m checkpoint (no state.pt)")
@@ -345,14 +417,17 @@ def _restore(ckpt: Path, model: DiffusionModel, optimizer, g: torch.Generator, f
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise B4MError(f"{ckpt}: checkpoint of another configuration ({', '.join(diff)} differ); not resumed")
-    adapter: AdapterFile = load_adapter(ckpt / "adapter.b4m.safetensors")
-    layers = plp_layers(model.denoiser)
-    if sorted(layers) != adapter.modules:
-        raise B4MError(f"{ckpt}: the checkpoint adapts other modules than the model; not resumed")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for part, tensor in adapter.tensors[name].items():
-                getattr(layer, part).copy_(tensor)
+    if objective is not None:
+        objective.load_state_dict(load_safetensors(ckpt / "objective.safetensors")[0])
+    else:
+        adapter: AdapterFile = load_adapter(ckpt / "adapter.b4m.safetensors")
+        layers = plp_layers(model.denoiser)
+        if sorted(layers) != adapter.modules:
+            raise B4MError(f"{ckpt}: the checkpoint adapts other modules than the model; not resumed")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for part, tensor in adapter.tensors[name].items():
+                    getattr(layer, part).copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     g.set_state(state["generator"])
     return int(state["step"])

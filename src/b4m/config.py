@@ -12,6 +12,9 @@ A config file has top-level keys for the run (``model``, ``images``, ``prompt``,
 
     [train]            # b4m.train.TrainConfig
     steps = 1000
+
+``preset = "low-memory"`` (or ``"fast"``) at the top level sets a group of keys (:data:`PRESETS`); the file's own
+keys and the flags still override them.
 """
 
 from __future__ import annotations
@@ -57,10 +60,32 @@ class ExportConfig:
     dtype: str = "fp32"
 
 
+#: Named groups of settings, selected by a config's top-level ``preset`` key (or the ``--preset`` flag). They sit
+#: between the stage's defaults and the config file: a key the file or a flag sets wins over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Big GPUs: keep every activation, AdamW's fused kernel.
+    "fast": {"train": {"gradient_checkpointing": False, "fused_optimizer": True}},
+    # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
+    "low-memory": {"train": {"gradient_checkpointing": True}},
+}
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """The settings of preset ``name`` as a nested dict (TOML layout), a copy.
+
+    Raises:
+        B4MError: No such preset (the message lists the names).
+    """
+    if name not in PRESETS:
+        raise B4MError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
 @dataclass
 class StageConfig:
     """Everything one stage needs (content, style or make)."""
 
+    preset: str | None = None  # a name from PRESETS; its settings sit under the file's and the flags'
     model: str = ""
     images: str = ""
     prompt: str = ""
@@ -115,13 +140,15 @@ def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
 def load_config(
     path: str | Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> StageConfig:
-    """Merge stage defaults < the TOML file < command-line overrides (dotted keys such as ``train.steps``)."""
-    data: dict[str, Any] = {}
-    _merge(data, defaults or {})
+    """Merge stage defaults < preset < the TOML file < command-line overrides (dotted keys such as ``train.steps``).
+
+    The preset is the ``preset`` key of the overrides if given, else of the file (see :data:`PRESETS`).
+    """
+    given: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            _merge(data, tomllib.loads(path.read_text()))
+            _merge(given, tomllib.loads(path.read_text()))
         except FileNotFoundError:
             raise B4MError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
@@ -130,11 +157,23 @@ def load_config(
         if value is None:
             continue
         *tables, leaf = key.split(".")
-        node = data
+        node = given
         for t in tables:
             node = node.setdefault(t, {})
         node[leaf] = value
-    return build_config(data, str(path) if path else "command line")
+    source = str(path) if path else "command line"
+    data: dict[str, Any] = {}
+    _merge(data, defaults or {})
+    preset = given.get("preset")
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise B4MError(f"{source}: preset must be a name ({', '.join(PRESETS)})")
+        try:
+            _merge(data, preset_settings(preset))
+        except B4MError as e:
+            raise B4MError(f"{source}: {e}") from None
+    _merge(data, given)
+    return build_config(data, source)
 
 
 def _merge(into: dict, new: dict) -> None:

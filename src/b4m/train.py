@@ -84,7 +84,8 @@ class TrainConfig:
     precond_factors: str = "learned"
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
+    fused_optimizer: bool = False  # AdamW's fused kernel (one launch for all tensors) instead of its foreach path
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     check_every: int = 10  # steps between loss reads (NaN check, progress bar); no per-step .item()
@@ -194,11 +195,24 @@ def _prune(out: Path, keep: int) -> None:
 # The loop
 
 
+# Settings that may change between sessions of one run (e.g. resume with the low-memory preset on a smaller GPU).
+_SESSION_KEYS = (
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "check_every",
+    "validate_every",
+    "tensorboard",
+    "gradient_checkpointing",
+    "fused_optimizer",
+)
+
+
 def _fingerprint(config: TrainConfig, sets: list[TrainSet], objective: Objective | None = None) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     c = asdict(config)
-    for k in ("steps", "checkpoint_every", "keep_checkpoints", "check_every", "validate_every", "tensorboard"):
-        c.pop(k)  # may change between sessions
+    for k in _SESSION_KEYS:
+        c.pop(k)
     c["sets"] = [(s.name, len(s.latents), s.weight, s.main) for s in sets]
     if objective is not None:
         c["objective"] = objective.name
@@ -222,6 +236,7 @@ def make_optimizer(
     model: DiffusionModel, config: TrainConfig, objective: Objective | None = None
 ) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
+    extra = {"fused": True} if config.fused_optimizer and config.optimizer == "adamw" else {}
     return create_optimizer(
         model.denoiser,
         cls,
@@ -232,6 +247,7 @@ def make_optimizer(
         max_grad_norm=config.max_grad_norm,
         param_groups=_param_groups(model, config, objective),
         weight_decay=config.weight_decay,
+        **extra,
     )
 
 
@@ -267,6 +283,69 @@ def micro_step_loss(
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     loss = (per_sample * weights).sum()
     return loss if objective is None else loss + objective.penalty()
+
+
+def train_step(
+    model: DiffusionModel,
+    sets: list[TrainSet],
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    *,
+    precision: str = "no",
+    scaler: torch.amp.GradScaler | None = None,
+    objective: Objective | None = None,
+) -> torch.Tensor:
+    """One optimizer step: ``config.grad_accum`` micro-steps (each one forward and one backward of a batch holding
+    every set), then the optimizer's step and ``zero_grad``.
+
+    Args:
+        model: The model, PLP layers attached, denoiser in train mode.
+        sets: Cached training sets, already on the model's device.
+        config: Loop settings (routing, batch size, accumulation).
+        optimizer: From :func:`make_optimizer`.
+        g: The CPU generator that draws images, noise and timesteps.
+        precision: ``no``, ``bf16`` or ``fp16`` (autocast), as resolved by :func:`resolve_precision`.
+        scaler: The loss scaler (fp16); None steps the optimizer directly.
+        objective: See :func:`train`.
+
+    Returns:
+        The step's loss (the mean over its micro-steps) as a tensor on the device: reading it is a host sync.
+    """
+    use_amp = precision != "no"
+    amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    total = torch.zeros((), device=model.device)
+    for _ in range(config.grad_accum):
+        with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
+            loss = micro_step_loss(model, sets, config, g, objective) / config.grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def enable_gradient_checkpointing(model: DiffusionModel) -> None:
+    """Turn on activation checkpointing in the model's denoiser (diffusers' non-reentrant checkpoints per block).
+
+    The PLP layers need nothing special: each block's forward is recomputed in the backward pass, and the gradient
+    of every adapter (routed or not) is the one computed without checkpointing.
+
+    Raises:
+        B4MError: The denoiser does not support it.
+    """
+    enable = getattr(model.denoiser, "enable_gradient_checkpointing", None)
+    if enable is None:
+        raise B4MError(f"{type(model.denoiser).__name__} does not support gradient checkpointing")
+    try:
+        enable()
+    except ValueError as e:  # diffusers models that lack it say so with a ValueError
+        raise B4MError(f"{type(model.denoiser).__name__}: {e}") from e
 
 
 def train(
@@ -312,8 +391,8 @@ def train(
         raise B4MError("no PLP config given (the checkpoints store it)")
     if config.routing == "clean" and all(s.main for s in sets):
         raise B4MError("clean routing needs auxiliary sets (the other half would never learn); use routing none")
-    if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
-        model.denoiser.enable_gradient_checkpointing()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.denoiser.train()
     # The cached sets move to the device once (latents and embeddings of a few dozen images: megabytes).
     sets = [TrainSet(s.name, s.latents.to(model.device), s.cond.to(model.device), s.weight, s.main) for s in sets]
@@ -329,9 +408,7 @@ def train(
         start_step = _restore(ckpt, model, optimizer, g, fingerprint, objective)
 
     precision = resolve_precision(config.mixed_precision, model.device)
-    use_amp = precision != "no"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(model.device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(model.device.type) if precision == "fp16" else None
 
     writer = _tensorboard(out) if config.tensorboard else None
     t0 = time.perf_counter()
@@ -341,15 +418,9 @@ def train(
     last_check = start_step
     first = 0.0
     for step in range(start_step + 1, config.steps + 1):
-        for _ in range(config.grad_accum):
-            with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = micro_step_loss(model, sets, config, g, objective) / config.grad_accum
-            scaler.scale(loss).backward()
-            running += loss.detach()
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        running += train_step(
+            model, sets, config, optimizer, g, precision=precision, scaler=scaler, objective=objective
+        )
 
         loss_value = None
         if step % config.check_every == 0 or step == config.steps or step % config.checkpoint_every == 0:
@@ -412,7 +483,7 @@ def _restore(
     if not state_file.exists():
         raise B4MError(f"{ckpt}: not a b4m checkpoint (no state.pt)")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
-    saved = json.loads(state["fingerprint"])
+    saved = {k: v for k, v in json.loads(state["fingerprint"]).items() if k not in _SESSION_KEYS}
     now = json.loads(json.dumps(fingerprint, sort_keys=True))
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))

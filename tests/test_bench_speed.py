@@ -1,0 +1,43 @@
+"""bench/speed.py end to end on a tiny UNet on the CPU: every case runs and reports positive numbers."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# One or more rows of every case (the whole --tiny run, compile rows aside, takes about 35 s on two cores).
+ROWS = (
+    "naive/loop,naive/batched,stage1/default,stage1/low-memory,stage1/1024-low-memory,make/default,"
+    "gen/none,gen/unmerged,gen/merged,gen/vae-decode"
+)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_tiny_on_cpu(tmp_path):
+    bench = load_bench()
+    path = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", ROWS, "--commit", "test"])
+    data = json.loads(path.read_text())
+    assert path.parent == tmp_path and path.name.startswith("speed-cpu")
+    assert data["device"].startswith("cpu") and data["runs"][0]["commit"] == "test"
+    assert data["runs"][0]["matmul"]["tflops"] > 0
+    rows = {r["id"]: r for r in data["rows"]}
+    assert sorted(rows) == sorted(ROWS.split(","))
+    assert {r["case"] for r in rows.values()} == {"naive", "stage1", "make", "gen"}
+    for r in rows.values():
+        for key in ("ms_per_step", "images_per_s", "peak_gib", "tflop_per_step", "fraction_of_matmul_rate"):
+            assert r[key] > 0, (r["id"], key)
+    assert rows["stage1/low-memory"]["settings"]["gradient_checkpointing"] is True
+    assert rows["stage1/1024-low-memory"]["resolution"] == 128  # the toy's "1024" rows: twice the training size
+    # A second run of the same day merges into the same file, replacing the rows it measured again.
+    again = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none"])
+    data = json.loads(again.read_text())
+    assert again == path and len(data["runs"]) == 2
+    assert len(data["rows"]) == len(rows) and next(r for r in data["rows"] if r["id"] == "gen/none")["run"] == 1

@@ -1,0 +1,165 @@
+"""Gradient checkpointing (the low-memory preset), the fused optimizer and the config presets."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from b4m import B4MError, PLPConfig, add_plp, plp_layers
+from b4m.config import PRESETS, load_config, preset_settings, to_toml
+from b4m.models.base import Conditioning
+from b4m.plp import PLPLinear
+from b4m.stages import STAGE_DEFAULTS
+from b4m.train import TrainConfig, TrainSet, enable_gradient_checkpointing, micro_step_loss, train
+from conftest import TINY_SDXL_UNET
+from toy_model import ToyModel
+
+POOLED = TINY_SDXL_UNET["projection_class_embeddings_input_dim"] - 6 * TINY_SDXL_UNET["addition_time_embed_dim"]
+
+
+class ToySDXL(ToyModel):
+    """The trainer's toy model with a tiny SDXL-layout UNet (added text/time conditioning)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        torch.manual_seed(seed)
+        self.denoiser = UNet2DConditionModel(**TINY_SDXL_UNET).eval()
+
+    def encode_prompts(self, prompts, size=None) -> Conditioning:
+        g = torch.Generator().manual_seed(len(prompts))
+        n = len(prompts)
+        return Conditioning(
+            torch.randn(n, 7, TINY_SDXL_UNET["cross_attention_dim"], generator=g),
+            {
+                "text_embeds": torch.randn(n, POOLED, generator=g),
+                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n),
+            },
+        )
+
+    def predict(self, noisy, timesteps, cond):
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.hidden, added_cond_kwargs=cond.extra).sample
+
+
+def attached(seed: int = 0) -> tuple[ToySDXL, PLPConfig]:
+    model = ToySDXL(seed)
+    config = PLPConfig(rank=4, base_model="toy")
+    add_plp(model.denoiser, config)
+    with torch.no_grad():  # non-zero learned halves, so every gradient path is exercised
+        g = torch.Generator().manual_seed(1)
+        for layer in plp_layers(model.denoiser).values():
+            layer.up_learned.copy_(0.1 * torch.randn(layer.up_learned.shape, generator=g))
+            layer.down_learned.copy_(0.1 * torch.randn(layer.down_learned.shape, generator=g))
+    return model, config
+
+
+def sets_of(model: ToySDXL) -> list[TrainSet]:
+    g = torch.Generator().manual_seed(5)
+    sets = [TrainSet("main", torch.randn(3, 4, 8, 8, generator=g), model.encode_prompts(["a sks dog"] * 3))]
+    for i in range(2):
+        latents = torch.randn(2, 4, 8, 8, generator=g)
+        sets.append(TrainSet(f"aux{i}", latents, model.encode_prompts([f"style {i}"] * 2), 0.5, False))
+    return sets
+
+
+def learned(model) -> list[torch.Tensor]:
+    return [p for layer in plp_layers(model.denoiser).values() for p in (layer.up_learned, layer.down_learned)]
+
+
+@pytest.mark.parametrize("routing", ["clean", "none"])
+def test_checkpointed_gradients_equal_plain_ones(routing, monkeypatch):
+    config = TrainConfig(routing=routing, owned="up", batch_size=2)
+    grads = {}
+    for ckpt in (False, True):
+        model, _ = attached()
+        model.denoiser.train()
+        if ckpt:
+            enable_gradient_checkpointing(model)
+        calls = []
+        forward = PLPLinear.forward
+        monkeypatch.setattr(PLPLinear, "forward", lambda self, x, c=calls, f=forward: c.append(1) or f(self, x))
+        loss = micro_step_loss(model, sets_of(model), config, torch.Generator().manual_seed(3))
+        n_forward = len(calls)
+        loss.backward()
+        monkeypatch.undo()
+        assert len(calls) == (2 * n_forward if ckpt else n_forward)  # checkpointing recomputes in the backward
+        grads[ckpt] = [p.grad.clone() for p in learned(model)]
+    assert all(g.abs().sum() > 0 for g in grads[False])
+    for plain, ckpt in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_train_wires_checkpointing_and_resume_may_switch_it(tmp_path):
+    """The low-memory preset's setting reaches the denoiser, trains the same adapter, and a run resumes across it."""
+    config = TrainConfig(steps=4, lr=1e-3, routing="clean", owned="up", grad_accum=2, checkpoint_every=2)
+    model, plp = attached()
+    train(model, plp, sets_of(model), config, tmp_path / "plain")
+    assert not model.denoiser.is_gradient_checkpointing
+    plain = learned(model)
+
+    low = TrainConfig(**{**config.__dict__, "gradient_checkpointing": True})
+    model, plp = attached()
+    train(model, plp, sets_of(model), low, tmp_path / "ckpt")
+    assert model.denoiser.is_gradient_checkpointing
+    for a, b in zip(plain, learned(model), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+    # Two steps without, then resumed with checkpointing (e.g. on a smaller GPU): accepted, same result.
+    model, plp = attached()
+    train(model, plp, sets_of(model), TrainConfig(**{**config.__dict__, "steps": 2}), tmp_path / "switch")
+    model, plp = attached()
+    result = train(model, plp, sets_of(model), low, tmp_path / "switch", resume=True)
+    assert result.steps == 2
+    for a, b in zip(plain, learned(model), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointing_needs_a_denoiser_that_supports_it():
+    model, _ = attached()
+    model.denoiser = torch.nn.Linear(2, 2)
+    with pytest.raises(B4MError, match="Linear does not support gradient checkpointing"):
+        enable_gradient_checkpointing(model)
+
+
+def test_fused_optimizer_trains_like_the_default(tmp_path):
+    config = TrainConfig(steps=2, lr=1e-3, routing="none", grad_accum=1, precondition=True)
+    results = []
+    for fused in (False, True):
+        model, plp = attached()
+        train(
+            model,
+            plp,
+            sets_of(model),
+            TrainConfig(**{**config.__dict__, "fused_optimizer": fused}),
+            tmp_path / str(fused),
+        )
+        results.append(learned(model))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_presets_sit_between_defaults_and_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "low-memory"\n[train]\nsteps = 7\n')
+    cfg = load_config(path, {})
+    assert (cfg.preset, cfg.train.gradient_checkpointing, cfg.train.steps) == ("low-memory", True, 7)
+    # The file's own key wins over its preset; a flag wins over both.
+    path.write_text('preset = "low-memory"\n[train]\ngradient_checkpointing = false\n')
+    assert load_config(path, {}).train.gradient_checkpointing is False
+    assert load_config(path, {"train.gradient_checkpointing": True}).train.gradient_checkpointing is True
+    # A preset chosen by a flag (what `--preset` maps to) over the stage defaults of make.
+    cfg = load_config(None, {"preset": "fast"}, STAGE_DEFAULTS["make"])
+    assert (cfg.train.fused_optimizer, cfg.train.gradient_checkpointing, cfg.train.steps) == (True, False, 50)
+    # --print-config output loads back to the same config.
+    printed = tmp_path / "printed.toml"
+    printed.write_text(to_toml(cfg))
+    assert load_config(printed, {}) == cfg
+    assert preset_settings("low-memory") == PRESETS["low-memory"]
+
+
+def test_unknown_preset_names_the_choices(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "turbo"\n')
+    with pytest.raises(B4MError, match="run.toml: unknown preset 'turbo'; choose one of fast, low-memory"):
+        load_config(path, {})
+    path.write_text("preset = 3\n")
+    with pytest.raises(B4MError, match="preset must be a name"):
+        load_config(path, {})

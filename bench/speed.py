@@ -531,6 +531,8 @@ class Bench:
             if k in ("routing", "owned", "precondition", "gradient_checkpointing", "fused_optimizer", "grad_accum")
         }
         row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
+        if compile:
+            row.settings["compile_mode"] = self.args.compile_mode
 
         def step() -> None:
             train_step(model, sets, config, optimizer, g, precision=precision)
@@ -627,6 +629,8 @@ class Bench:
             2,
             settings={"steps": steps, "guidance_scale": 5.0, "compile": compile},
         )
+        if compile:
+            row.settings["compile_mode"] = args.compile_mode
         scheduler = EulerDiscreteScheduler(**BETAS, steps_offset=1, timestep_spacing="leading")
         cond = Conditioning.cat([self.cond(1, res), self.cond(1, res)])  # (negative, prompt)
         s = res // 8
@@ -739,7 +743,8 @@ def table(rows: list[dict]) -> str:
 
 def write_json(out: Path, report: dict) -> Path:
     """``out/speed-<device>-<date>.json``; rows of an earlier run of the same day and device are kept unless this
-    run measured them again at the same resolution (so a run split into several commands ends in one file)."""
+    run measured them again at the same resolution and compile mode (so a run split into several commands ends in
+    one file)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"speed-{slug(report['device'])}-{report['date']}.json"
     runs, rows = [], []
@@ -748,10 +753,12 @@ def write_json(out: Path, report: dict) -> Path:
         runs, rows = old.get("runs", []), old.get("rows", [])
     run_index = len(runs)
     runs.append(report["run"])
-    new = {(r["id"], r["resolution"]) for r in report["rows"]}
-    rows = [r for r in rows if (r["id"], r["resolution"]) not in new] + [
-        {**r, "run": run_index} for r in report["rows"]
-    ]
+
+    def key(r: dict) -> tuple:
+        return r["id"], r["resolution"], r["settings"].get("compile_mode")
+
+    new = {key(r) for r in report["rows"]}
+    rows = [r for r in rows if key(r) not in new] + [{**r, "run": run_index} for r in report["rows"]]
     data = {k: v for k, v in report.items() if k not in ("run", "rows")}
     data.update(runs=runs, rows=rows)
     tmp = path.with_suffix(".tmp")

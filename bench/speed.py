@@ -27,6 +27,7 @@ counter (eagerly, not timed), and the fraction of the bf16 matrix rate measured 
     python bench/speed.py --cases stage1,make --compile     # add torch.compile rows
     python bench/speed.py --cases gen/merged,gen/none       # single rows
     python bench/speed.py --tiny --device cpu --out /tmp/x  # a tiny UNet: checks every code path on a CPU
+    python bench/speed.py --merge a/speed-*.json b/speed-*.json --out bench/results   # one file from several runs
 """
 
 from __future__ import annotations
@@ -745,22 +746,38 @@ def write_json(out: Path, report: dict) -> Path:
     """``out/speed-<device>-<date>.json``; rows of an earlier run of the same day and device are kept unless this
     run measured them again at the same resolution and compile mode (so a run split into several commands ends in
     one file)."""
+    meta = {k: v for k, v in report.items() if k not in ("run", "rows")}
+    return _merge(out, meta, [report["run"]], [{**r, "run": 0} for r in report["rows"]])
+
+
+def merge_files(files: list[Path], out: Path) -> Path:
+    """Merge result files (e.g. one per command, fetched from separate machines) into ``out`` as :func:`write_json`
+    would have, in the order given."""
+    path = out
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        meta = {k: v for k, v in data.items() if k not in ("runs", "rows")}
+        target = out / f"speed-{slug(data['device'])}-{data['date']}.json"
+        if target.exists() and target.resolve() == Path(f).resolve():
+            continue  # already there
+        path = _merge(out, meta, data["runs"], data["rows"])
+    return path
+
+
+def _key(r: dict) -> tuple:
+    return r["id"], r["resolution"], r["settings"].get("compile_mode")
+
+
+def _merge(out: Path, meta: dict, runs: list[dict], rows: list[dict]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed-{slug(report['device'])}-{report['date']}.json"
-    runs, rows = [], []
+    path = out / f"speed-{slug(meta['device'])}-{meta['date']}.json"
+    old_runs, old_rows = [], []
     if path.exists():
         old = json.loads(path.read_text())
-        runs, rows = old.get("runs", []), old.get("rows", [])
-    run_index = len(runs)
-    runs.append(report["run"])
-
-    def key(r: dict) -> tuple:
-        return r["id"], r["resolution"], r["settings"].get("compile_mode")
-
-    new = {key(r) for r in report["rows"]}
-    rows = [r for r in rows if key(r) not in new] + [{**r, "run": run_index} for r in report["rows"]]
-    data = {k: v for k, v in report.items() if k not in ("run", "rows")}
-    data.update(runs=runs, rows=rows)
+        old_runs, old_rows = old.get("runs", []), old.get("rows", [])
+    rows = [{**r, "run": r["run"] + len(old_runs)} for r in rows]
+    new = {_key(r) for r in rows}
+    data = {**meta, "runs": old_runs + runs, "rows": [r for r in old_rows if _key(r) not in new] + rows}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
@@ -785,6 +802,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a toy UNet at 64 px: checks every code path on a CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="only merge these result files into --out")
     args = parser.parse_args(argv)
     tiny = args.tiny
     defaults = {
@@ -805,6 +823,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.merge:
+        path = merge_files(args.merge, args.out)
+        print(f"merged {len(args.merge)} file(s) into {path}")
+        return path
     threads = torch.get_num_threads()
     if args.tiny and args.device == "cpu":
         # One thread: on a small shared machine, OpenMP threads that wait for a descheduled peer made single steps

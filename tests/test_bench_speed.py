@@ -41,3 +41,9 @@ def test_speed_tiny_on_cpu(tmp_path):
     data = json.loads(again.read_text())
     assert again == path and len(data["runs"]) == 2
     assert len(data["rows"]) == len(rows) and next(r for r in data["rows"] if r["id"] == "gen/none")["run"] == 1
+    # Files fetched from separate machines merge the same way.
+    merged = bench.main(["--merge", str(path), "--out", str(tmp_path / "merged")])
+    assert json.loads(merged.read_text()) == data
+    bench.main(["--merge", str(path), "--out", str(tmp_path / "merged")])  # again: runs append, rows replaced
+    twice = json.loads(merged.read_text())
+    assert len(twice["runs"]) == 4 and len(twice["rows"]) == len(rows)

@@ -476,6 +476,159 @@ def demo(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark and metrics
+
+
+def _comma_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+@app.command()
+def bench(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for results.json, results.csv, report.html and runs.")
+    ] = Path("runs/bench"),
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods, or default, ablations, all (see --list).")
+    ] = "default",
+    pairs: Annotated[
+        str | None, typer.Option(help="Content-style pairs, e.g. teapot:sunburst,dog:brick (overrides the lists).")
+    ] = None,
+    contents: Annotated[str | None, typer.Option(help="Comma-separated contents (default: the 4 novel ones).")] = None,
+    styles: Annotated[str | None, typer.Option(help="Comma-separated styles (default: the 4 novel ones).")] = None,
+    prompts: Annotated[int | None, typer.Option(help="Evaluation prompts per pair (default 4).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Sampling seeds per prompt (default 4).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The CI preset: 1 pair, 1 prompt, 1 seed, 2 steps.")] = False,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="world (the shipped model) or a world folder.")
+    ] = "world",
+    oracle: Annotated[str, typer.Option(help="Shipped oracle a or b, or an oracle file.")] = "a",
+    steps: Annotated[int | None, typer.Option(help="Steps of every stage-1 run and of JTtrain (default 200).")] = None,
+    make_steps: Annotated[int | None, typer.Option(help="Steps of B4M's make (default 50).")] = None,
+    merge_steps: Annotated[int | None, typer.Option(help="Steps of ZipLoRA's merge (default 100).")] = None,
+    sample_steps: Annotated[int | None, typer.Option(help="Sampler steps (default 25).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the runs (default 2e-3; make: half).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Adapter rank of every method (default 16).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data, adapters and training (default 0).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output (finished units are not run again).")
+    ] = False,
+    max_minutes: Annotated[
+        float, typer.Option(help="Stop before a new unit after this many minutes (0: no limit); then --resume.")
+    ] = 0.0,
+    keep_runs: Annotated[bool, typer.Option("--keep-runs", help="Keep every run's checkpoints under runs/.")] = False,
+    list_methods: Annotated[bool, typer.Option("--list", help="List the methods and ablations and exit.")] = False,
+) -> None:
+    """Methods × content-style pairs × prompts × seeds on the built-in world, scored against ground truth."""
+    from .bench import VARIANTS, BenchConfig, parse_pairs, quick_config, run_bench
+
+    if list_methods:
+        for name, variant in VARIANTS.items():
+            console.print(f"{name:22s} {variant.summary}", highlight=False, soft_wrap=True)
+        return
+    overrides = {
+        "methods": methods,
+        "prompts": prompts,
+        "seeds": seeds,
+        "model": model,
+        "oracle": oracle,
+        "steps": steps,
+        "make_steps": make_steps,
+        "merge_steps": merge_steps,
+        "sample_steps": sample_steps,
+        "lr": lr,
+        "rank": rank,
+        "seed": seed,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if pairs:
+        overrides["pairs"] = parse_pairs(pairs)
+    elif contents or styles:
+        overrides["pairs"] = None
+        overrides.update(
+            {k: v for k, v in (("contents", _comma_list(contents)), ("styles", _comma_list(styles))) if v}
+        )
+    config = quick_config(**overrides) if quick else BenchConfig(**overrides)
+    results = run_bench(output, config, console=console, resume=resume, max_minutes=max_minutes, keep_runs=keep_runs)
+    if not results.get("complete", True):
+        return
+    ref = results["reference"]
+    table = Table(title=f"b4m bench: means; average and Δ average vs {ref} with 95% intervals (paired)")
+    for column in ("method", "content", "style", "prompt", "average", "c-leak", "s-leak", "Δ average", "s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for m, summary in results["summary"].items():
+        a, d = summary["average"], results["differences"][m]["average"]
+        means = [f"{summary[k]['mean']:.2f}" for k in ("content", "style", "prompt")]
+        leaks = [f"{summary[k]['mean']:.2f}" for k in ("content_leak", "style_leak")]
+        average = f"{a['mean']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
+        diff = "" if m == ref else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        table.add_row(m, *means, average, *leaks, diff, f"{results['wall_seconds'][m]['total']:.0f}")
+    console.print(table)
+    console.print(f"report: {output / 'report.html'}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    images: Annotated[Path, typer.Argument(help="Folder of generated images (b4m's grids are skipped).")],
+    content_refs: Annotated[Path | None, typer.Option(help="Folder of content reference images.")] = None,
+    style_refs: Annotated[Path | None, typer.Option(help="Folder of style reference images.")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text file, one prompt per line (one for all images, or one per image in name order)."),
+    ] = None,
+    clip: Annotated[str, typer.Option(help="CLIP model folder or Hub id (style and prompt alignment).")] = (
+        "openai/clip-vit-large-patch14"
+    ),
+    dino: Annotated[str, typer.Option(help="DINOv2 model folder or Hub id (content alignment).")] = (
+        "facebook/dinov2-base"
+    ),
+    placeholder: Annotated[
+        list[str] | None, typer.Option(help="Word removed from the prompts before scoring (repeatable), e.g. sks.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images or prompts per forward pass.")] = 32,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the scores as JSON.")] = None,
+) -> None:
+    """The paper's metrics on real models: content (DINOv2), style and prompt (CLIP) alignment of an image folder."""
+    import json
+
+    from .io_utils import atomic_path
+    from .metrics.evaluate import evaluate_folder
+    from .metrics.stats import bootstrap_mean
+
+    result = evaluate_folder(
+        images,
+        content_refs,
+        style_refs,
+        prompts,
+        clip=clip,
+        dino=dino,
+        placeholders=placeholder or (),
+        device=device,
+        batch_size=batch_size,
+    )
+    intervals = {}
+    for metric, scores in result["per_image"].items():
+        iv = bootstrap_mean(scores)
+        intervals[metric] = {"mean": iv.estimate, "low": iv.low, "high": iv.high}
+    result["intervals"] = intervals
+    table = Table(title=f"{result['n_images']} images: mean cosine, 95% bootstrap interval")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for metric, iv in intervals.items():
+        table.add_row(metric, f"{iv['mean']:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]")
+    if "average" in result["mean"]:
+        table.add_row("average", f"{result['mean']['average']:.4f}")
+    console.print(table)
+    console.print("models: " + ", ".join(f"{k} {v}" for k, v in result["models"].items()), highlight=False)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {output}", highlight=False)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 

@@ -1,0 +1,311 @@
+"""b4m bench on the shipped world model (CPU, the quick preset) and b4m eval on tiny random CLIP/DINOv2 models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+)
+from typer.testing import CliRunner
+
+import b4m.baselines.common as common
+from b4m import B4MError
+from b4m.bench import (
+    ABLATIONS,
+    DEFAULT_METHODS,
+    METRICS,
+    VARIANTS,
+    BenchConfig,
+    parse_pairs,
+    quick_config,
+    resolve_methods,
+    run_bench,
+    variant_config,
+    variant_sets,
+)
+from b4m.cli import app
+from b4m.metrics import evaluate_folder
+from b4m.models.base import Conditioning
+from b4m.train import TrainSet
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with other work, torch's 2-thread OpenMP pool spins and
+    waits (a 4-step sample took 20 s instead of 0.6 s); one thread is also what CI's 2 cores do best here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world():
+    from b4m.models import load_model
+    from b4m.world.weights import load_shipped_oracle
+
+    return load_model("world"), load_shipped_oracle("a")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """``b4m bench --quick`` through the CLI: every default method, 1 pair, 1 prompt, 1 seed."""
+    out = tmp_path_factory.mktemp("bench-quick")
+    result = runner.invoke(app, ["bench", "--quick", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "results.json").read_text()), result.output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_methods_and_pairs():
+    assert resolve_methods("default") == list(DEFAULT_METHODS)
+    assert resolve_methods("b4m,ablations,b4m")[0] == "b4m" and len(resolve_methods("b4m,ablations")) == 1 + len(
+        ABLATIONS
+    )
+    assert set(resolve_methods("all")) == set(VARIANTS)
+    with pytest.raises(B4MError, match="unknown method 'nope'"):
+        resolve_methods("b4m,nope")
+    assert parse_pairs("teapot:sunburst, dog:brick") == [("teapot", "sunburst"), ("dog", "brick")]
+    with pytest.raises(B4MError, match="content:style"):
+        parse_pairs("teapot")
+    config = BenchConfig()
+    assert len(config.pair_list()) == 16 and (config.prompts, config.seeds) == (4, 4)
+    assert quick_config().pair_list() == [("teapot", "sunburst")]
+
+
+def test_ablations_change_one_setting():
+    config = quick_config()
+    base = variant_config("b4m", config)
+    assert (base.train.steps, base.make.steps, base.adapter.rank) == (2, 1, 4)
+    assert base.make.lr == config.lr / 2 and base.make.precondition
+    assert variant_config("b4m-d1/8", config).adapter.ratio == 0.125
+    d0 = variant_config("b4m-d0", config).adapter
+    assert d0.ratio == 0.0 and d0.learned_init == "kaiming"
+    assert variant_config("b4m-random-init", config).adapter.init == "random"
+    assert variant_config("b4m-exact-init", config).adapter.init == "exact"
+    assert variant_config("b4m-official-halves", config).adapter.assignment == "official"
+    assert variant_config("b4m-mixed-routing", config).train.routing == "mixed"
+    assert variant_config("b4m-no-aux", config).train.routing == "none"
+    assert not variant_config("b4m-no-precond", config).make.precondition
+    make0 = variant_config("b4m-make0", config)
+    assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
+    zip_cfg = variant_config("ziplora", config)
+    assert (zip_cfg.train.steps, zip_cfg.merge.steps, zip_cfg.lora.rank) == (2, 1, 4)
+    assert variant_config("jttrain", config).train == variant_config("direct_merge", config).train
+
+
+def test_variant_sets():
+    def ts(name, main, weight=1.0):
+        return TrainSet(name, torch.zeros(1, 3, 4, 4), Conditioning(torch.zeros(1, 2, 8)), weight, main)
+
+    content = [ts("c", True), ts("ca1", False, 0.5), ts("ca2", False, 0.5)]
+    style = [ts("s", True), ts("sa1", False, 0.5), ts("sa2", False, 0.5)]
+    c, s = variant_sets("one-to-one", content, style)
+    assert [(x.name, x.main, x.weight) for x in c] == [("c", True, 1.0), ("s", False, 1.0)]
+    assert [(x.name, x.main) for x in s] == [("s", True), ("c", False)]
+    c, s = variant_sets("single-aux", content, style)
+    assert [(x.name, x.weight) for x in c] == [("c", 1.0), ("ca1", 1.0)] and [x.name for x in s] == ["s", "sa1"]
+    c, s = variant_sets("none", content, style)
+    assert [x.name for x in c] == ["c"] and [x.name for x in s] == ["s"]
+    assert variant_sets("mcp", content, style) == (content, style)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The quick bench
+
+
+def test_quick_bench_writes_every_method_and_metric(quick):
+    out, results, output = quick
+    methods = list(DEFAULT_METHODS)
+    assert list(results["summary"]) == methods
+    assert results["reference"] == "b4m"
+    for key in ("device", "date", "commit", "settings", "wall_seconds", "items", "per_image", "differences"):
+        assert key in results
+    assert len(results["items"]) == 1
+    for m in methods:
+        assert set(results["summary"][m]) == set(METRICS)
+        for k in METRICS:
+            s = results["summary"][m][k]
+            assert s["low"] <= s["mean"] <= s["high"]
+            assert len(results["per_image"][m][k]) == 1
+        assert results["wall_seconds"][m]["total"] >= 0
+    assert results["wall_seconds"]["b4m"]["train"] > 0 and results["wall_seconds"]["renderer"]["train"] == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in methods for k in METRICS}
+    page = (out / "report.html").read_text()
+    for m in methods:
+        assert f"<h3>{m}</h3>" in page
+    assert page.count("data:image/png;base64,") >= len(methods) + 2  # references and one grid per method
+    assert "renderer" in output and "report:" in output
+
+
+def test_b4m_against_itself_is_exactly_zero(quick):
+    _, results, _ = quick
+    for k in METRICS:
+        assert results["differences"]["b4m"][k] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_renderer_upper_bound(tmp_path, world):
+    """Ground truth through the shipped oracle: content and style ≥ 0.9, over 2 pairs × 4 prompts × 2 seeds (the
+    cluster bootstrap over pairs)."""
+    model, oracle = world
+    config = BenchConfig(
+        pairs=[("teapot", "sunburst"), ("dog", "brick")], methods=["renderer"], prompts=4, seeds=2, refs=2, aux_sets=1
+    )
+    results = run_bench(tmp_path, config, model=model, oracle=oracle)
+    assert results["intervals"] == "cluster bootstrap over pairs"
+    summary = results["summary"]["renderer"]
+    assert summary["content"]["mean"] >= 0.9 and summary["style"]["mean"] >= 0.9
+    assert summary["style_leak"]["mean"] <= 0.1
+    assert len(results["per_image"]["renderer"]["content"]) == 16
+    assert results["reference"] == "renderer"  # no b4m among the methods
+
+
+def test_stage1_runs_are_reused_and_resumed(tmp_path, world, monkeypatch):
+    """Three pairs sharing a content and a style: each concept's stage 1 is trained once per method family, also
+    across commands (--resume reads finished units and stage-1 runs back)."""
+    model, oracle = world
+    calls = []
+    real_train = common.train
+
+    def counting_train(model, plp, sets, config, out, **kwargs):
+        calls.append(kwargs.get("role"))
+        return real_train(model, plp, sets, config, out, **kwargs)
+
+    monkeypatch.setattr(common, "train", counting_train)
+    pairs = [("teapot", "sunburst"), ("teapot", "vortex"), ("dog", "sunburst")]
+    first = run_bench(tmp_path, quick_config(pairs=pairs, methods=["b4m"]), model=model, oracle=oracle)
+    # 4 concepts (teapot, dog, sunburst, vortex) over 6 stage-1 slots: 4 trained, 2 reused; then 3 makes
+    assert first["stage1_runs"]["b4m"] == {"trained": 4, "reused": 2}
+    assert sorted(calls) == sorted(["content"] * 2 + ["style"] * 2 + ["fused"] * 3)
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))  # run folders go once their unit is saved
+
+    calls.clear()
+    config = quick_config(pairs=pairs, methods=["b4m", "direct_merge", "ziplora"])
+    results = run_bench(tmp_path, config, model=model, oracle=oracle, resume=True)
+    assert sorted(calls) == sorted(["content"] * 2 + ["style"] * 2)  # only direct merge's LoRAs train
+    runs = results["stage1_runs"]
+    assert runs["b4m"] == {"trained": 4, "reused": 2}
+    assert runs["direct_merge"] == {"trained": 4, "reused": 2}
+    assert runs["ziplora"] == {"trained": 0, "reused": 6}  # the plain LoRAs of direct merge
+    assert results["per_image"]["b4m"] == first["per_image"]["b4m"]
+    assert len(results["commands"]) == 2 and len(list((tmp_path / "stage1").glob("*.json"))) == 8
+    wall = results["wall_seconds"]["ziplora"]
+    assert wall["standalone_seconds_per_pair"] > wall["total"] / 3
+
+    with pytest.raises(B4MError, match=r"other settings .*steps"):
+        run_bench(tmp_path, quick_config(pairs=pairs, steps=3), model=model, oracle=oracle, resume=True)
+
+
+def test_max_minutes_stops_between_units(tmp_path, world):
+    model, oracle = world
+    config = quick_config(methods=["renderer"])
+    stopped = run_bench(tmp_path, config, model=model, oracle=oracle, max_minutes=1e-9)
+    assert stopped == {"complete": False, "units_done": 0, "units_total": 1, "output": str(tmp_path)}
+    assert not (tmp_path / "results.json").exists()
+    done = run_bench(tmp_path, config, model=model, oracle=oracle, resume=True)
+    assert list(done["summary"]) == ["renderer"] and len(done["commands"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# b4m eval on tiny random CLIP and DINOv2 models
+
+SIDE = 32
+
+
+def _tokenizer() -> CLIPTokenizer:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({f"{c}</w>": len(letters) + i for i, c in enumerate(letters)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_metric_models")
+    tokenizer = _tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(
+        small,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=SIDE, patch_size=8)))
+    dino = Dinov2Model(Dinov2Config(**small, image_size=SIDE, patch_size=8, initializer_range=0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip_proc = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+        dino_proc = BitImageProcessor(size={"shortest_edge": SIDE + 4}, crop_size={"height": SIDE, "width": SIDE})
+    for model, proc, name in ((clip, clip_proc, "clip"), (dino, dino_proc, "dino")):
+        model.save_pretrained(root / name)
+        proc.save_pretrained(root / name)
+    tokenizer.save_pretrained(root / "clip")
+    return root / "clip", root / "dino"
+
+
+def _folder(path, n: int, seed: int):
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(path / f"{i:02d}.png")
+    return path
+
+
+def test_eval_command(tmp_path, metric_models):
+    clip, dino = metric_models
+    images = _folder(tmp_path / "images", 3, 0)
+    content = _folder(tmp_path / "content", 2, 1)
+    style = _folder(tmp_path / "style", 2, 2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sks dog in zwx style\n")
+    out = tmp_path / "scores" / "eval.json"
+    args = ["eval", str(images), "--content-refs", str(content), "--style-refs", str(style)]
+    args += ["--prompts", str(prompts), "--clip", str(clip), "--dino", str(dino), "--device", "cpu", "-o", str(out)]
+    result = runner.invoke(app, [*args, "--placeholder", "sks", "--placeholder", "zwx"])
+    assert result.exit_code == 0, result.output
+    for word in ("content", "style", "prompt", "average"):
+        assert word in result.output
+    written = json.loads(out.read_text())
+    direct = evaluate_folder(
+        images, content, style, prompts, clip=str(clip), dino=str(dino), placeholders=["sks", "zwx"], device="cpu"
+    )
+    for k in ("content", "style", "prompt"):
+        assert written["per_image"][k] == pytest.approx(direct["per_image"][k], abs=1e-6)
+        iv = written["intervals"][k]
+        assert iv["low"] <= iv["mean"] <= iv["high"]
+    assert written["prompt_texts"] == ["a dog in style"] * 3
+    assert written["mean"]["average"] == pytest.approx(direct["mean"]["average"], abs=1e-6)
+
+
+def test_eval_command_errors_in_one_line(tmp_path, metric_models):
+    clip, _ = metric_models
+    images = _folder(tmp_path / "images", 2, 0)
+    result = runner.invoke(app, ["eval", str(images), "--style-refs", str(tmp_path / "missing"), "--clip", str(clip)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, B4MError) and "no such folder" in str(result.exception)

@@ -99,10 +99,16 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "-o", str(tmp_path), "--steps", "8"])
+    args = ["demo", "-o", str(tmp_path), "--steps", "2", "--make-steps", "1", "--seeds", "2", "--prompts", "1"]
+    result = runner.invoke(app, [*args, "--sample-steps", "2", "--no-baseline"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["exported_lora_max_abs_diff"] < 1e-4
-    assert {"content.b4m.safetensors", "style.b4m.safetensors", "made.b4m.safetensors"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert report["content"] == "teapot" and report["style"] == "sunburst" and list(report["metrics"]) == ["B4M"]
+    assert report["train"]["content"]["steps"] == 2 and report["train"]["make"]["steps"] == 1
+    for name, summary in report["metrics"]["B4M"].items():
+        assert summary["low"] <= summary["mean"] <= summary["high"], name
+        assert len(report["per_image"]["B4M"][name]) == 2  # one prompt × two seeds
+    assert report["passed"] == all(report["metrics"]["B4M"][k]["mean"] >= v for k, v in report["bars"].items())
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and report["prompts"][0] in page
+    assert "B4M" in result.output and "report.html" in result.output

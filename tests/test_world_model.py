@@ -147,9 +147,26 @@ def test_content_run_on_the_world_model(world_model, tmp_path):
     assert grid.size == (32, 16)  # one prompt × two validation seeds
 
 
-def test_the_builtin_name_says_what_is_missing():
-    with pytest.raises(B4MError, match="built-in world model is not shipped"):
+def test_the_shipped_world_model_and_oracles_load(monkeypatch, tmp_path):
+    from b4m.world import weights
+
+    model = load_model("world")
+    assert model.identity == "world" and model.resolution == 32
+    assert model.default_guidance == 2.0 and model.config.scheduler == "ddim"
+    assert set(model.held_out) == holdout_combinations(default_catalog(), 0.15, seed=0)  # for the quality bar
+    assert sum(p.numel() for p in model.denoiser.parameters()) > 10_000_000
+    files = list(weights.FOLDER.glob("*.safetensors"))
+    assert all(f.stat().st_size < 16 * 2**20 for f in files)  # every shipped file under 16 MiB
+    base = [f for f in files if not f.name.startswith("oracle")]
+    assert sum(f.stat().st_size for f in base) < 40e6  # the base model within its 40 MB
+    for which in ("a", "b"):
+        oracle = weights.load_shipped_oracle(which)
+        assert oracle.classes["content"] == [c.name for c in default_catalog().contents]
+    monkeypatch.setattr(weights, "FOLDER", tmp_path)
+    with pytest.raises(B4MError, match="built-in world model is not in this install"):
         load_model("world")
+    with pytest.raises(B4MError, match="shipped oracle is not in this install"):
+        weights.oracle_file("a")
 
 
 class _PerfectDenoiser(torch.nn.Module):

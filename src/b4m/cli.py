@@ -139,7 +139,12 @@ def export(
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with any of the settings.")]
 PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Diffusers folder, single file or Hub id.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Diffusers folder, single file, Hub id, a world model folder, or world (default)."
+    ),
+]
 OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Run folder.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")]
 
@@ -285,7 +290,9 @@ def generate(
     model: ModelOpt = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 5 for SD/SDXL).")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option(help="euler, euler_a, dpm++, ddim, pndm, unipc.")] = None,
     scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter.")] = 1.0,
     content_scale: Annotated[float, typer.Option(help="Multiplier of the content half.")] = 1.0,
@@ -419,7 +426,9 @@ def world_evaluate(
     second: Annotated[Path | None, typer.Option(help="A second oracle; reports how often the two agree.")] = None,
     n: Annotated[int, typer.Option(help="Images to generate and score.")] = 512,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,
-    guidance: Annotated[list[float], typer.Option(help="CFG scale; repeat to compare several.")] = [4.0],  # noqa: B006
+    guidance: Annotated[
+        list[float] | None, typer.Option(help="CFG scale (default: the model's); repeat to compare several.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the scenes and the noise.")] = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for quality.json and a grid.")] = None,
 ) -> None:
@@ -430,6 +439,7 @@ def world_evaluate(
     from PIL import Image
 
     from .models import load_model
+    from .models.base import SampleRequest
     from .stages import default_device
     from .world import default_catalog
     from .world.oracle import ATTRIBUTES, load_oracle
@@ -442,11 +452,13 @@ def world_evaluate(
     base = load_model(model, device=device)
     pairs = held_out_pairs(base)
     results = []
-    for g in guidance:
+    for g in guidance or [None]:
         config = QualityConfig(n=n, seed=seed, steps=steps, guidance_scale=g)
         result, images, _ = base_model_quality(base, first, cat, pairs, config, other)
         results.append(result)
-        line = "  ".join(f"{a} {result[a]['accuracy']:.3f}" for a in ATTRIBUTES)
+        line = "  ".join(
+            f"{a} {result[a]['accuracy']:.3f} [{result[a]['low']:.3f}, {result[a]['high']:.3f}]" for a in ATTRIBUTES
+        )
         console.print(f"guidance {g}: {line}", highlight=False)
         if other is not None:
             console.print(
@@ -456,24 +468,56 @@ def world_evaluate(
             output.mkdir(parents=True, exist_ok=True)
             tiles = images[:64]
             rows = [np.concatenate(list(tiles[i : i + 16]), axis=1) for i in range(0, len(tiles), 16)]
-            Image.fromarray(np.concatenate(rows, axis=0)).save(output / f"samples-g{g}.png")
+            used = base.guidance(SampleRequest([], [], guidance_scale=g))
+            Image.fromarray(np.concatenate(rows, axis=0)).save(output / f"samples-g{used}.png")
     if output:
         (output / "quality.json").write_text(json.dumps({"pairs": len(pairs), "results": results}, indent=1))
 
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the demo's files.")] = Path("demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per stage.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for report.html, report.json and runs.")
+    ] = Path("demo"),
+    content: Annotated[str, typer.Option(help="The content (a novel one stands for the user's subject).")] = "teapot",
+    style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "sunburst",
+    steps: Annotated[int, typer.Option(help="Steps of the content run and of the style run.")] = 60,
+    make_steps: Annotated[int, typer.Option(help="Steps of make.")] = 20,
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
+    prompts: Annotated[int, typer.Option(help="Evaluation prompts.")] = 4,
+    sample_steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the adapter and the training.")] = 0,
+    baseline: Annotated[bool, typer.Option(help="Also score the base model without an adapter.")] = True,
 ) -> None:
-    """Run the smallest end-to-end B4M example on a tiny model built in code (CPU, about a minute)."""
-    from .demo import run_demo
+    """B4M end to end on the built-in world: references, content, style, make, generate, scores (a few CPU minutes)."""
+    from .world.demo import DemoConfig, run_world_demo
+    from .world.tasks import METRICS
 
-    report = run_demo(output, steps=steps, seed=seed, console=console)
-    console.print(f"report: {output / 'report.json'}", highlight=False)
-    if not report["passed"]:
-        raise typer.Exit(1)
+    config = DemoConfig(
+        content=content,
+        style=style,
+        steps=steps,
+        make_steps=make_steps,
+        seeds=list(range(seeds)),
+        prompts=prompts,
+        sample_steps=sample_steps,
+        seed=seed,
+        baseline=baseline,
+    )
+    report = run_world_demo(output, config, console=console)
+    table = Table(title=f"{content} × {style}: oracle scores, 95% intervals")
+    table.add_column("")
+    for k in METRICS:
+        table.add_column(k, justify="right")
+    for method, summary in report["metrics"].items():
+        table.add_row(
+            method, *(f"{summary[k]['mean']:.2f} [{summary[k]['low']:.2f}, {summary[k]['high']:.2f}]" for k in METRICS)
+        )
+    console.print(table)
+    verdict = "[green]passed[/]" if report["passed"] else "[red]did not pass[/]"
+    bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in report["bars"].items())
+    console.print(f"B4M {verdict} the bars ({bars}); {report['seconds']['total']:.0f} s", highlight=False)
+    console.print(f"report: {output / 'report.html'}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------

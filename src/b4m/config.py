@@ -39,7 +39,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)  # empty: the run's own prompt
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the base model's default
 
 
 @dataclass
@@ -49,7 +49,7 @@ class AutoAuxConfig:
     sets: int = 3
     images: int = 4
     steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the base model's default
 
 
 @dataclass
@@ -86,7 +86,7 @@ class StageConfig:
     """Everything one stage needs (content, style or make)."""
 
     preset: str | None = None  # a name from PRESETS; its settings sit under the file's and the flags'
-    model: str = ""
+    model: str = ""  # content/style: "" means the built-in world; make/generate: "" means the runs' model
     images: str = ""
     prompt: str = ""
     output: str = ""

@@ -265,7 +265,9 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     aux_sets = load_aux_sets(cfg.aux, check_res, warn=warn) if cfg.aux else None
     out.mkdir(parents=True, exist_ok=True)
 
-    model = load_model(cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution)
+    cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
+    model_name = cfg.model
+    model = load_model(model_name, device=cfg.device or default_device(), resolution=cfg.resolution)
     res = cfg.resolution or train_resolution(model)
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
@@ -464,7 +466,7 @@ def generate(
     seed: int = 0,
     negative_prompt: str = "",
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float | None = None,
     scheduler: str | None = None,
     scale: float = 1.0,
     content_scale: float = 1.0,
@@ -508,7 +510,7 @@ def generate(
         "model": model_name,
         "negative_prompt": negative_prompt,
         "steps": steps,
-        "guidance_scale": guidance_scale,
+        "guidance_scale": base.guidance(request),
         "scheduler": scheduler or "default",
         "scale": scale,
         "content_scale": content_scale,

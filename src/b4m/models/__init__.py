@@ -71,14 +71,9 @@ _DTYPE_KEY = (
 def _builtin_world(device="cpu", **_) -> DiffusionModel:
     """The world model shipped inside the package (``b4m/world/weights``)."""
     from ..world.model import load_world_model
+    from ..world.weights import model_folder
 
-    folder = Path(__file__).resolve().parents[1] / "world" / "weights"
-    if not (folder / "world_model.json").is_file():
-        raise B4MError(
-            f"{folder}: the built-in world model is not shipped in this version yet; "
-            "train one with `b4m world pretrain` and pass its folder as --model"
-        )
-    return load_world_model(folder, device=str(device), identity="world")
+    return load_world_model(model_folder(), device=str(device), identity="world")
 
 
 def register_model(name: str, loader: Callable[..., DiffusionModel]) -> None:

@@ -55,7 +55,7 @@ class SampleRequest:
     seeds: list[int]
     negative_prompt: str = ""
     steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the model's default (DiffusionModel.default_guidance)
     height: int | None = None  # None: the model's default resolution
     width: int | None = None
     scheduler: str | None = None  # None: the model's default; else a name from SCHEDULERS
@@ -70,6 +70,12 @@ class DiffusionModel(ABC):
     denoiser: nn.Module
     #: Default training and sampling resolution in pixels.
     resolution: int
+    #: Classifier-free guidance scale used when a request leaves it as None.
+    default_guidance: float = 5.0
+
+    def guidance(self, request: SampleRequest) -> float:
+        """The request's guidance scale, or this model's default."""
+        return self.default_guidance if request.guidance_scale is None else request.guidance_scale
 
     @property
     @abstractmethod

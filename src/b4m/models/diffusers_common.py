@@ -349,7 +349,7 @@ class DiffusersModel(DiffusionModel):
                         height=height,
                         width=width,
                         num_inference_steps=request.steps,
-                        guidance_scale=request.guidance_scale,
+                        guidance_scale=self.guidance(request),
                         num_images_per_prompt=len(request.seeds),
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],
                         output_type="latent",

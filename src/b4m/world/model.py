@@ -86,6 +86,8 @@ class WorldModelConfig:
     unet: dict = field(default_factory=dict)  # empty: default_unet_config(resolution, text.width)
     prediction_type: str = "epsilon"
     beta_schedule: str = "squaredcos_cap_v2"
+    scheduler: str = "ddim"  # sampling defaults, measured on the shipped model (docs/world.md)
+    guidance_scale: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
@@ -111,6 +113,7 @@ class WorldModel(DiffusionModel):
         )
         self.identity = identity
         self.resolution = config.resolution
+        self.default_guidance = config.guidance_scale
         self.held_out: list[tuple[str, str]] = []  # (content, style) pairs never shown together in pretraining
 
     # -- DiffusionModel ---------------------------------------------------------------------------------------------
@@ -168,7 +171,8 @@ class WorldModel(DiffusionModel):
     ) -> np.ndarray:
         """Images as uint8 (N, H, W, 3), one per (prompt, seed) pair; ``request`` gives all but prompts and seeds."""
         res = request.height or self.resolution
-        scheduler = make_scheduler(request.scheduler or "dpm++", self.train_scheduler.config)
+        scheduler = make_scheduler(request.scheduler or self.config.scheduler, self.train_scheduler.config)
+        guidance = self.guidance(request)
         was_training = self.denoiser.training
         self.denoiser.eval()
         out = []
@@ -185,7 +189,7 @@ class WorldModel(DiffusionModel):
             for t in scheduler.timesteps:
                 inp = scheduler.scale_model_input(torch.cat([x, x]), t)
                 eps_u, eps_c = self.denoiser(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
-                eps = eps_u + request.guidance_scale * (eps_c - eps_u)
+                eps = eps_u + guidance * (eps_c - eps_u)
                 x = scheduler.step(eps, t, x).prev_sample
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         self.denoiser.train(was_training)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import B4MError
+from ..metrics.stats import wilson_interval
 from ..models.base import SampleRequest
 from .captions import caption
 from .catalog import Catalog
@@ -27,7 +28,7 @@ class QualityConfig:
     n: int = 512  # generated images (one per scene)
     seed: int = 0  # scenes and sampling noise
     steps: int = 25  # sampler steps
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = None  # None: the model's default
     scheduler: str | None = None  # None: the model's default (DPM++)
 
 
@@ -77,7 +78,13 @@ def score(
     out: dict[str, object] = {"n": len(scenes)}
     for j, a in enumerate(ATTRIBUTES):
         correct = (pred[a] == labels[:, j]).astype(int)
-        out[a] = {"accuracy": float(correct.mean()) if len(correct) else 0.0, "correct": correct.tolist()}
+        interval = wilson_interval(int(correct.sum()), len(correct))
+        out[a] = {
+            "accuracy": interval.estimate,
+            "low": interval.low,
+            "high": interval.high,
+            "correct": correct.tolist(),
+        }
     if second is not None:
         out["agreement"] = agreement(oracle, second, images)
     return out

@@ -506,13 +506,12 @@ def demo(
     )
     report = run_world_demo(output, config, console=console)
     table = Table(title=f"{content} × {style}: oracle scores, 95% intervals")
-    table.add_column("")
+    table.add_column("metric")
+    for method in report["metrics"]:
+        table.add_column(method, justify="right")
     for k in METRICS:
-        table.add_column(k, justify="right")
-    for method, summary in report["metrics"].items():
-        table.add_row(
-            method, *(f"{summary[k]['mean']:.2f} [{summary[k]['low']:.2f}, {summary[k]['high']:.2f}]" for k in METRICS)
-        )
+        cells = (f"{m[k]['mean']:.2f} [{m[k]['low']:.2f}, {m[k]['high']:.2f}]" for m in report["metrics"].values())
+        table.add_row(k, *cells)
     console.print(table)
     verdict = "[green]passed[/]" if report["passed"] else "[red]did not pass[/]"
     bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in report["bars"].items())

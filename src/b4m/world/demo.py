@@ -42,7 +42,7 @@ class DemoConfig:
     style: str = "sunburst"
     steps: int = 60  # content run and style run, each
     make_steps: int = 20
-    lr: float = 2e-3
+    lr: float = 5e-3
     rank: int = 16
     batch_size: int = 2  # images per set per step
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])

@@ -112,3 +112,12 @@ def test_demo_runs_end_to_end(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and report["prompts"][0] in page
     assert "B4M" in result.output and "report.html" in result.output
+
+
+def test_preset_flag_sets_its_settings_and_flags_win():
+    result = runner.invoke(app, ["content", "--preset", "low-memory", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert 'preset = "low-memory"' in result.output and "gradient_checkpointing = true" in result.output
+    result = runner.invoke(app, ["make", "--preset", "fast", "--gradient-checkpointing", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "gradient_checkpointing = true" in result.output and "fused_optimizer = true" in result.output

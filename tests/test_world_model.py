@@ -211,3 +211,15 @@ def test_weights_are_sharded_below_the_file_limit(tmp_path):
     paths[1].unlink()
     with pytest.raises(B4MError, match="4 of 5 unet shards"):
         load_sharded(tmp_path, "unet")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from b4m.io_utils import atomic_path
+
+    with atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -180,6 +180,7 @@ FLAG_KEYS = {
     "tensorboard": "train.tensorboard",
     "export_dtype": "export.dtype",
     "export_format": "export.formats",
+    "preset": "preset",
 }
 
 
@@ -195,8 +196,6 @@ def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool,
     if stage == "make":
         run_make(cfg, resume=resume, console=console)
         return
-    if not cfg.model:
-        raise B4MError("no --model given (a diffusers folder, a single-file checkpoint or a Hub id)")
     run_break(stage, cfg, resume=resume, console=console)
 
 
@@ -204,6 +203,9 @@ MixedOpt = Annotated[str | None, typer.Option(help="no, bf16 or fp16 autocast (a
 CkptOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
 TbOpt = Annotated[bool | None, typer.Option("--tensorboard", help="Log loss and lr to OUTPUT/tensorboard.")]
 ExportDtypeOpt = Annotated[str | None, typer.Option(help="Plain LoRA export dtype: fp32, bf16 or fp16.")]
+PresetOpt = Annotated[
+    str | None, typer.Option(help="fast (fused optimizer) or low-memory (gradient checkpointing); flags win.")
+]
 ExportFormatOpt = Annotated[
     list[str] | None, typer.Option(help="Plain LoRA export format(s): diffusers, kohya (repeatable).")
 ]
@@ -236,6 +238,7 @@ def _break_command(role: str):
         tensorboard: TbOpt = None,
         export_dtype: ExportDtypeOpt = None,
         export_format: ExportFormatOpt = None,
+        preset: PresetOpt = None,
         config: ConfigOpt = None,
         print_config: PrintOpt = False,
         resume: ResumeOpt = False,
@@ -271,6 +274,7 @@ def make(
     tensorboard: TbOpt = None,
     export_dtype: ExportDtypeOpt = None,
     export_format: ExportFormatOpt = None,
+    preset: PresetOpt = None,
     config: ConfigOpt = None,
     print_config: PrintOpt = False,
     resume: ResumeOpt = False,

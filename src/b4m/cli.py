@@ -457,13 +457,14 @@ def world_evaluate(
     pairs = held_out_pairs(base)
     results = []
     for g in guidance or [None]:
+        used = base.guidance(SampleRequest([], [], guidance_scale=g))
         config = QualityConfig(n=n, seed=seed, steps=steps, guidance_scale=g)
         result, images, _ = base_model_quality(base, first, cat, pairs, config, other)
         results.append(result)
         line = "  ".join(
             f"{a} {result[a]['accuracy']:.3f} [{result[a]['low']:.3f}, {result[a]['high']:.3f}]" for a in ATTRIBUTES
         )
-        console.print(f"guidance {g}: {line}", highlight=False)
+        console.print(f"guidance {used}: {line}", highlight=False)
         if other is not None:
             console.print(
                 "  agreement: " + "  ".join(f"{a} {v:.3f}" for a, v in result["agreement"].items()), highlight=False
@@ -472,7 +473,6 @@ def world_evaluate(
             output.mkdir(parents=True, exist_ok=True)
             tiles = images[:64]
             rows = [np.concatenate(list(tiles[i : i + 16]), axis=1) for i in range(0, len(tiles), 16)]
-            used = base.guidance(SampleRequest([], [], guidance_scale=g))
             Image.fromarray(np.concatenate(rows, axis=0)).save(output / f"samples-g{used}.png")
     if output:
         (output / "quality.json").write_text(json.dumps({"pairs": len(pairs), "results": results}, indent=1))

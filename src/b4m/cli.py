@@ -486,7 +486,7 @@ def demo(
     content: Annotated[str, typer.Option(help="The content (a novel one stands for the user's subject).")] = "teapot",
     style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "sunburst",
     steps: Annotated[int, typer.Option(help="Steps of the content run and of the style run.")] = 60,
-    make_steps: Annotated[int, typer.Option(help="Steps of make.")] = 20,
+    make_steps: Annotated[int, typer.Option(help="Steps of make.")] = 40,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
     prompts: Annotated[int, typer.Option(help="Evaluation prompts.")] = 4,
     sample_steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,

@@ -41,7 +41,7 @@ class DemoConfig:
     content: str = "teapot"
     style: str = "sunburst"
     steps: int = 60  # content run and style run, each
-    make_steps: int = 20
+    make_steps: int = 40
     lr: float = 5e-3
     rank: int = 16
     batch_size: int = 2  # images per set per step

@@ -312,7 +312,7 @@ class PairData:
 
 
 def _pair_data(model, catalog, content: str, style: str, config: BenchConfig) -> PairData:
-    from .stages import encode_set
+    from .stages import encode_sets
     from .world.tasks import TaskConfig, make_task
 
     task_cfg = TaskConfig(
@@ -324,12 +324,13 @@ def _pair_data(model, catalog, content: str, style: str, config: BenchConfig) ->
     )
     task = make_task(catalog, content, style, model.resolution, task_cfg)
 
-    def sets(main, aux):
-        return [encode_set(model, main, 1.0, True)] + [encode_set(model, a, 1.0 / len(aux), False) for a in aux]
-
     with torch.no_grad():
         return PairData(
-            content, style, task, sets(task.content_refs, task.content_aux), sets(task.style_refs, task.style_aux)
+            content,
+            style,
+            task,
+            encode_sets(model, task.content_refs, task.content_aux),
+            encode_sets(model, task.style_refs, task.style_aux),
         )
 
 

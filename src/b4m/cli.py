@@ -494,6 +494,7 @@ def demo(
     baseline: Annotated[bool, typer.Option(help="Also score the base model without an adapter.")] = True,
 ) -> None:
     """B4M end to end on the built-in world: references, content, style, make, generate, scores (a few CPU minutes)."""
+    from .report import interval_text
     from .world.demo import DemoConfig, run_world_demo
     from .world.tasks import METRICS
 
@@ -514,7 +515,7 @@ def demo(
     for method in report["metrics"]:
         table.add_column(method, justify="right")
     for k in METRICS:
-        cells = (f"{m[k]['mean']:.2f} [{m[k]['low']:.2f}, {m[k]['high']:.2f}]" for m in report["metrics"].values())
+        cells = (interval_text(m[k]) for m in report["metrics"].values())
         table.add_row(k, *cells)
     console.print(table)
     verdict = "[green]passed[/]" if report["passed"] else "[red]did not pass[/]"
@@ -569,6 +570,7 @@ def bench(
 ) -> None:
     """Methods × content-style pairs × prompts × seeds on the built-in world, scored against ground truth."""
     from .bench import VARIANTS, BenchConfig, parse_pairs, quick_config, run_bench
+    from .report import interval_text
 
     if list_methods:
         for name, variant in VARIANTS.items():
@@ -608,8 +610,8 @@ def bench(
         a, d = summary["average"], results["differences"][m]["average"]
         means = [f"{summary[k]['mean']:.2f}" for k in ("content", "style", "prompt")]
         leaks = [f"{summary[k]['mean']:.2f}" for k in ("content_leak", "style_leak")]
-        average = f"{a['mean']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
-        diff = "" if m == ref else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        average = interval_text(a)
+        diff = "" if m == ref else interval_text(d, signed=True)
         table.add_row(m, *means, average, *leaks, diff, f"{results['wall_seconds'][m]['total']:.0f}")
     console.print(table)
     console.print(f"report: {output / 'report.html'}", highlight=False)
@@ -643,6 +645,7 @@ def eval_cmd(
     from .io_utils import atomic_path
     from .metrics.evaluate import evaluate_folder
     from .metrics.stats import bootstrap_mean
+    from .report import interval_text
 
     result = evaluate_folder(
         images,
@@ -664,7 +667,7 @@ def eval_cmd(
     table.add_column("metric")
     table.add_column("score", justify="right")
     for metric, iv in intervals.items():
-        table.add_row(metric, f"{iv['mean']:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]")
+        table.add_row(metric, interval_text(iv, 4))
     if "average" in result["mean"]:
         table.add_row("average", f"{result['mean']['average']:.4f}")
     console.print(table)

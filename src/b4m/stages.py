@@ -145,6 +145,12 @@ def generated_aux_sets(
 
 
 @torch.no_grad()
+def encode_sets(model: DiffusionModel, main_set: ImageSet, aux_sets: list[ImageSet]) -> list[TrainSet]:
+    """A run's cached sets: the main set (weight 1) and the auxiliary sets (weight 1/n each: paper eq. 12)."""
+    sets = [encode_set(model, main_set, 1.0, True)]
+    return sets + [encode_set(model, s, 1.0 / len(aux_sets), False) for s in aux_sets]
+
+
 def encode_set(model: DiffusionModel, image_set: ImageSet, weight: float, main: bool, batch: int = 8) -> TrainSet:
     """Cache one set's latents and text conditioning (once per run)."""
     latents = []
@@ -276,8 +282,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     if aux_sets is None:
         aux_sets = generated_aux_sets(model, role, cfg, res, console)
     t["aux"] = time.perf_counter()
-    sets = [encode_set(model, main_set, 1.0, True)]
-    sets += [encode_set(model, s, 1.0 / len(aux_sets), False) for s in aux_sets]
+    sets = encode_sets(model, main_set, aux_sets)
     if not cfg.validation.seeds or cfg.train.validate_every == 0:
         model.offload_encoders()
     t["cache"] = time.perf_counter()

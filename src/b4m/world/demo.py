@@ -24,9 +24,9 @@ from ..baselines.break_make import B4MConfig, make_train_config
 from ..io_utils import atomic_path
 from ..models.base import SampleRequest
 from ..plp import PLPConfig
+from ..report import interval_text, summarize
 from ..report import png_data_url as _png
-from ..report import summarize
-from ..stages import encode_set
+from ..stages import encode_sets
 from ..train import TrainConfig
 from .catalog import default_catalog
 from .tasks import METRICS, TaskConfig, make_task, score_images
@@ -74,7 +74,7 @@ def _summary(scores: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 def _table_rows(report: dict) -> list[tuple[str, str, list[str]]]:
     rows = []
     for method, summary in report["metrics"].items():
-        cells = [f"{summary[k]['mean']:.2f} [{summary[k]['low']:.2f}, {summary[k]['high']:.2f}]" for k in METRICS]
+        cells = [interval_text(summary[k]) for k in METRICS]
         rows.append((method, method, cells))
     return rows
 
@@ -140,11 +140,9 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
     )
     say(f"[bold]b4m demo[/]: content {config.content}, style {config.style} (both novel), {device}")
 
-    def sets(main, aux):
-        return [encode_set(model, main, 1.0, True)] + [encode_set(model, a, 1.0 / len(aux), False) for a in aux]
-
     with torch.no_grad():
-        content_sets, style_sets = sets(task.content_refs, task.content_aux), sets(task.style_refs, task.style_aux)
+        content_sets = encode_sets(model, task.content_refs, task.content_aux)
+        style_sets = encode_sets(model, task.style_refs, task.style_aux)
     t_data = time.perf_counter()
     say(f"content run and style run: {config.steps} steps each; make: {config.make_steps} steps")
     result = run_method("b4m", content_sets, style_sets, model, config.b4m_config(), out=out / "runs")

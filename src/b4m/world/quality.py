@@ -20,7 +20,7 @@ from ..models.base import SampleRequest
 from .captions import caption
 from .catalog import Catalog
 from .oracle import ATTRIBUTES, Oracle, agreement, predict_indices, scene_labels
-from .render import Scene
+from .render import Scene, layout_scene
 
 
 @dataclass
@@ -44,20 +44,7 @@ def prompt_scenes(catalog: Catalog, pairs: Sequence[tuple[str, str]], n: int, se
     """``n`` scenes cycling through ``pairs`` (content, style), with position, size and background drawn at random."""
     rng = np.random.default_rng([seed, 11])
     order = rng.permutation(len(pairs))
-    scenes = []
-    for i in range(n):
-        content, style = pairs[order[i % len(pairs)]]
-        scenes.append(
-            Scene(
-                content=content,
-                style=style,
-                position=catalog.positions[int(rng.integers(len(catalog.positions)))].name,
-                size=catalog.sizes[int(rng.integers(len(catalog.sizes)))].name,
-                background=catalog.backgrounds[int(rng.integers(len(catalog.backgrounds)))].name,
-                seed=int(rng.integers(2**31 - 1)),
-            )
-        )
-    return scenes
+    return [layout_scene(rng, catalog, *pairs[order[i % len(pairs)]]) for i in range(n)]
 
 
 def generate_for_scenes(model, scenes: Sequence[Scene], catalog: Catalog, config: QualityConfig) -> np.ndarray:

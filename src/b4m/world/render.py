@@ -100,6 +100,20 @@ def random_scene(
     )
 
 
+def layout_scene(
+    rng: np.random.Generator, catalog: Catalog, content: str, style: str, size: str | None = None
+) -> Scene:
+    """``content`` in ``style`` at a random position, size (unless given) and background, with a drawn seed."""
+    return Scene(
+        content=content,
+        style=style,
+        position=catalog.positions[int(rng.integers(len(catalog.positions)))].name,
+        size=size or catalog.sizes[int(rng.integers(len(catalog.sizes)))].name,
+        background=catalog.backgrounds[int(rng.integers(len(catalog.backgrounds)))].name,
+        seed=int(rng.integers(2**31 - 1)),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Colours
 

@@ -32,7 +32,7 @@ from ..errors import B4MError
 from .captions import caption
 from .catalog import PLACEHOLDERS, Catalog
 from .oracle import Oracle, predict, similarity
-from .render import Scene, render_array
+from .render import Scene, layout_scene, render_array
 
 PLAIN = "plain"
 
@@ -75,17 +75,6 @@ def _image_set(name: str, scenes: Sequence[Scene], captions: Sequence[str], cata
     return ImageSet(name=name, folder=None, images=images, captions=list(captions), files=files)
 
 
-def _scene(rng: np.random.Generator, catalog: Catalog, content: str, style: str, size: str | None = None) -> Scene:
-    return Scene(
-        content=content,
-        style=style,
-        position=catalog.positions[int(rng.integers(len(catalog.positions)))].name,
-        size=size or catalog.sizes[int(rng.integers(len(catalog.sizes)))].name,
-        background=catalog.backgrounds[int(rng.integers(len(catalog.backgrounds)))].name,
-        seed=int(rng.integers(2**31 - 1)),
-    )
-
-
 def make_task(catalog: Catalog, content: str, style: str, resolution: int, config: TaskConfig | None = None) -> Task:
     """Render the reference, auxiliary and evaluation data of a (content, style) pair (deterministic in the seed)."""
     config = config or TaskConfig()
@@ -100,30 +89,30 @@ def make_task(catalog: Catalog, content: str, style: str, resolution: int, confi
     # References are large (the way users photograph a subject); evaluation prompts ask for both sizes.
     large = catalog.sizes[-1].name
 
-    c_scenes = [_scene(rng, catalog, content, PLAIN, large) for _ in range(config.refs)]
+    c_scenes = [layout_scene(rng, catalog, content, PLAIN, large) for _ in range(config.refs)]
     c_caps = [caption(s, template=0, content_word=cw, catalog=catalog) for s in c_scenes]
     ref_contents = list(rng.choice(known_c, size=config.refs, replace=False))
-    s_scenes = [_scene(rng, catalog, c, style, large) for c in ref_contents]
+    s_scenes = [layout_scene(rng, catalog, c, style, large) for c in ref_contents]
     s_caps = [caption(s, template=0, style_word=sw, catalog=catalog) for s in s_scenes]
 
     content_aux, style_aux = [], []
     for i in range(config.aux_sets):
         # content run: other looks (one known style per set, over several known contents)
         look = known_s[int(rng.integers(len(known_s)))]
-        scenes = [_scene(rng, catalog, str(rng.choice(known_c)), look, large) for _ in range(config.aux_size)]
+        scenes = [layout_scene(rng, catalog, str(rng.choice(known_c)), look, large) for _ in range(config.aux_size)]
         content_aux.append(
             _image_set(f"aux-style-{look}", scenes, [caption(s, template=0) for s in scenes], catalog, resolution)
         )
         # style run: other objects in the plain look (one known content per set)
         obj = known_c[int(rng.integers(len(known_c)))]
-        scenes = [_scene(rng, catalog, obj, PLAIN, large) for _ in range(config.aux_size)]
+        scenes = [layout_scene(rng, catalog, obj, PLAIN, large) for _ in range(config.aux_size)]
         style_aux.append(
             _image_set(f"aux-content-{obj}-{i}", scenes, [caption(s, template=0) for s in scenes], catalog, resolution)
         )
 
     # both sizes equally often (large first), positions and backgrounds at random
     sizes = [s.name for s in reversed(catalog.sizes)]
-    eval_scenes = [_scene(rng, catalog, content, style, sizes[i % len(sizes)]) for i in range(config.prompts)]
+    eval_scenes = [layout_scene(rng, catalog, content, style, sizes[i % len(sizes)]) for i in range(config.prompts)]
     prompts = [caption(s, template=0, content_word=cw, style_word=sw, catalog=catalog) for s in eval_scenes]
     return Task(
         content=content,

@@ -552,7 +552,7 @@ def bench(
         str, typer.Option("--model", "-m", help="world (the shipped model) or a world folder.")
     ] = "world",
     oracle: Annotated[str, typer.Option(help="Shipped oracle a or b, or an oracle file.")] = "a",
-    steps: Annotated[int | None, typer.Option(help="Steps of every stage-1 run and of JTtrain (default 200).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps of every stage-1 run and of JTtrain (default 150).")] = None,
     make_steps: Annotated[int | None, typer.Option(help="Steps of B4M's make (default 50).")] = None,
     merge_steps: Annotated[int | None, typer.Option(help="Steps of ZipLoRA's merge (default 100).")] = None,
     sample_steps: Annotated[int | None, typer.Option(help="Sampler steps (default 25).")] = None,

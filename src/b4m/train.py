@@ -37,6 +37,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .adapter_file import AdapterFile, adapter_from_model, load_adapter, save_adapter
 from .errors import B4MError
 from .io_utils import load_safetensors, save_safetensors
@@ -259,7 +260,10 @@ def micro_step_loss(
     objective: Objective | None = None,
 ) -> torch.Tensor:
     """The weighted diffusion loss of one micro-step: ``batch_size`` images of every set, main sets first, in one
-    batch. With an ``objective``, the prediction is fitted to its ``target`` and its ``penalty`` is added."""
+    batch. With an ``objective``, the prediction is fitted to its ``target`` and its ``penalty`` is added.
+
+    With several processes (:mod:`b4m.distributed`) every rank draws the whole batch and computes its share of the
+    rows of every set, weighted as in the whole batch: the ranks' losses add up to the one-process loss."""
     ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
     picks = [torch.randint(0, len(s.latents), (config.batch_size,), generator=g) for s in ordered]
     n_main = config.batch_size * sum(s.main for s in sets)
@@ -269,12 +273,19 @@ def micro_step_loss(
     weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered]).to(device)
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
     timesteps = torch.randint(0, model.num_train_timesteps, (len(latents),), generator=g).to(device)
+    order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
+    sources = [i for i in order for _ in range(config.batch_size)]
+    dist = distributed.current()
+    rows = dist.shard_rows(len(ordered), config.batch_size)
+    if rows is not None:  # this rank's share of every set's rows: main rows still first
+        rows_here = rows.to(device)
+        latents, cond, weights, noise, timesteps = (x[rows_here] for x in (latents, cond, weights, noise, timesteps))
+        sources = [sources[i] for i in rows.tolist()]
+        n_main //= dist.world_size
     noisy = model.add_noise(latents, noise, timesteps)
     if objective is None:
         target = model.target(latents, noise, timesteps)
     else:
-        order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
-        sources = [i for i in order for _ in range(config.batch_size)]
         with torch.no_grad():
             target = objective.target(model, noisy, timesteps, cond, sources)
     route = config.routing == "clean" and 0 < n_main < len(latents)
@@ -282,7 +293,7 @@ def micro_step_loss(
         pred = model.predict(noisy, timesteps, cond)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     loss = (per_sample * weights).sum()
-    return loss if objective is None else loss + objective.penalty()
+    return loss if objective is None else loss + objective.penalty() / dist.world_size  # counted once over ranks
 
 
 def train_step(
@@ -310,7 +321,8 @@ def train_step(
         objective: See :func:`train`.
 
     Returns:
-        The step's loss (the mean over its micro-steps) as a tensor on the device: reading it is a host sync.
+        The step's loss (the mean over its micro-steps) as a tensor on the device: reading it is a host sync. With
+        several processes, the gradients and the loss are summed over them before the optimizer's step.
     """
     use_amp = precision != "no"
     amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -320,6 +332,8 @@ def train_step(
             loss = micro_step_loss(model, sets, config, g, objective) / config.grad_accum
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed.current().all_reduce_grads(params, total)  # no-op with one process
     if scaler is not None:
         scaler.unscale_(optimizer)
         scaler.step(optimizer)
@@ -376,11 +390,18 @@ def train(
         objective: Train the objective's parameters against its target instead of the PLP halves against the
             diffusion target (routing must be ``none``); checkpoints then hold its state, not an adapter file.
 
+    With several processes (``accelerate launch``, :mod:`b4m.distributed`) every rank runs this loop on its share of
+    each micro-batch; only rank 0 writes checkpoints and TensorBoard logs, validates and reports progress.
+
     Raises:
         B4MError: Bad settings, a checkpoint of another run, or a NaN/Inf loss (with the step range and the last
             good checkpoint).
     """
     out = Path(out)
+    dist = distributed.current()
+    dist.check_batch(config.batch_size)
+    if dist.device is not None and model.device != dist.device:
+        raise B4MError(f"process {dist.rank} of {dist.world_size}: the model is on {model.device}, not {dist.device}")
     if not sets:
         raise B4MError("no training data")
     if config.routing != "none" and config.owned is None:
@@ -410,7 +431,7 @@ def train(
     precision = resolve_precision(config.mixed_precision, model.device)
     scaler = torch.amp.GradScaler(model.device.type) if precision == "fp16" else None
 
-    writer = _tensorboard(out) if config.tensorboard else None
+    writer = _tensorboard(out) if config.tensorboard and dist.is_main else None
     t0 = time.perf_counter()
     losses: list[tuple[int, float]] = []
     running = torch.zeros((), device=model.device)
@@ -435,18 +456,24 @@ def train(
                     writer.add_scalar(f"lr/group{i}", group["lr"], step)
             running.zero_()
             last_check = step
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        checkpoint = step % config.checkpoint_every == 0 or step == config.steps
+        validating = validate is not None and config.validate_every and step % config.validate_every == 0
+        if checkpoint and dist.is_main:
             state = {"step": step, "generator": g.get_state(), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
-            last_good = save_checkpoint(out, step, model, plp, role, optimizer, state, objective)
+            save_checkpoint(out, step, model, plp, role, optimizer, state, objective)
             _prune(out, config.keep_checkpoints)
-        if validate is not None and config.validate_every and step % config.validate_every == 0:
+        if checkpoint:
+            last_good = _checkpoint_dir(out, step)
+        if validating and dist.is_main:
             validate(step)
             model.denoiser.train()
+        if checkpoint or validating:
+            dist.barrier()  # the other ranks wait for rank 0's files (a no-op with one process)
         if step == start_step + 1:
             if model.device.type == "cuda":
                 torch.cuda.synchronize()  # once, so the warm-up step is timed apart from the steady state
             first = time.perf_counter() - t0
-        if progress is not None:
+        if progress is not None and dist.is_main:
             progress(step, config.steps, loss_value)
     if writer is not None:
         writer.close()

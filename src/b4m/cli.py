@@ -168,6 +168,8 @@ FLAG_KEYS = {
     "content": "content",
     "style": "style",
     "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
     "lr": "train.lr",
     "rank": "adapter.rank",
     "seed": "adapter.seed",
@@ -193,10 +195,17 @@ def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool,
     if print_config:
         typer.echo(to_toml(cfg), nl=False)
         return
+    # Under accelerate launch: the process group, each rank's own GPU as the current device before the model loads,
+    # a batch that splits over the ranks, and output from rank 0 only (one process: none of this does anything).
+    from .distributed import current
+
+    dist = current()
+    dist.check_batch(cfg.train.batch_size)
+    out = console if dist.is_main else None
     if stage == "make":
-        run_make(cfg, resume=resume, console=console)
+        run_make(cfg, resume=resume, console=out)
         return
-    run_break(stage, cfg, resume=resume, console=console)
+    run_break(stage, cfg, resume=resume, console=out)
 
 
 MixedOpt = Annotated[str | None, typer.Option(help="no, bf16 or fp16 autocast (adapters stay fp32).")]
@@ -206,6 +215,10 @@ ExportDtypeOpt = Annotated[str | None, typer.Option(help="Plain LoRA export dtyp
 PresetOpt = Annotated[
     str | None, typer.Option(help="fast (fused optimizer) or low-memory (gradient checkpointing); flags win.")
 ]
+BatchOpt = Annotated[
+    int | None, typer.Option(help="Images per set per micro-step (default 1); split over accelerate's processes.")
+]
+AccumOpt = Annotated[int | None, typer.Option(help="Micro-steps per optimizer step (default 4).")]
 ExportFormatOpt = Annotated[
     list[str] | None, typer.Option(help="Plain LoRA export format(s): diffusers, kohya (repeatable).")
 ]
@@ -223,6 +236,8 @@ def _break_command(role: str):
             str | None, typer.Option(help="Folder of folders: auxiliary sets (default: generated).")
         ] = None,
         steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 1000).")] = None,
+        batch_size: BatchOpt = None,
+        grad_accum: AccumOpt = None,
         rank: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
         lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
         resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
@@ -264,6 +279,8 @@ def make(
     output: OutOpt = None,
     model: ModelOpt = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps (default 50; 0 = fuse only).")] = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
     precondition: Annotated[

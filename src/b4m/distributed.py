@@ -50,7 +50,7 @@ class Dist:
         if batch_size % self.world_size:
             raise B4MError(
                 f"batch_size {batch_size} (images per set per micro-step) does not split over {self.world_size} "
-                f"processes; use a multiple of {self.world_size}"
+                f"processes; use a multiple of {self.world_size} (--batch-size)"
             )
 
     def shard_rows(self, n_sets: int, batch_size: int) -> torch.Tensor | None:

@@ -14,7 +14,8 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   (:func:`b4m.train.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA off, 1024 px.
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
-  adapter unmerged (as the library samples: fp32 adapter math) and merged; the VAE decode timed apart.
+  adapter unmerged (the no-grad path: cached factors in the UNet dtype) and merged (plain linear layers, as
+  ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the UNet calls; the VAE decode timed apart.
 
 ``--compile`` adds torch.compile rows. One training step is one optimizer step (4 micro-steps); a generation step is
 one denoising step. Each row: median of ``--repeats`` synchronised steps after ``--warmup`` steps, peak memory of
@@ -55,13 +56,15 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from b4m.config import preset_settings
+from b4m.cuda_graphs import graphed_sampling
 from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
-from b4m.plp import PLPConfig, add_plp, plp_layers, remove_plp
+from b4m.plp import PLPConfig, _set_submodule, add_plp, plp_layers, remove_plp
 from b4m.train import (
     TrainConfig,
     TrainSet,
     enable_gradient_checkpointing,
+    graphed_micro_step,
     make_optimizer,
     resolve_precision,
     train_step,
@@ -76,6 +79,8 @@ BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", 
 CASES = ("naive", "stage1", "make", "gen")
 N_AUX = 3  # auxiliary sets of a content run (the official code's three)
 GRAD_ACCUM = 4
+GRAPHS = {"cuda_graphs": True}
+ONE_PASS = {"batch_size": GRAD_ACCUM, "grad_accum": 1}  # a step's images in one forward and backward
 
 # The tiny UNet keeps SDXL's layout (no attention at the first level, text_time conditioning) at toy widths.
 TINY_UNET = dict(
@@ -529,14 +534,26 @@ class Bench:
         row.settings = {
             k: v
             for k, v in vars(config).items()
-            if k in ("routing", "owned", "precondition", "gradient_checkpointing", "fused_optimizer", "grad_accum")
+            if k
+            in (
+                "routing",
+                "owned",
+                "precondition",
+                "gradient_checkpointing",
+                "fused_optimizer",
+                "cuda_graphs",
+                "batch_size",
+                "grad_accum",
+            )
         }
         row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
         if compile:
             row.settings["compile_mode"] = self.args.compile_mode
 
+        graphed = graphed_micro_step(model, config, optimizer, precision)  # None unless config.cuda_graphs
+
         def step() -> None:
-            train_step(model, sets, config, optimizer, g, precision=precision)
+            train_step(model, sets, config, optimizer, g, precision=precision, graphed=graphed)
 
         try:
             with self.compiled(compile) as denoiser:
@@ -554,7 +571,8 @@ class Bench:
 
     def stage1_config(self, **changes) -> TrainConfig:
         owned = PLPConfig().half_of("content")
-        return TrainConfig(owned=owned, batch_size=1, grad_accum=GRAD_ACCUM, mixed_precision=self.precision, **changes)
+        settings = dict(owned=owned, batch_size=1, grad_accum=GRAD_ACCUM, mixed_precision=self.precision)
+        return TrainConfig(**{**settings, **changes})
 
     def stage1(self, variant: str) -> None:
         res, high = self.args.resolution, high_resolution(self.args)
@@ -568,6 +586,14 @@ class Bench:
             "1024": (f"defaults at {high} px", high, {}, {}),
             "1024-low-memory": (f"preset low-memory at {high} px", high, low, {}),
             "compile": (f"defaults, torch.compile(mode={self.args.compile_mode})", res, {}, {"compile": True}),
+            "graphs": ("preset fast + CUDA graphs of each micro-step", res, {**fast, **GRAPHS}, {}),
+            "fast-1x16": ("preset fast, the 16 images in one micro-step", res, {**fast, **ONE_PASS}, {}),
+            "graphs-1x16": (
+                "preset fast + CUDA graphs, the 16 images in one micro-step",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS},
+                {},
+            ),
         }
         description, row_res, changes, options = spec[variant]
         n = GRAD_ACCUM * (1 + N_AUX)
@@ -585,10 +611,16 @@ class Bench:
             "fast": ("preset fast (" + _kv(fast) + ")", fast, {}),
             "no-precondition": ("defaults without the preconditioner", {"precondition": False}, {}),
             "compile": (f"defaults, torch.compile(mode={self.args.compile_mode})", {}, {"compile": True}),
+            "graphs": ("preset fast + CUDA graphs of each micro-step", {**fast, **GRAPHS}, {}),
+            "graphs-1x8": (
+                "preset fast + CUDA graphs, the 8 images in one micro-step",
+                {**fast, **GRAPHS, **ONE_PASS},
+                {},
+            ),
         }
         description, changes, options = spec[variant]
         config = TrainConfig(
-            batch_size=1, grad_accum=GRAD_ACCUM, mixed_precision=self.precision, **{**base, **changes}
+            **{"batch_size": 1, "grad_accum": GRAD_ACCUM, "mixed_precision": self.precision, **base, **changes}
         )
         sets = [self.train_set("content", 4, res, 1.0, True), self.train_set("style", 4, res, 1.0, True)]
         row = Row(f"make/{variant}", "PLP, " + description, res, GRAD_ACCUM * 2, GRAD_ACCUM * 2)
@@ -605,21 +637,21 @@ class Bench:
             return
         adapter = "none" if variant.startswith("none") else "plp"
         compile = variant.endswith("-compile")
+        graphs = variant.endswith("-graphs")
         self.use_adapter(adapter)
-        layers = list(plp_layers(self.unet).values())
-        if variant.startswith("merged"):
-            for layer in layers:
+        named = plp_layers(self.unet)
+        if variant.startswith("merged"):  # as b4m generate --merge does (merge_plp): plain linear layers
+            for name, layer in named.items():
                 layer.merge()
-        if variant == "unmerged-bf16":
-            for layer in layers:  # adapter math in bf16 (the library samples with fp32 adapters)
-                for name in ("up_frozen", "down_frozen", "up_learned", "down_learned"):
-                    getattr(layer, name).data = getattr(layer, name).data.to(dtype)
+                _set_submodule(self.unet, name, layer.base_layer)
         descriptions = {
             "none": "no adapter",
-            "unmerged": "fused PLP adapter, unmerged (fp32 adapter math, as b4m generate samples)",
-            "unmerged-bf16": "fused PLP adapter, unmerged, adapter tensors cast to bf16",
+            "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: cached factors in the UNet's dtype)",
             "merged": "fused PLP adapter merged into the weights (b4m.plp merge)",
             "none-compile": f"no adapter, torch.compile(mode={args.compile_mode})",
+            "none-graphs": "no adapter, CUDA graphs of the UNet calls (b4m.cuda_graphs.graphed_sampling)",
+            "unmerged-graphs": "fused PLP adapter, unmerged, CUDA graphs of the UNet calls",
+            "merged-graphs": "merged, CUDA graphs of the UNet calls",
             "merged-compile": f"merged, torch.compile(mode={args.compile_mode})",
         }
         row = Row(
@@ -628,7 +660,7 @@ class Bench:
             res,
             1 / steps,
             2,
-            settings={"steps": steps, "guidance_scale": 5.0, "compile": compile},
+            settings={"steps": steps, "guidance_scale": 5.0, "compile": compile, "cuda_graphs": graphs},
         )
         if compile:
             row.settings["compile_mode"] = args.compile_mode
@@ -637,7 +669,8 @@ class Bench:
         s = res // 8
         self.unet.eval()
         try:
-            with self.compiled(compile) as compiled, torch.no_grad():
+            graphed = graphed_sampling(self.unet) if graphs else contextlib.nullcontext()
+            with self.compiled(compile) as compiled, torch.no_grad(), graphed:
 
                 def denoise(unet, latents: torch.Tensor, t) -> torch.Tensor:
                     x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
@@ -662,12 +695,9 @@ class Bench:
                 )
         finally:
             if variant.startswith("merged"):
-                for layer in layers:
+                for name, layer in named.items():
+                    _set_submodule(self.unet, name, layer)
                     layer.unmerge()
-            if variant == "unmerged-bf16":
-                for layer in layers:
-                    for name in ("up_frozen", "down_frozen", "up_learned", "down_learned"):
-                        getattr(layer, name).data = getattr(layer, name).data.float()
         row.extra["ms_per_image"] = statistics.median(row.ms) * steps
 
     def vae_decode(self, res: int) -> None:
@@ -694,12 +724,33 @@ def _kv(settings: dict) -> str:
 #: Every row by case, in run order within the case; "compile" rows run only with --compile or when named.
 VARIANTS = {
     "naive": ["loop", "batched"],
-    "stage1": ["default", "fast", "sdpa-off", "low-memory", "1024", "1024-low-memory", "compile"],
-    "make": ["default", "fast", "no-precondition", "compile"],
-    "gen": ["none", "none-compile", "vae-decode", "unmerged", "unmerged-bf16", "merged", "merged-compile"],
+    "stage1": [
+        "default",
+        "fast",
+        "sdpa-off",
+        "low-memory",
+        "1024",
+        "1024-low-memory",
+        "compile",
+        "graphs",
+        "fast-1x16",
+        "graphs-1x16",
+    ],
+    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8"],
+    "gen": [
+        "none",
+        "none-compile",
+        "none-graphs",
+        "vae-decode",
+        "unmerged",
+        "unmerged-graphs",
+        "merged",
+        "merged-graphs",
+        "merged-compile",
+    ],
 }
 # Run order across cases: fewest adapter switches (none -> PLP -> peft).
-_FIRST = ["gen/none", "gen/none-compile", "gen/vae-decode"]
+_FIRST = ["gen/none", "gen/none-compile", "gen/none-graphs", "gen/vae-decode"]
 RUN_ORDER = _FIRST + [
     f"{c}/{v}" for c in ("gen", "stage1", "make", "naive") for v in VARIANTS[c] if f"{c}/{v}" not in _FIRST
 ]

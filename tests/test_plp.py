@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from b4m import B4MError, PLPConfig, add_plp, dry_run, plp_layers, remove_plp, set_scales
+from b4m import B4MError, PLPConfig, add_plp, dry_run, merge_plp, plp_layers, remove_plp, set_scales
 from b4m.adapter_file import adapter_from_model, fuse, load_adapter, save_adapter
 from b4m.lora_io import factors_from_model
 from b4m.plp import PLPLinear, frozen_rng, learned_rng, make_frozen, make_learned_down
@@ -176,6 +176,18 @@ def test_merge_unmerge_and_remove(sd_unet):
         torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)
 
 
+def test_merge_plp_folds_the_adapter_in_and_removes_the_wrappers(sd_unet):
+    inputs = unet_inputs(sd_unet)
+    layers = add_plp(sd_unet, PLPConfig(rank=4))
+    randomize_learned(sd_unet, std=0.3)
+    with torch.no_grad():
+        unmerged = sd_unet(**inputs).sample
+        assert merge_plp(sd_unet) == len(layers)
+        assert not plp_layers(sd_unet)
+        assert all(type(sd_unet.get_submodule(name)) is nn.Linear for name in layers)
+        torch.testing.assert_close(sd_unet(**inputs).sample, unmerged, rtol=1e-4, atol=1e-5)
+
+
 def test_merge_refuses_non_finite():
     layer = PLPLinear(nn.Linear(8, 8), PLPConfig(rank=2), "to_q")
     with torch.no_grad():
@@ -321,3 +333,29 @@ def test_ratio_zero_files_dry_run_export_and_fuse(tmp_path):
     style = adapter_from_model(model, config, "style")
     fused = fuse(loaded, style)  # d = 0 ablation: B from the content run, D from the style run
     assert fused.modules == loaded.modules
+
+
+def test_no_grad_forward_equals_the_training_forward_and_follows_updates():
+    """Sampling's path (cached factors, fused add) gives the training path's values, and notices a changed factor
+    (an optimizer's in-place step) or a changed scale."""
+    base = nn.Linear(48, 20)
+    layer = PLPLinear(copy.deepcopy(base), PLPConfig(rank=8), "to_k")
+    randomize_learned(nn.Sequential(layer))
+    x = torch.randn(3, 5, 48)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = layer(x)
+        return fast, layer(x).detach()
+
+    fast, slow = both()
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        layer.up_learned.add_(1.0)
+    fast2, slow2 = both()
+    assert not torch.allclose(fast2, fast)
+    torch.testing.assert_close(fast2, slow2, rtol=1e-6, atol=1e-6)
+    layer.scale, layer.down_scale = 0.5, 2.0
+    fast3, slow3 = both()
+    assert not torch.allclose(fast3, fast2)
+    torch.testing.assert_close(fast3, slow3, rtol=1e-6, atol=1e-6)

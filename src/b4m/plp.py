@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import B4MError
@@ -286,6 +287,8 @@ class PLPLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
+        if not torch.is_grad_enabled():
+            return self._infer(x, y)
         # One autograd node for the whole adapter (see b4m.lowrank); ΔW is never materialised.
         out = low_rank_product(
             x,
@@ -300,6 +303,25 @@ class PLPLinear(nn.Module):
         if self.scale != 1.0:
             out = out * self.scale
         return y + out.to(y.dtype)
+
+    def _infer(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The no-grad forward (sampling): ``y + (x · W_downᵀ) · (scale · W_up)ᵀ`` in the output's dtype, two
+        matmuls with the add fused into the second; the factors are cast and concatenated once and kept until a
+        factor or a scale changes (tensor versions count in-place updates, e.g. an optimizer's)."""
+        key = (
+            y.dtype,
+            y.device,
+            self.scale,
+            self.up_scale,
+            self.down_scale,
+            *(t._version for t in (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)),
+        )
+        if getattr(self, "_factor_cache", (None,))[0] != key:
+            up = (self.up() * self.scale if self.scale != 1.0 else self.up()).to(y.dtype)
+            self._factor_cache = (key, up.T.contiguous(), self.down().to(y.dtype))
+        _, up_t, down = self._factor_cache
+        h = F.linear(x.to(y.dtype), down)
+        return y.reshape(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up_t).view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -390,6 +412,19 @@ def remove_plp(model: nn.Module) -> None:
     for name, layer in plp_layers(model).items():
         layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
+
+
+@torch.no_grad()
+def merge_plp(model: nn.Module) -> int:
+    """Fold every PLP layer's ΔW into its base weight and put the plain linear layers back (peft's
+    ``merge_and_unload``): sampling then costs what the base model costs. Not reversible. Returns the number of
+    layers merged."""
+    layers = plp_layers(model)
+    for name, layer in layers.items():
+        layer.merge()
+        del layer._delta_cache  # the wrapper goes away: nothing to unmerge
+        _set_submodule(model, name, layer.base_layer)
+    return len(layers)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from .io_utils import atomic_path
 from .lora_io import dtype_from_name, save_lora
 from .models import load_model
 from .models.base import DiffusionModel, SampleRequest
-from .plp import PLPConfig, add_plp, plp_layers, set_scales
+from .plp import PLPConfig, add_plp, merge_plp, set_scales
 from .train import TrainResult, TrainSet, train
 
 ADAPTER_NAMES = {
@@ -496,8 +496,7 @@ def generate(
     apply_adapter(base.denoiser, adapter)
     set_scales(base.denoiser, adapter.config, scale=scale, content_scale=content_scale, style_scale=style_scale)
     if merge:
-        for layer in plp_layers(base.denoiser).values():
-            layer.merge()
+        merge_plp(base.denoiser)
     seeds = list(range(seed, seed + n))
     request = SampleRequest(
         prompts,

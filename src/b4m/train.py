@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .adapter_file import AdapterFile, adapter_from_model, load_adapter, save_adapter
+from .cuda_graphs import GraphedMicroStep
 from .errors import B4MError
 from .io_utils import load_safetensors, save_safetensors
 from .models.base import Conditioning, DiffusionModel
@@ -87,6 +88,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
     fused_optimizer: bool = False  # AdamW's fused kernel (one launch for all tensors) instead of its foreach path
+    cuda_graphs: bool = False  # capture each micro-step's forward and backward as a CUDA graph (b4m.cuda_graphs)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     check_every: int = 10  # steps between loss reads (NaN check, progress bar); no per-step .item()
@@ -206,6 +208,7 @@ _SESSION_KEYS = (
     "tensorboard",
     "gradient_checkpointing",
     "fused_optimizer",
+    "cuda_graphs",
 )
 
 
@@ -252,18 +255,31 @@ def make_optimizer(
     )
 
 
-def micro_step_loss(
+@dataclass
+class Batch:
+    """One micro-step's inputs on the device: noisy latents, timesteps, conditioning, the target, per-row loss
+    weights, and how many leading rows come from main sets (routing)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    cond: Conditioning
+    target: torch.Tensor
+    weights: torch.Tensor
+    n_main: int
+
+
+def draw_batch(
     model: DiffusionModel,
     sets: list[TrainSet],
     config: TrainConfig,
     g: torch.Generator,
     objective: Objective | None = None,
-) -> torch.Tensor:
-    """The weighted diffusion loss of one micro-step: ``batch_size`` images of every set, main sets first, in one
-    batch. With an ``objective``, the prediction is fitted to its ``target`` and its ``penalty`` is added.
+) -> Batch:
+    """Draw one micro-step: ``batch_size`` images of every set, main sets first, their noise and timesteps (all from
+    ``g``), and the target (the diffusion target, or the ``objective``'s).
 
-    With several processes (:mod:`b4m.distributed`) every rank draws the whole batch and computes its share of the
-    rows of every set, weighted as in the whole batch: the ranks' losses add up to the one-process loss."""
+    With several processes (:mod:`b4m.distributed`) every rank draws the whole batch and keeps its share of the rows
+    of every set, weighted as in the whole batch: the ranks' losses add up to the one-process loss."""
     ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
     picks = [torch.randint(0, len(s.latents), (config.batch_size,), generator=g) for s in ordered]
     n_main = config.batch_size * sum(s.main for s in sets)
@@ -288,12 +304,32 @@ def micro_step_loss(
     else:
         with torch.no_grad():
             target = objective.target(model, noisy, timesteps, cond, sources)
-    route = config.routing == "clean" and 0 < n_main < len(latents)
-    with routing(model.denoiser, n_main, config.owned) if route else contextlib.nullcontext():
-        pred = model.predict(noisy, timesteps, cond)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    loss = (per_sample * weights).sum()
-    return loss if objective is None else loss + objective.penalty() / dist.world_size  # counted once over ranks
+    return Batch(noisy, timesteps, cond, target, weights, n_main)
+
+
+def batch_loss(
+    model: DiffusionModel, batch: Batch, config: TrainConfig, objective: Objective | None = None
+) -> torch.Tensor:
+    """The weighted diffusion loss of a drawn batch (routing applied); with an ``objective``, plus its penalty."""
+    route = config.routing == "clean" and 0 < batch.n_main < len(batch.noisy)
+    with routing(model.denoiser, batch.n_main, config.owned) if route else contextlib.nullcontext():
+        pred = model.predict(batch.noisy, batch.timesteps, batch.cond)
+    per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = (per_sample * batch.weights).sum()
+    if objective is None:
+        return loss
+    return loss + objective.penalty() / distributed.current().world_size  # counted once over ranks
+
+
+def micro_step_loss(
+    model: DiffusionModel,
+    sets: list[TrainSet],
+    config: TrainConfig,
+    g: torch.Generator,
+    objective: Objective | None = None,
+) -> torch.Tensor:
+    """The weighted diffusion loss of one micro-step (:func:`draw_batch`, then :func:`batch_loss`)."""
+    return batch_loss(model, draw_batch(model, sets, config, g, objective), config, objective)
 
 
 def train_step(
@@ -306,6 +342,7 @@ def train_step(
     precision: str = "no",
     scaler: torch.amp.GradScaler | None = None,
     objective: Objective | None = None,
+    graphed: GraphedMicroStep | None = None,
 ) -> torch.Tensor:
     """One optimizer step: ``config.grad_accum`` micro-steps (each one forward and one backward of a batch holding
     every set), then the optimizer's step and ``zero_grad``.
@@ -319,17 +356,19 @@ def train_step(
         precision: ``no``, ``bf16`` or ``fp16`` (autocast), as resolved by :func:`resolve_precision`.
         scaler: The loss scaler (fp16); None steps the optimizer directly.
         objective: See :func:`train`.
+        graphed: From :func:`graphed_micro_step`: run each micro-step's forward and backward as a CUDA graph.
 
     Returns:
         The step's loss (the mean over its micro-steps) as a tensor on the device: reading it is a host sync. With
         several processes, the gradients and the loss are summed over them before the optimizer's step.
     """
-    use_amp = precision != "no"
-    amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     total = torch.zeros((), device=model.device)
     for _ in range(config.grad_accum):
-        with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp):
-            loss = micro_step_loss(model, sets, config, g, objective) / config.grad_accum
+        batch = draw_batch(model, sets, config, g, objective)
+        if graphed is not None:
+            total += graphed(batch)
+            continue
+        loss = scaled_loss(model, config, precision, objective)(batch)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -340,8 +379,41 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=graphed is None)  # a captured graph adds into the same gradient tensors
     return total
+
+
+def scaled_loss(
+    model: DiffusionModel, config: TrainConfig, precision: str, objective: Objective | None = None
+) -> Callable[[Batch], torch.Tensor]:
+    """``loss(batch)``: :func:`batch_loss` under the run's autocast, divided by the accumulation count."""
+    use_amp = precision != "no"
+    amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+
+    def loss(batch: Batch) -> torch.Tensor:
+        # No autocast weight cache: a CUDA graph capture cannot keep it (and PLP weights are cast per call anyway).
+        with torch.autocast(model.device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False):
+            return batch_loss(model, batch, config, objective) / config.grad_accum
+
+    return loss
+
+
+def graphed_micro_step(
+    model: DiffusionModel,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    precision: str,
+    objective: Objective | None = None,
+) -> GraphedMicroStep | None:
+    """The CUDA-graph micro-step when ``config.cuda_graphs`` asks for it and the run allows it (a CUDA device, no
+    fp16 loss scaling, no gradient checkpointing, no objective); else None (eager)."""
+    usable = (
+        model.device.type == "cuda" and precision != "fp16" and not config.gradient_checkpointing and objective is None
+    )
+    if not (config.cuda_graphs and usable):
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return GraphedMicroStep(scaled_loss(model, config, precision), params)
 
 
 def enable_gradient_checkpointing(model: DiffusionModel) -> None:
@@ -430,6 +502,7 @@ def train(
 
     precision = resolve_precision(config.mixed_precision, model.device)
     scaler = torch.amp.GradScaler(model.device.type) if precision == "fp16" else None
+    graphed = graphed_micro_step(model, config, optimizer, precision, objective)
 
     writer = _tensorboard(out) if config.tensorboard and dist.is_main else None
     t0 = time.perf_counter()
@@ -440,7 +513,7 @@ def train(
     first = 0.0
     for step in range(start_step + 1, config.steps + 1):
         running += train_step(
-            model, sets, config, optimizer, g, precision=precision, scaler=scaler, objective=objective
+            model, sets, config, optimizer, g, precision=precision, scaler=scaler, objective=objective, graphed=graphed
         )
 
         loss_value = None

@@ -7,6 +7,7 @@ this model holds, so PLP layers attached to :attr:`DiffusersModel.denoiser` take
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from torch import nn
 
+from ..cuda_graphs import graphed_sampling
 from ..errors import B4MError
 from ..plp import PLPLinear
 from .base import Conditioning, DiffusionModel, SampleRequest
@@ -115,6 +117,9 @@ class DiffusersModel(DiffusionModel):
     components: ClassVar[tuple[str, ...]]
     #: ``Conditioning.extra`` keys the pipeline takes as precomputed embeddings, by pipeline argument name.
     pipeline_embeds: ClassVar[dict[str, str]] = {}
+    #: Sample on a GPU with CUDA graphs of the denoiser's calls (:func:`b4m.cuda_graphs.graphed_sampling`); set it to
+    #: False on an instance or the class to sample eagerly.
+    sample_cuda_graphs: bool = True
 
     def __init__(
         self,
@@ -341,8 +346,9 @@ class DiffusersModel(DiffusionModel):
         images: list[Image.Image] = []
         was_training = self.denoiser.training
         self.denoiser.eval()
+        graphs = graphed_sampling(self.denoiser) if self.sample_cuda_graphs else contextlib.nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), graphs:
                 for prompt in request.prompts:
                     latents = pipe(
                         **self._prompt_kwargs(prompt, request.negative_prompt, (height, width)),

@@ -1,0 +1,93 @@
+"""CUDA-graph micro-steps: the same adapters as the eager loop (on a GPU), and no effect on a CPU."""
+
+import pytest
+import torch
+
+from b4m import PLPConfig, add_plp, plp_layers
+from b4m.cuda_graphs import graphed_sampling
+from b4m.train import TrainConfig, graphed_micro_step, make_optimizer, train
+from conftest import TINY_SDXL_UNET, make_unet, unet_inputs
+from test_train import adapter_state, attached, toy_sets
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def run(tmp_path, name: str, device: str, **settings) -> dict[str, torch.Tensor]:
+    model, plp = attached()
+    model.to(device)
+    base = dict(steps=4, lr=1e-2, routing="clean", owned="up", batch_size=2, grad_accum=3, checkpoint_every=100)
+    config = TrainConfig(**{**base, **settings})
+    train(model, plp, toy_sets(model), config, tmp_path / name)
+    return {k: v.cpu() for k, v in adapter_state(model).items()}
+
+
+def test_on_a_cpu_the_setting_changes_nothing(tmp_path):
+    model, _ = attached()
+    config = TrainConfig(routing="none", cuda_graphs=True)
+    assert graphed_micro_step(model, config, make_optimizer(model, config), "no") is None
+    eager = run(tmp_path, "eager", "cpu")
+    asked = run(tmp_path, "graphs", "cpu", cuda_graphs=True)
+    assert all(torch.equal(eager[k], asked[k]) for k in eager)
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_steps_train_like_eager_ones(tmp_path, precision, fused):
+    """Same draws, same kernels: the replayed micro-steps (accumulated over 3, clean routing, clipping, AdamW) give
+    the eager loop's adapters; the first step's capture and warm-up leave no trace."""
+    settings = dict(mixed_precision=precision, fused_optimizer=fused)
+    eager = run(tmp_path, "eager", "cuda", **settings)
+    graphed = run(tmp_path, "graphed", "cuda", cuda_graphs=True, **settings)
+    start = {k: v.cpu() for k, v in adapter_state(attached()[0]).items()}
+    moved = [k for k in eager if "learned" in k and not torch.equal(eager[k], start[k])]
+    assert len(moved) == len([k for k in eager if "learned" in k])
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_make_with_the_preconditioner_is_graphed_like_eager(tmp_path):
+    settings = dict(routing="none", owned=None, precondition=True, fused_optimizer=True)
+    eager = run(tmp_path, "eager", "cuda", **settings)
+    graphed = run(tmp_path, "graphed", "cuda", cuda_graphs=True, **settings)
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_sampling_replays_the_eager_denoiser(dtype):
+    """An SDXL-layout UNet with an unmerged PLP adapter: replays with new inputs give the eager outputs; calls the
+    graphs do not cover (gradients, return_dict) stay eager; leaving the context restores the module's forward."""
+    unet = make_unet(TINY_SDXL_UNET).to("cuda", dtype)
+    add_plp(unet, PLPConfig(rank=4))
+    with torch.no_grad():
+        for layer in plp_layers(unet).values():
+            layer.up_learned.normal_(std=0.2)
+    calls = []
+    for seed in (1, 2, 3):
+        inputs = unet_inputs(unet, seed=seed)
+        inputs["added_cond_kwargs"] = {k: v.to("cuda", dtype) for k, v in inputs["added_cond_kwargs"].items()}
+        calls.append(
+            {k: v.to("cuda", dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        )
+        calls[-1]["timestep"] = inputs["timestep"].to("cuda")
+    with torch.no_grad():
+        eager = [unet(**c, return_dict=False)[0] for c in calls]
+        with graphed_sampling(unet):
+            graphed = [unet(**c, return_dict=False)[0] for c in calls]
+            assert unet(**calls[0]).sample.shape == eager[0].shape  # return_dict=True: eager
+        assert "forward" not in vars(unet)
+    for got, want in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert not torch.allclose(graphed[0], graphed[1])
+
+
+def test_graphed_sampling_on_a_cpu_is_the_eager_denoiser(sdxl_unet):
+    inputs = unet_inputs(sdxl_unet)
+    with torch.no_grad():
+        want = sdxl_unet(**inputs, return_dict=False)[0]
+        with graphed_sampling(sdxl_unet):
+            got = sdxl_unet(**inputs, return_dict=False)[0]
+    assert torch.equal(got, want) and "forward" not in vars(sdxl_unet)

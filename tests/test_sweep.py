@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from b4m import B4MError
+from b4m.bench import quick_config, run_bench, waves
 from b4m.cli import app
 from b4m.sweep import Job, load_jobs, make_slots, parse_jobs, read_metric, run_jobs
 
@@ -191,3 +192,40 @@ def test_an_interrupted_sweep_stops_its_jobs(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 15
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["jobs"][0]["status"] == "failed" and summary["jobs"][0]["note"] == "interrupted"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# b4m bench through the runner
+
+
+def test_waves_give_every_worker_its_own_stage1_runs():
+    grid = [(c, s) for c in ("dog", "cat", "owl") for s in ("ink", "oil", "wax")]
+    first, last = waves(grid)
+    assert first == [("dog", "ink"), ("cat", "oil"), ("owl", "wax")]  # the diagonal: distinct contents and styles
+    assert sorted(first + last) == sorted(grid)
+    # a shared content: the second pair waits for the first's content run (its style is new), nothing is left
+    assert waves([("dog", "ink"), ("dog", "oil")]) == [[("dog", "ink")], [("dog", "oil")]]
+
+
+def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
+    """A 2 × 2 grid of pairs (a wave of whole pairs, then a wave of single units) in 2 CPU workers: the same images,
+    scores and losses as one process, stage-1 runs trained once each."""
+    pairs = [("teapot", "sunburst"), ("dog", "brick"), ("teapot", "brick"), ("dog", "sunburst")]
+    config = quick_config(pairs=pairs, methods=["b4m"], steps=1, make_steps=1)
+    one = run_bench(tmp_path / "one", config)
+    two = run_bench(tmp_path / "two", config, workers=2)
+    assert two["workers"] == 2 and "workers" not in one
+    for key in ("per_image", "final_losses", "stage1_runs", "items", "summary"):
+        assert two[key] == one[key], key
+    assert one["stage1_runs"]["b4m"] == {"trained": 4, "reused": 4}
+    jobs = json.loads((tmp_path / "two" / "workers" / "summary.json").read_text())["jobs"]
+    assert [(j["name"], j["status"]) for j in jobs] == [
+        ("wave1-1", "done"),
+        ("wave1-2", "done"),
+        ("wave2-1", "done"),
+        ("wave2-2", "done"),
+    ]
+    assert jobs[2]["depends_on"] == ["wave1-1", "wave1-2"]
+    # resumed with nothing left to run: no worker starts, the results are read back
+    again = run_bench(tmp_path / "two", config, workers=2, resume=True)
+    assert again["per_image"] == one["per_image"] and again["commands"][-1]["units_run"] == 0

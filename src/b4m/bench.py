@@ -11,6 +11,11 @@ Stage-1 runs are shared: one ``cache`` dict goes to every :func:`~b4m.baselines.
 merge and ZipLoRA share their plain LoRAs); likewise for styles. Wall time is charged to the method that trained a run
 first; ``standalone_seconds_per_pair`` adds the reused runs back, for what one pair would cost alone.
 
+With several GPUs (``b4m bench`` counts them; ``workers`` > 1 in the API) the units run in one worker process per GPU
+through :mod:`b4m.sweep`, in waves that keep stage-1 runs trained once (:func:`waves`, :func:`run_units_in_workers`);
+this process then reads the units back and writes the same results files (the scores equal one process's, tested
+on CPU workers). Without a GPU or with one, everything runs in this process, as before.
+
 Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations`` or ``all``):
 
 - ``b4m``, ``jttrain``, ``direct_merge``, ``ziplora``, ``blora``: :mod:`b4m.baselines` with the bench's settings;
@@ -516,6 +521,140 @@ def _run_unit(name: str, d: PairData, model, oracle, catalog, config: BenchConfi
     return Unit(arr, scores, {k: round(v, 3) for k, v in seconds.items()}, stage1, losses)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Several workers (one per GPU)
+
+
+def default_workers() -> int:
+    """One worker per GPU when there are several (``CUDA_VISIBLE_DEVICES`` respected), else 1 (one process)."""
+    from .sweep import visible_gpus
+
+    return max(1, len(visible_gpus()))
+
+
+def waves(pairs: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The pairs in waves for parallel workers. Every wave but the last holds pairs with distinct contents and
+    distinct styles, each bringing a content or a style no earlier wave had: the workers of a wave never train the
+    same stage-1 run, and by the last wave (all other pairs) every content's and style's runs are in ``stage1/``.
+    A 4 × 4 grid is its diagonal, then the 12 other pairs."""
+    left, seen_c, seen_s, out = list(pairs), set(), set(), []
+    while True:
+        wave, used_c, used_s = [], set(), set()
+        for c, s in left:
+            if (c not in seen_c or s not in seen_s) and c not in used_c and s not in used_s:
+                wave.append((c, s))
+                used_c.add(c)
+                used_s.add(s)
+        if not wave:
+            break
+        out.append(wave)
+        seen_c |= used_c
+        seen_s |= used_s
+        left = [p for p in left if p not in wave]
+    return out + ([left] if left else [])
+
+
+def run_units_in_workers(
+    out: Path, config: BenchConfig, workers: int, *, deadline: float = 0.0, keep_runs: bool = False, console=None
+) -> int:
+    """Run the benchmark's missing (method, pair) units in ``workers`` processes through :mod:`b4m.sweep` (one per
+    GPU, ``CUDA_VISIBLE_DEVICES`` set; more workers than GPUs share them; CPU processes without a GPU), wave by wave
+    (:func:`waves`). A wave's pairs go whole to its workers (a pair's methods share stage-1 runs: direct merge and
+    ZipLoRA the same LoRAs); the last wave's units are dealt out one by one. Each worker writes its units to
+    ``units/`` and its stage-1 runs to ``stage1/``, reading those the others saved before each unit. Returns the
+    number of units run.
+
+    Raises:
+        B4MError: A worker failed twice (its log is named; the finished units stay for ``--resume``).
+    """
+    from .sweep import Job, make_slots, run_jobs, visible_gpus
+
+    gpus = visible_gpus()
+    slots = make_slots(workers, jobs_per_gpu=-(-workers // len(gpus)) if gpus else 1)
+    n = len(slots)
+    folder = out / "workers"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    missing = [(m, f"{c}-{s}") for m in config.methods for c, s in config.pair_list()]
+    missing = [u for u in missing if not _unit_path(out, *u).exists()]
+    todo = set(missing)
+    jobs: list[Job] = []
+    previous: list[str] = []
+    all_waves = waves(config.pair_list())
+    for k, wave in enumerate(all_waves):
+        labels = [f"{c}-{s}" for c, s in wave]
+        if k < len(all_waves) - 1:  # whole pairs per worker
+            parts = [[(m, label) for label in labels[i::n] for m in config.methods] for i in range(n)]
+        else:  # unit by unit, method-major as one process runs them
+            units = [(m, label) for m in config.methods for label in labels]
+            parts = [units[i::n] for i in range(n)]
+        names = []
+        for i, part in enumerate(p for p in parts if any(u in todo for u in p)):
+            name = f"wave{k + 1}-{i + 1}"
+            spec = {"out": str(out), "config": asdict(config), "units": part, "deadline": deadline}
+            spec["keep_runs"] = keep_runs
+            (folder / f"{name}.json").write_text(json.dumps(spec))
+            code = "import sys; from b4m.bench import work; work(sys.argv[1])"
+            jobs.append(Job(name, [sys.executable, "-c", code, str(folder / f"{name}.json")], list(previous)))
+            names.append(name)
+        previous = names or previous
+    if console is not None:
+        console.print(
+            f"{len(missing)} units in {len(jobs)} worker jobs over {len(all_waves)} waves on {n} slots "
+            f"({', '.join(s.name for s in slots)}); logs in {folder / 'logs'}",
+            highlight=False,
+            markup=False,
+        )
+    summary = run_jobs(jobs, folder, slots=slots, retries=1, console=console)
+    failed = [r for r in summary["jobs"] if r["status"] == "failed"]
+    if failed:
+        r = failed[0]
+        raise B4MError(f"bench worker {r['name']} failed ({r['note']}); log: {r['log']}; finished units are kept")
+    return sum(_unit_path(out, *u).exists() for u in missing)
+
+
+def work(spec_file: str) -> None:
+    """A bench worker process (started by :func:`run_units_in_workers`): run the spec's units that are not done yet,
+    until its deadline."""
+    from .models import load_model
+    from .stages import default_device
+    from .world.catalog import default_catalog
+
+    try:
+        spec = json.loads(Path(spec_file).read_text())
+        out, config = Path(spec["out"]), BenchConfig(**spec["config"])
+        units = [(m, label) for m, label in spec["units"] if not _unit_path(out, m, label).exists()]
+        if not units:
+            return
+        model = load_model(config.model, device=default_device())
+        oracle = _load_oracle(config.oracle, str(model.device))
+        catalog = default_catalog()
+        labels = {label for _, label in units}
+        data = {
+            f"{c}-{s}": _pair_data(model, catalog, c, s, config) for c, s in config.pair_list() if f"{c}-{s}" in labels
+        }
+        stage1_dir = out / "stage1"
+        cache: dict = {}
+        saved: set[str] = set()
+        for name, label in units:
+            if spec["deadline"] and time.time() >= spec["deadline"]:
+                print(f"deadline reached before {name} on {label}", flush=True)
+                return
+            fresh = {k: v for k, v in _load_stage1(stage1_dir).items() if k not in cache}  # other workers' runs
+            cache.update(fresh)
+            saved |= set(fresh)
+            t0 = time.perf_counter()
+            unit = _run_unit(name, data[label], model, oracle, catalog, config, cache, out)
+            save_unit(unit, _unit_path(out, name, label))
+            _save_stage1(stage1_dir, cache, saved)
+            if not spec["keep_runs"]:
+                shutil.rmtree(out / "runs" / name.replace("/", "_") / label, ignore_errors=True)
+            print(f"{name} on {label}: {time.perf_counter() - t0:.1f} s", flush=True)
+    except B4MError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_bench(
     out: str | Path,
     config: BenchConfig | None = None,
@@ -526,6 +665,7 @@ def run_bench(
     resume: bool = False,
     max_minutes: float = 0.0,
     keep_runs: bool = False,
+    workers: int = 1,
 ) -> dict:
     """Run the benchmark; returns the results (also written to ``out/results.json``, ``results.csv``,
     ``report.html``).
@@ -543,6 +683,8 @@ def run_bench(
             results files are written.
         keep_runs: Keep every run's folder (checkpoints) under ``out/runs``; by default each is deleted once its
             unit is saved (the stage-1 adapters stay in ``out/stage1`` for resuming).
+        workers: More than 1: the units run in that many worker processes (one per GPU, see
+            :func:`run_units_in_workers`), then this process reads them back and writes the results as usual.
     """
     from .models import load_model
     from .stages import default_device
@@ -601,11 +743,15 @@ def run_bench(
     )
     data = [_pair_data(model, catalog, c, s, config) for c, s in pairs]
     stage1_dir = out / "stage1"
+    ran = 0
+    if workers > 1:
+        deadline = time.time() + max_minutes * 60 - (time.perf_counter() - t_start) if max_minutes else 0.0
+        ran = run_units_in_workers(out, config, workers, deadline=deadline, keep_runs=keep_runs, console=console)
+        resume = True  # the loop below reads every unit back (and stops at a missing one once time is up)
     cache = _load_stage1(stage1_dir) if resume else {}
     saved = set(cache)
     units: dict[str, dict[str, Unit]] = {}
     total = len(config.methods) * len(data)
-    ran = 0
     for name in config.methods:
         units[name] = {}
         for d in data:
@@ -631,6 +777,8 @@ def run_bench(
         say(f"{name}: {line}  ({seconds:.0f} s)")
 
     results = _results(config, model, data, units)
+    if workers > 1:
+        results["workers"] = workers
     results["seconds"] = {"command": round(time.perf_counter() - t_start, 2)}
     results["commands"] = [*history, {**command, "seconds": results["seconds"]["command"], "units_run": ran}]
     with atomic_path(out / "results.json") as tmp:

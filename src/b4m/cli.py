@@ -584,6 +584,9 @@ def bench(
     ] = 0.0,
     keep_runs: Annotated[bool, typer.Option("--keep-runs", help="Keep every run's checkpoints under runs/.")] = False,
     list_methods: Annotated[bool, typer.Option("--list", help="List the methods and ablations and exit.")] = False,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes for the units (0: one per GPU when there are several, else 1).")
+    ] = 0,
 ) -> None:
     """Methods × content-style pairs × prompts × seeds on the built-in world, scored against ground truth."""
     from .bench import VARIANTS, BenchConfig, parse_pairs, quick_config, run_bench
@@ -616,7 +619,17 @@ def bench(
             {k: v for k, v in (("contents", _comma_list(contents)), ("styles", _comma_list(styles))) if v}
         )
     config = quick_config(**overrides) if quick else BenchConfig(**overrides)
-    results = run_bench(output, config, console=console, resume=resume, max_minutes=max_minutes, keep_runs=keep_runs)
+    from .bench import default_workers
+
+    results = run_bench(
+        output,
+        config,
+        console=console,
+        resume=resume,
+        max_minutes=max_minutes,
+        keep_runs=keep_runs,
+        workers=workers or default_workers(),
+    )
     if not results.get("complete", True):
         return
     ref = results["reference"]

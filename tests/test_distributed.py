@@ -150,3 +150,17 @@ def test_a_batch_that_does_not_split_is_refused_before_training(monkeypatch, tmp
     with pytest.raises(B4MError, match=r"^batch_size 3 \(images per set per micro-step\) does not split over 2 "):
         train(model, plp, toy_sets(model), config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_stage_commands_refuse_a_batch_that_does_not_split_before_loading_a_model(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from b4m.cli import app
+
+    monkeypatch.setattr(distributed, "_current", Dist(1, 2))
+    (tmp_path / "images").mkdir()
+    args = ["--images", str(tmp_path / "images"), "--prompt", "a sks dog", "--model", "/no/such/model", "-o", "x"]
+    for command in (["content", *args], ["style", *args], ["make", "--content", "a", "--style", "b", "-o", "x"]):
+        result = CliRunner().invoke(app, [*command, "--batch-size", "3"])
+        assert isinstance(result.exception, B4MError), result.output
+        assert str(result.exception).startswith("batch_size 3 (images per set per micro-step) does not split over 2")

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from b4m import B4MError
 from b4m.bench import quick_config, run_bench, waves
 from b4m.cli import app
+from b4m.models import load_model
 from b4m.sweep import Job, load_jobs, make_slots, parse_jobs, read_metric, run_jobs
+from b4m.world.weights import load_shipped_oracle
 
 runner = CliRunner()
 
@@ -212,8 +214,9 @@ def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
     scores and losses as one process, stage-1 runs trained once each."""
     pairs = [("teapot", "sunburst"), ("dog", "brick"), ("teapot", "brick"), ("dog", "sunburst")]
     config = quick_config(pairs=pairs, methods=["b4m"], steps=1, make_steps=1)
-    one = run_bench(tmp_path / "one", config)
-    two = run_bench(tmp_path / "two", config, workers=2)
+    loaded = {"model": load_model("world"), "oracle": load_shipped_oracle("a")}  # this process's; workers load theirs
+    one = run_bench(tmp_path / "one", config, **loaded)
+    two = run_bench(tmp_path / "two", config, workers=2, **loaded)
     assert two["workers"] == 2 and "workers" not in one
     for key in ("per_image", "final_losses", "stage1_runs", "items", "summary"):
         assert two[key] == one[key], key
@@ -227,5 +230,5 @@ def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
     ]
     assert jobs[2]["depends_on"] == ["wave1-1", "wave1-2"]
     # resumed with nothing left to run: no worker starts, the results are read back
-    again = run_bench(tmp_path / "two", config, workers=2, resume=True)
+    again = run_bench(tmp_path / "two", config, workers=2, resume=True, **loaded)
     assert again["per_image"] == one["per_image"] and again["commands"][-1]["units_run"] == 0

@@ -232,3 +232,18 @@ def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
     # resumed with nothing left to run: no worker starts, the results are read back
     again = run_bench(tmp_path / "two", config, workers=2, resume=True, **loaded)
     assert again["per_image"] == one["per_image"] and again["commands"][-1]["units_run"] == 0
+
+
+def test_sigterm_stops_the_jobs_too(tmp_path):
+    import os
+    import signal
+    import threading
+
+    jobs = [Job("slow", py("import time; time.sleep(60)"))]
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(SystemExit):
+        run_jobs(jobs, tmp_path, slots=make_slots(workers=1, gpus=[]), poll=0.02)
+    timer.join()
+    assert json.loads((tmp_path / "summary.json").read_text())["jobs"][0]["note"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

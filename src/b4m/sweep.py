@@ -428,6 +428,8 @@ def run_jobs(
 
         live = Live(_view(states, t0), console=console, refresh_per_second=4, transient=True)
         live.start()
+    # SIGTERM (a time limit, a job scheduler) ends the sweep like Ctrl-C: its jobs are stopped, the summary written.
+    terminate = _on_sigterm()
     try:
         while step():
             if live is not None:
@@ -441,6 +443,7 @@ def run_jobs(
                 state.status, state.note = "failed", "interrupted"
         raise
     finally:
+        terminate()
         if live is not None:
             live.update(_view(states, t0, logs))
             live.stop()
@@ -451,6 +454,20 @@ def run_jobs(
         console.print(summary_table(summary))
         console.print(f"summary: {out / 'summary.json'}, logs: {logs}", highlight=False, markup=False)
     return summary
+
+
+def _on_sigterm() -> Callable[[], None]:
+    """Raise SystemExit on SIGTERM while the sweep runs (main thread only); returns what restores the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 STATUS_STYLE = {"waiting": "dim", "running": "cyan", "done": "green", "failed": "red", "skipped": "yellow"}

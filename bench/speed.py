@@ -64,6 +64,7 @@ from b4m.train import (
     TrainConfig,
     TrainSet,
     enable_gradient_checkpointing,
+    folded,
     graphed_micro_step,
     make_optimizer,
     resolve_precision,
@@ -521,6 +522,7 @@ class Bench:
     ) -> None:
         """Time :func:`b4m.train.train_step` with ``config`` on the PLP adapter."""
         self.use_adapter("plp")
+        config = folded(config)  # as b4m.train.train runs it
         model, unet = self.model, self.unet
         processors = unet.attn_processors
         if not sdpa:
@@ -555,13 +557,23 @@ class Bench:
         def step() -> None:
             train_step(model, sets, config, optimizer, g, precision=precision, graphed=graphed)
 
+        def eager_step() -> None:  # FLOPs: a graph's capture runs its warm-up passes through the dispatcher too
+            train_step(model, sets, config, optimizer, g, precision=precision)
+
         try:
             with self.compiled(compile) as denoiser:
 
                 def swap() -> None:
                     model.denoiser = denoiser
 
-                self.run(row, step, warmup=self.args.warmup, repeats=self.args.repeats, before_timing=swap)
+                self.run(
+                    row,
+                    step,
+                    warmup=self.args.warmup,
+                    repeats=self.args.repeats,
+                    flops=eager_step,
+                    before_timing=swap,
+                )
         finally:
             model.denoiser = unet
             if config.gradient_checkpointing:
@@ -586,8 +598,18 @@ class Bench:
             "1024": (f"defaults at {high} px", high, {}, {}),
             "1024-low-memory": (f"preset low-memory at {high} px", high, low, {}),
             "compile": (f"defaults, torch.compile(mode={self.args.compile_mode})", res, {}, {"compile": True}),
-            "graphs": ("preset fast + CUDA graphs of each micro-step", res, {**fast, **GRAPHS}, {}),
-            "fast-1x16": ("preset fast, the 16 images in one micro-step", res, {**fast, **ONE_PASS}, {}),
+            "graphs": (
+                "preset fast with 4 micro-steps (no folding): CUDA graph per micro-step",
+                res,
+                {**fast, **GRAPHS, "fold_accumulation": False},
+                {},
+            ),
+            "fast-1x16": (
+                "preset fast without CUDA graphs, the 16 images in one micro-step",
+                res,
+                {**fast, **ONE_PASS, "cuda_graphs": False},
+                {},
+            ),
             "graphs-1x16": (
                 "preset fast + CUDA graphs, the 16 images in one micro-step",
                 res,
@@ -611,7 +633,11 @@ class Bench:
             "fast": ("preset fast (" + _kv(fast) + ")", fast, {}),
             "no-precondition": ("defaults without the preconditioner", {"precondition": False}, {}),
             "compile": (f"defaults, torch.compile(mode={self.args.compile_mode})", {}, {"compile": True}),
-            "graphs": ("preset fast + CUDA graphs of each micro-step", {**fast, **GRAPHS}, {}),
+            "graphs": (
+                "preset fast with 4 micro-steps (no folding): CUDA graph per micro-step",
+                {**fast, **GRAPHS, "fold_accumulation": False},
+                {},
+            ),
             "graphs-1x8": (
                 "preset fast + CUDA graphs, the 8 images in one micro-step",
                 {**fast, **GRAPHS, **ONE_PASS},
@@ -669,7 +695,7 @@ class Bench:
         s = res // 8
         self.unet.eval()
         try:
-            graphed = graphed_sampling(self.unet) if graphs else contextlib.nullcontext()
+            graphed = contextlib.ExitStack()  # entered after the FLOP count (eager), before the warm-up
             with self.compiled(compile) as compiled, torch.no_grad(), graphed:
 
                 def denoise(unet, latents: torch.Tensor, t) -> torch.Tensor:
@@ -690,8 +716,18 @@ class Bench:
                     scheduler.set_timesteps(steps, device=dev)
                     denoise(self.unet, torch.randn(1, 4, s, s, device=dev, dtype=dtype), scheduler.timesteps[0])
 
+                def start_graphs() -> None:
+                    if graphs:
+                        graphed.enter_context(graphed_sampling(self.unet))
+
                 self.run(
-                    row, image, warmup=args.gen_warmup, repeats=args.gen_repeats, flops=one_step, steps_per_call=steps
+                    row,
+                    image,
+                    warmup=args.gen_warmup,
+                    repeats=args.gen_repeats,
+                    flops=one_step,
+                    before_timing=start_graphs,
+                    steps_per_call=steps,
                 )
         finally:
             if variant.startswith("merged"):

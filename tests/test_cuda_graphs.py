@@ -5,7 +5,7 @@ import torch
 
 from b4m import PLPConfig, add_plp, plp_layers
 from b4m.cuda_graphs import graphed_sampling
-from b4m.train import TrainConfig, graphed_micro_step, make_optimizer, train
+from b4m.train import TrainConfig, TrainSet, draw_batch, graphed_micro_step, make_optimizer, scaled_loss, train
 from conftest import TINY_SDXL_UNET, make_unet, unet_inputs
 from test_train import adapter_state, attached, toy_sets
 
@@ -32,23 +32,61 @@ def test_on_a_cpu_the_setting_changes_nothing(tmp_path):
 
 @cuda
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_graphed_steps_train_like_eager_ones(tmp_path, precision, fused):
-    """Same draws, same kernels: the replayed micro-steps (accumulated over 3, clean routing, clipping, AdamW) give
-    the eager loop's adapters; the first step's capture and warm-up leave no trace."""
-    settings = dict(mixed_precision=precision, fused_optimizer=fused)
+def test_graphed_micro_steps_accumulate_the_eager_gradients(precision):
+    """Three micro-steps (clean routing), captured on the first: the summed gradients are the eager ones, and a
+    second round of pure replays, after an in-place zeroing, gives the second eager round's."""
+    model, _ = attached()
+    model.to("cuda")
+    sets = [TrainSet(s.name, s.latents.cuda(), s.cond.to("cuda"), s.weight, s.main) for s in toy_sets(model)]
+    config = TrainConfig(routing="clean", owned="up", batch_size=2, grad_accum=3, cuda_graphs=True)
+    optimizer = make_optimizer(model, config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_fn = scaled_loss(model, config, precision)
+
+    def eager_round(g) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        for _ in range(3):
+            loss_fn(draw_batch(model, sets, config, g)).backward()
+        return [p.grad.clone() for p in params]
+
+    g = torch.Generator().manual_seed(7)
+    want = [eager_round(g), eager_round(g)]
+    for p in params:
+        p.grad = None
+    graphed = graphed_micro_step(model, config, optimizer, precision)
+    g = torch.Generator().manual_seed(7)
+    for expected in want:
+        for p in params:  # in place, as train_step zeroes them when graphs are on
+            if p.grad is not None:
+                p.grad.zero_()
+        for _ in range(3):
+            graphed(draw_batch(model, sets, config, g))
+        for p, w in zip(params, expected, strict=True):
+            # fp32 convolutions run as TF32 by default and may pick other kernels under capture (measured on an H100:
+            # differences up to 5e-5 of the largest entry): compare at the scale of each gradient
+            torch.testing.assert_close(p.grad, w, rtol=1e-3, atol=1e-3 * w.abs().max().item())
+    assert graphed.graph is not None
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_graphed_steps_train_like_eager_ones(tmp_path, precision):
+    """The whole loop (4 steps of 3 accumulated micro-steps, clipping, SGD: an update proportional to the gradient,
+    so kernel-order rounding stays small; AdamW would magnify it on near-zero gradients) gives the eager adapters."""
+    settings = dict(mixed_precision=precision, optimizer="sgd")
     eager = run(tmp_path, "eager", "cuda", **settings)
     graphed = run(tmp_path, "graphed", "cuda", cuda_graphs=True, **settings)
     start = {k: v.cpu() for k, v in adapter_state(attached()[0]).items()}
     moved = [k for k in eager if "learned" in k and not torch.equal(eager[k], start[k])]
     assert len(moved) == len([k for k in eager if "learned" in k])
     for k in eager:
-        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-4, atol=1e-6)
 
 
 @cuda
 def test_make_with_the_preconditioner_is_graphed_like_eager(tmp_path):
-    settings = dict(routing="none", owned=None, precondition=True, fused_optimizer=True)
+    settings = dict(routing="none", owned=None, precondition=True, optimizer="sgd")
     eager = run(tmp_path, "eager", "cuda", **settings)
     graphed = run(tmp_path, "graphed", "cuda", cuda_graphs=True, **settings)
     for k in eager:

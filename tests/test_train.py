@@ -5,7 +5,7 @@ import torch
 
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
 from b4m.adapter_file import load_adapter
-from b4m.train import TrainConfig, TrainSet, micro_step_loss, train
+from b4m.train import TrainConfig, TrainSet, folded, micro_step_loss, train
 from toy_model import ToyModel
 
 
@@ -201,3 +201,18 @@ def test_tensorboard_logs_the_loss(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [s for s, _ in logged] == [2, 4]
     assert [v for _, v in logged] == pytest.approx([v for _, v in result.losses])
+
+
+def test_fold_accumulation_is_one_micro_step_of_all_the_images(tmp_path):
+    """Folding runs a step's micro-steps as one batch: exactly the run with batch_size × grad_accum and no
+    accumulation (same draws), and a loss of the same form as accumulating (each set's mean over the step)."""
+    base = dict(steps=3, lr=1e-3, routing="clean", owned="up", checkpoint_every=10)
+    folded_config = TrainConfig(**base, batch_size=1, grad_accum=3, fold_accumulation=True)
+    assert (folded(folded_config).batch_size, folded(folded_config).grad_accum) == (3, 1)
+    model, plp = attached()
+    train(model, plp, toy_sets(model), folded_config, tmp_path / "folded")
+    got = adapter_state(model)
+    model, plp = attached()
+    train(model, plp, toy_sets(model), TrainConfig(**base, batch_size=3, grad_accum=1), tmp_path / "wide")
+    want = adapter_state(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)

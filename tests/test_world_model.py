@@ -147,6 +147,24 @@ def test_content_run_on_the_world_model(world_model, tmp_path):
     assert grid.size == (32, 16)  # one prompt × two validation seeds
 
 
+def test_cached_captions_carry_no_autograd_graph(world_model):
+    """A make run backpropagates through cached sets many times: their conditioning must hold no graph (it did once,
+    and make failed with "backward through the graph a second time")."""
+    from pathlib import Path
+
+    from b4m.data import ImageSet
+    from b4m.models import load_model
+    from b4m.stages import encode_set
+    from b4m.world import Scene, render
+
+    model = load_model(str(world_model / "model"), device="cpu")
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    model.text_encoder.requires_grad_(True)  # even a trainable encoder must not leak a graph into the cache
+    images = [render(Scene("dog", "plain", seed=0), default_catalog(), 16)]
+    cached = encode_set(model, ImageSet("refs", None, images, ["a sks"], [Path("0.png")]), 1.0, True)
+    assert cached.cond.hidden.grad_fn is None and not cached.cond.hidden.requires_grad
+
+
 def test_the_shipped_world_model_and_oracles_load(monkeypatch, tmp_path):
     from b4m.world import weights
 

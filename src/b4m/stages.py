@@ -151,6 +151,7 @@ def encode_sets(model: DiffusionModel, main_set: ImageSet, aux_sets: list[ImageS
     return sets + [encode_set(model, s, 1.0 / len(aux_sets), False) for s in aux_sets]
 
 
+@torch.no_grad()
 def encode_set(model: DiffusionModel, image_set: ImageSet, weight: float, main: bool, batch: int = 8) -> TrainSet:
     """Cache one set's latents and text conditioning (once per run)."""
     latents = []

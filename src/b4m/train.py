@@ -30,7 +30,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -89,6 +89,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
     fused_optimizer: bool = False  # AdamW's fused kernel (one launch for all tensors) instead of its foreach path
     cuda_graphs: bool = False  # capture each micro-step's forward and backward as a CUDA graph (b4m.cuda_graphs)
+    # Draw a step's grad_accum micro-steps as one batch: the same loss (each set's mean over the step's images),
+    # one forward and backward instead of grad_accum; activations of all of them at once.
+    fold_accumulation: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     check_every: int = 10  # steps between loss reads (NaN check, progress bar); no per-step .item()
@@ -470,6 +473,7 @@ def train(
             good checkpoint).
     """
     out = Path(out)
+    config = folded(config)
     dist = distributed.current()
     dist.check_batch(config.batch_size)
     if dist.device is not None and model.device != dist.device:
@@ -554,6 +558,14 @@ def train(
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step
     return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
+
+
+def folded(config: TrainConfig) -> TrainConfig:
+    """``config`` as the loop runs it: with ``fold_accumulation``, one micro-step of ``batch_size · grad_accum``
+    images per set instead of ``grad_accum`` micro-steps of ``batch_size``."""
+    if not config.fold_accumulation or config.grad_accum == 1:
+        return config
+    return replace(config, batch_size=config.batch_size * config.grad_accum, grad_accum=1)
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:

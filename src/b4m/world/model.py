@@ -236,5 +236,5 @@ def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "w
     if holdout.exists():  # the combinations pretraining never showed together (the quality bar's prompts)
         model.held_out = [tuple(p) for p in json.loads(holdout.read_text())["held_out"]]
     model.denoiser.eval()
-    model.text_encoder.eval()
+    model.text_encoder.eval().requires_grad_(False)  # a base model: its text encoder is never trained
     return model.to(device)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from . import __version__, distributed
 from .adapter_file import AdapterFile, adapter_from_model, apply_adapter, fuse, load_adapter, save_adapter
 from .config import StageConfig
 from .data import ImageSet, load_aux_sets, load_image_set, to_tensor
@@ -312,10 +312,13 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     trigger = [cfg.placeholder] if cfg.placeholder else []
     meta = {"prompt": cfg.prompt, "trigger_words": json.dumps(trigger)}
     adapter = adapter_from_model(model.denoiser, plp, role, meta)
-    path = save_adapter(adapter, out / ADAPTER_NAMES[role])
-    exports = _export(out, role, adapter, cfg, console)
-    if cfg.validation.seeds:
-        _validator(model, cfg, out, console)(train_cfg.steps)
+    path, exports = out / ADAPTER_NAMES[role], []
+    writer = distributed.current().is_main  # with several processes rank 0 writes (every rank holds the adapter)
+    if writer:
+        path = save_adapter(adapter, path)
+        exports = _export(out, role, adapter, cfg, console)
+        if cfg.validation.seeds:
+            _validator(model, cfg, out, console)(train_cfg.steps)
     t["end"] = time.perf_counter()
     timings = _durations(t)
     summary = {
@@ -327,8 +330,10 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
         "images": [str(f) for f in main_set.files],
         "aux_sets": [s.name for s in aux_sets],
     }
-    _run_json(out, cfg, role, model, timings, summary)
-    _say(console, f"wrote {path}")
+    if writer:
+        _run_json(out, cfg, role, model, timings, summary)
+        _say(console, f"wrote {path}")
+    distributed.current().barrier()
     return summary
 
 
@@ -421,8 +426,11 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     t["train"] = time.perf_counter()
     meta = {**fused.metadata, "prompt": " / ".join(p for _, _, p in sets_info)}
     made = adapter_from_model(model.denoiser, fused.config, "fused", meta)
-    path = save_adapter(made, out / ADAPTER_NAMES["fused"])
-    exports = _export(out, "fused", made, cfg, console)
+    path, exports = out / ADAPTER_NAMES["fused"], []
+    writer = distributed.current().is_main  # with several processes rank 0 writes
+    if writer:
+        path = save_adapter(made, path)
+        exports = _export(out, "fused", made, cfg, console)
     t["end"] = time.perf_counter()
     summary = {
         "adapter": str(path),
@@ -433,8 +441,10 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
         "train": _train_stats(result) if result else None,
     }
     cfg = dataclasses.replace(cfg, model=model_name)
-    _run_json(out, cfg, "make", model, _durations(t), summary)
-    _say(console, f"wrote {path}")
+    if writer:
+        _run_json(out, cfg, "make", model, _durations(t), summary)
+        _say(console, f"wrote {path}")
+    distributed.current().barrier()
     return summary
 
 

@@ -218,8 +218,13 @@ def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
     one = run_bench(tmp_path / "one", config, **loaded)
     two = run_bench(tmp_path / "two", config, workers=2, **loaded)
     assert two["workers"] == 2 and "workers" not in one
-    for key in ("per_image", "final_losses", "stage1_runs", "items", "summary"):
+    for key in ("per_image", "stage1_runs", "items", "summary"):
         assert two[key] == one[key], key
+    # Losses are read before rounding: a worker's thread count may change the last bits of a float32 mean.
+    flat = [(m, p, k) for m, pairs in one["final_losses"].items() for p, runs in pairs.items() for k in runs]
+    assert flat == [(m, p, k) for m, pairs in two["final_losses"].items() for p, runs in pairs.items() for k in runs]
+    for m, p, k in flat:
+        assert two["final_losses"][m][p][k] == pytest.approx(one["final_losses"][m][p][k], rel=1e-5)
     assert one["stage1_runs"]["b4m"] == {"trained": 4, "reused": 4}
     jobs = json.loads((tmp_path / "two" / "workers" / "summary.json").read_text())["jobs"]
     assert [(j["name"], j["status"]) for j in jobs] == [

@@ -29,6 +29,7 @@ counter (eagerly, not timed), and the fraction of the bf16 matrix rate measured 
     python bench/speed.py --cases gen/merged,gen/none       # single rows
     python bench/speed.py --tiny --device cpu --out /tmp/x  # a tiny UNet: checks every code path on a CPU
     python bench/speed.py --merge a/speed-*.json b/speed-*.json --out bench/results   # one file from several runs
+    python bench/speed.py --cases stage1/fast-1x16 --profile stage1/fast-1x16  # kernels ranked by device time
 """
 
 from __future__ import annotations
@@ -395,6 +396,8 @@ class Bench:
             sync(dev)
             row.ms.append((time.perf_counter() - t0) * 1e3 / steps_per_call)
         row.peak_gib = peak_gib(dev)
+        if row.id in self.args.profile:
+            self.profile(row, step)
         self.rows.append(row)
         r = row.report(self.rate["tflops"])
         print(
@@ -736,6 +739,24 @@ class Bench:
                     layer.unmerge()
         row.extra["ms_per_image"] = statistics.median(row.ms) * steps
 
+    def profile(self, row: Row, step: Callable[[], Any]) -> None:
+        """One more call of ``step`` under torch.profiler; writes the operators and kernels ranked by device time
+        (CPU time on a CPU) to ``OUT/profile-<row>.txt``."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync(self.device)
+        with profile(activities=activities) as prof:
+            step()
+            sync(self.device)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        path = self.args.out / f"profile-{slug(row.id)}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{row.id}: {row.description}, {row.resolution} px, one call\n{table}\n")
+        print(f"  profile of {row.id}: {path}", flush=True)
+
     def vae_decode(self, res: int) -> None:
         """The VAE decode of one image (SDXL's VAE, fp32 as the library decodes), timed apart from the UNet loop."""
         torch.manual_seed(0)
@@ -884,6 +905,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows of the chosen cases")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, …)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; tiny aot_eager)")
+    parser.add_argument(
+        "--profile",
+        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
+        default=[],
+        help="rows to profile after timing (comma-separated ids): one step under torch.profiler, the kernels ranked "
+        "by device time in OUT/profile-<row>.txt (profile an eager row: a CUDA graph hides its kernels)",
+    )
     parser.add_argument("--matmul-size", type=int, default=None, help="n of the n³ bf16 matmul (8192; tiny 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a toy UNet at 64 px: checks every code path on a CPU")

@@ -37,7 +37,11 @@ def test_speed_tiny_on_cpu(tmp_path):
     assert rows["stage1/low-memory"]["settings"]["gradient_checkpointing"] is True
     assert rows["stage1/1024-low-memory"]["resolution"] == 128  # the toy's "1024" rows: twice the training size
     # A second run of the same day merges into the same file, replacing the rows it measured again.
-    again = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none"])
+    again = bench.main(
+        ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none", "--profile", "gen/none"]
+    )
+    profile = (tmp_path / "profile-gen-none.txt").read_text()
+    assert profile.startswith("gen/none:") and "aten::" in profile  # the operators, ranked
     data = json.loads(again.read_text())
     assert again == path and len(data["runs"]) == 2
     assert len(data["rows"]) == len(rows) and next(r for r in data["rows"] if r["id"] == "gen/none")["run"] == 1

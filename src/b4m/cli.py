@@ -198,9 +198,10 @@ def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool,
     # Under accelerate launch: the process group, each rank's own GPU as the current device before the model loads,
     # a batch that splits over the ranks, and output from rank 0 only (one process: none of this does anything).
     from .distributed import current
+    from .train import folded
 
     dist = current()
-    dist.check_batch(cfg.train.batch_size)
+    dist.check_batch(folded(cfg.train).batch_size)  # the batch the loop runs (fold_accumulation multiplies it)
     out = console if dist.is_main else None
     if stage == "make":
         run_make(cfg, resume=resume, console=out)

@@ -366,12 +366,13 @@ def train_step(
         several processes, the gradients and the loss are summed over them before the optimizer's step.
     """
     total = torch.zeros((), device=model.device)
+    loss_fn = scaled_loss(model, config, precision, objective) if graphed is None else None
     for _ in range(config.grad_accum):
         batch = draw_batch(model, sets, config, g, objective)
         if graphed is not None:
             total += graphed(batch)
             continue
-        loss = scaled_loss(model, config, precision, objective)(batch)
+        loss = loss_fn(batch)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]

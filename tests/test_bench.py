@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    BitImageProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTokenizer,
-    Dinov2Config,
-    Dinov2Model,
-)
 from typer.testing import CliRunner
 
 import b4m.baselines.common as common
@@ -40,6 +30,7 @@ from b4m.cli import app
 from b4m.metrics import evaluate_folder
 from b4m.models.base import Conditioning
 from b4m.train import TrainSet
+from tiny_metric_models import SIDE, save_tiny_metric_models
 
 runner = CliRunner()
 
@@ -229,44 +220,10 @@ def test_max_minutes_stops_between_units(tmp_path, world):
 # --------------------------------------------------------------------------------------------------------------------
 # b4m eval on tiny random CLIP and DINOv2 models
 
-SIDE = 32
-
-
-def _tokenizer() -> CLIPTokenizer:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({f"{c}</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
-
 
 @pytest.fixture(scope="module")
 def metric_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_metric_models")
-    tokenizer = _tokenizer()
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(
-        small,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=SIDE, patch_size=8)))
-    dino = Dinov2Model(Dinov2Config(**small, image_size=SIDE, patch_size=8, initializer_range=0.2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip_proc = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
-        dino_proc = BitImageProcessor(size={"shortest_edge": SIDE + 4}, crop_size={"height": SIDE, "width": SIDE})
-    for model, proc, name in ((clip, clip_proc, "clip"), (dino, dino_proc, "dino")):
-        model.save_pretrained(root / name)
-        proc.save_pretrained(root / name)
-    tokenizer.save_pretrained(root / "clip")
-    return root / "clip", root / "dino"
+    return save_tiny_metric_models(tmp_path_factory.mktemp("bench_metric_models"))
 
 
 def _folder(path, n: int, seed: int):

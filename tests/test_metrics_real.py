@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,74 +10,20 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    BitImageProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
-    CLIPTokenizer,
-    Dinov2Config,
     Dinov2Model,
 )
 
 from b4m import B4MError
 from b4m.metrics import evaluate_folder, load_clip, load_dino, prompt_text, score_images
 from b4m.metrics.real import ClipEncoder, DinoEncoder
-
-SIDE = 32
-
-
-def _tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges): enough to turn any lowercase prompt into tokens."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({f"{c}</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
+from tiny_metric_models import save_tiny_metric_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metric_models")
-    tokenizer = _tokenizer()
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=SIDE, patch_size=8
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    dino = Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            image_size=SIDE,
-            patch_size=8,
-            initializer_range=0.2,  # wider than the default 0.02, so random images get clearly different embeddings
-        )
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip_proc = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
-        dino_proc = BitImageProcessor(size={"shortest_edge": SIDE + 4}, crop_size={"height": SIDE, "width": SIDE})
-    clip.save_pretrained(root / "clip")
-    clip_proc.save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    dino.save_pretrained(root / "dino")
-    dino_proc.save_pretrained(root / "dino")
-    return {"clip": root / "clip", "dino": root / "dino"}
+    clip, dino = save_tiny_metric_models(tmp_path_factory.mktemp("metric_models"))
+    return {"clip": clip, "dino": dino}
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,28 @@ def test_frozen_parts_do_not_move_and_mixed_routing_uses_a_lower_lr(tmp_path):
     assert [g["lr"] for g in make_optimizer(model, config).param_groups] == [1e-4, 1e-5]
 
 
+def test_up_lr_ratio_scales_the_up_half_in_every_routing():
+    from b4m.train import make_optimizer
+
+    model, _ = attached()
+    ups = {id(l.up_learned) for l in plp_layers(model.denoiser).values()}
+
+    def groups(**kw):  # (lr, "up" / "down") of each param group
+        opt = make_optimizer(model, TrainConfig(lr=1e-3, **kw))
+        halves = [{"up" if id(p) in ups else "down" for p in g["params"]} for g in opt.param_groups]
+        assert all(len(h) == 1 for h in halves)  # no group mixes the halves
+        return [(g["lr"], h.pop()) for g, h in zip(opt.param_groups, halves, strict=True)]
+
+    assert groups(routing="clean", owned="up", up_lr_ratio=4) == [(4e-3, "up"), (1e-3, "down")]
+    assert groups(routing="clean", owned="down", up_lr_ratio=4) == [(1e-3, "down"), (4e-3, "up")]
+    assert groups(routing="mixed", owned="up", up_lr_ratio=4) == [(4e-3, "up"), (1e-4, "down")]
+    assert groups(routing="mixed", owned="down", up_lr_ratio=4) == [(1e-3, "down"), (pytest.approx(4e-4), "up")]
+    assert groups(routing="none", up_lr_ratio=16) == [(16e-3, "up"), (1e-3, "down")]
+    assert len(make_optimizer(model, TrainConfig(lr=1e-3, routing="none")).param_groups) == 1
+    with pytest.raises(B4MError, match="up_lr_ratio"):
+        TrainConfig(up_lr_ratio=0)
+
+
 def test_nan_loss_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(tmp_path):
     model, plp = attached()
     sets = toy_sets(model)

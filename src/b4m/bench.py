@@ -27,7 +27,8 @@ Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations``
   (MCP-I: one-to-one, the content run's only auxiliary set is the pair's style references and vice versa),
   ``b4m-no-mcp2`` (MCP-II: one non-target auxiliary set per run instead of several), ``b4m-no-aux`` (no auxiliary
   sets, routing none), ``b4m-random-init`` (w/o Orth), ``b4m-exact-init``, ``b4m-official-halves``,
-  ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-d0`` … ``b4m-d7/8``
+  ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-up-lr4`` and
+  ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank64``, ``b4m-d0`` … ``b4m-d7/8``
   (frozen ratio d; ``b4m`` itself is d = 1/2).
 
 Outputs in the output folder: ``results.json`` (settings, device, date, commit, per-method wall time, per-image
@@ -140,6 +141,15 @@ VARIANTS: dict[str, Variant] = {
     "b4m-mixed-routing": Variant("b4m", {"train": {"routing": "mixed"}}, summary="official gradient mixing"),
     "b4m-no-precond": Variant("b4m", {"make": {"precondition": False}}, summary="w/o RP: AdamW in make"),
     "b4m-make0": Variant("b4m", {"make": {"steps": 0}}, summary="make with 0 steps (fuse only)"),
+    "b4m-up-lr4": Variant(
+        "b4m", {"train": {"up_lr_ratio": 4.0}}, summary="up half (B) at 4x the lr in the content and style runs"
+    ),
+    "b4m-up-lr16": Variant(
+        "b4m",
+        {"train": {"up_lr_ratio": 16.0}},
+        summary="up half (B) at 16x the lr (LoRA+'s ratio) in the content and style runs",
+    ),
+    "b4m-rank64": Variant("b4m", {"adapter": {"rank": 64}}, summary="rank 64 (the paper's) instead of the bench's"),
     **_ratio_variants(),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "ziplora", "blora", "base", "renderer")

@@ -76,6 +76,9 @@ class TrainConfig:
     lr: float = 1e-4
     other_lr: float | None = None  # lr of the non-owned half under routing "mixed" (default lr / 10)
     routing: str = "clean"
+    # lr of the up half (B) over the lr of the down half (D), every routing: LoRA+'s ratio (peft's
+    # loraplus_lr_ratio). With the paper's assignment the content half is B, learned through the frozen C only.
+    up_lr_ratio: float = 1.0
     owned: str | None = None  # "up" or "down": the half the main sets train (clean and mixed routing)
     batch_size: int = 1  # images per set per micro-step
     grad_accum: int = 4  # micro-steps per optimizer step
@@ -108,6 +111,8 @@ class TrainConfig:
             raise B4MError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.mixed_precision not in PRECISIONS:
             raise B4MError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if not self.up_lr_ratio > 0:
+            raise B4MError(f"up_lr_ratio must be > 0, got {self.up_lr_ratio}")
         for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise B4MError(f"{name} must be positive, got {getattr(self, name)}")
@@ -230,13 +235,17 @@ def _param_groups(model: DiffusionModel, config: TrainConfig, objective: Objecti
     if objective is not None:
         return objective.param_groups(config)
     layers = plp_layers(model.denoiser).values()
+    ups = [layer.up_learned for layer in layers]
+    downs = [layer.down_learned for layer in layers]
+    lr = {"up": config.lr * config.up_lr_ratio, "down": config.lr}
     if config.routing == "none":
-        return [{"params": [p for layer in layers for p in (layer.up_learned, layer.down_learned)], "lr": config.lr}]
-    owned = [getattr(layer, f"{config.owned}_learned") for layer in layers]
+        if config.up_lr_ratio == 1.0:
+            return [{"params": [p for pair in zip(ups, downs, strict=True) for p in pair], "lr": config.lr}]
+        return [{"params": ups, "lr": lr["up"]}, {"params": downs, "lr": lr["down"]}]
     other_half = "down" if config.owned == "up" else "up"
-    other = [getattr(layer, f"{other_half}_learned") for layer in layers]
-    other_lr = config.lr if config.routing == "clean" else (config.other_lr or config.lr / 10)
-    return [{"params": owned, "lr": config.lr}, {"params": other, "lr": other_lr}]
+    other_lr = lr[other_half] if config.routing == "clean" else (config.other_lr or lr[other_half] / 10)
+    owned, other = (ups, downs) if config.owned == "up" else (downs, ups)
+    return [{"params": owned, "lr": lr[config.owned]}, {"params": other, "lr": other_lr}]
 
 
 def make_optimizer(

@@ -96,6 +96,9 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-mixed-routing", config).train.routing == "mixed"
     assert variant_config("b4m-no-aux", config).train.routing == "none"
     assert not variant_config("b4m-no-precond", config).make.precondition
+    assert variant_config("b4m-up-lr16", config).train.up_lr_ratio == 16.0
+    assert variant_config("b4m-up-lr16", config).make == base.make  # the break runs only
+    assert variant_config("b4m-rank64", config).adapter.rank == 64
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     zip_cfg = variant_config("ziplora", config)
@@ -215,6 +218,28 @@ def test_max_minutes_stops_between_units(tmp_path, world):
     assert not (tmp_path / "results.json").exists()
     done = run_bench(tmp_path, config, model=model, oracle=oracle, resume=True)
     assert list(done["summary"]) == ["renderer"] and len(done["commands"]) == 2
+
+
+def test_a_diverged_method_is_recorded_not_scored(tmp_path, world, monkeypatch):
+    """A training run whose loss turns NaN fails its method's unit, not the bench: the other methods are scored, the
+    error is in results.json and report.html, and --resume does not retry it."""
+    from b4m.errors import DivergedError
+
+    model, oracle = world
+
+    def diverging(*args, **kwargs):
+        raise DivergedError("loss became NaN/Inf between steps 1 and 2; no checkpoint was written")
+
+    monkeypatch.setattr(common, "train", diverging)
+    config = quick_config(methods=["renderer", "b4m"])
+    results = run_bench(tmp_path, config, model=model, oracle=oracle)
+    assert list(results["summary"]) == ["renderer"]
+    assert results["failed"] == {
+        "b4m": {"teapot-sunburst": "loss became NaN/Inf between steps 1 and 2; no checkpoint was written"}
+    }
+    assert "b4m</b>: training diverged on 1 of 1 pairs" in (tmp_path / "report.html").read_text()
+    again = run_bench(tmp_path, config, model=model, oracle=oracle, resume=True)
+    assert again["failed"] == results["failed"] and again["commands"][-1]["units_run"] == 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

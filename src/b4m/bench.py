@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from .baselines import applied, method_config, run_method
-from .errors import B4MError
+from .errors import B4MError, DivergedError
 from .io_utils import atomic_path
 from .metrics.stats import paired_bootstrap
 from .report import html_page, html_table, interval_text, png_data_url, summarize
@@ -434,6 +434,28 @@ def _unit_path(out: Path, name: str, label: str) -> Path:
     return out / "units" / name.replace("/", "_") / f"{label}.npz"
 
 
+def _failed_path(out: Path, name: str, label: str) -> Path:
+    return out / "units" / name.replace("/", "_") / f"{label}.failed.json"
+
+
+def _done(out: Path, name: str, label: str) -> bool:
+    return _unit_path(out, name, label).exists() or _failed_path(out, name, label).exists()
+
+
+def _run_or_record(name: str, d: PairData, model, oracle, catalog, config, cache: dict, out: Path) -> Unit | str:
+    """:func:`_run_unit`, or, when a training run of the unit diverges, the error text, recorded in
+    ``units/<method>/<pair>.failed.json`` (a diverged method is a result, not a crash: the other units go on, and
+    ``--resume`` does not retry it; delete the file to)."""
+    try:
+        unit = _run_unit(name, d, model, oracle, catalog, config, cache, out)
+    except DivergedError as e:
+        with atomic_path(_failed_path(out, name, d.label)) as tmp:
+            tmp.write_text(json.dumps({"method": name, "pair": d.label, "error": str(e)}))
+        return str(e)
+    save_unit(unit, _unit_path(out, name, d.label))
+    return unit
+
+
 def save_unit(unit: Unit, path: Path) -> None:
     meta = {"seconds": unit.seconds, "stage1": unit.stage1, "losses": unit.losses}
     arrays = {f"score_{k}": np.asarray(v, np.float64) for k, v in unit.scores.items()}
@@ -586,7 +608,7 @@ def run_units_in_workers(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     missing = [(m, f"{c}-{s}") for m in config.methods for c, s in config.pair_list()]
-    missing = [u for u in missing if not _unit_path(out, *u).exists()]
+    missing = [u for u in missing if not _done(out, *u)]
     todo = set(missing)
     jobs: list[Job] = []
     previous: list[str] = []
@@ -620,7 +642,7 @@ def run_units_in_workers(
     if failed:
         r = failed[0]
         raise B4MError(f"bench worker {r['name']} failed ({r['note']}); log: {r['log']}; finished units are kept")
-    return sum(_unit_path(out, *u).exists() for u in missing)
+    return sum(_done(out, *u) for u in missing)
 
 
 # A worker's command: past the deadline it exits before importing torch (seconds saved per worker).
@@ -640,7 +662,7 @@ def work(spec_file: str) -> None:
     try:
         spec = json.loads(Path(spec_file).read_text())
         out, config = Path(spec["out"]), BenchConfig(**spec["config"])
-        units = [(m, label) for m, label in spec["units"] if not _unit_path(out, m, label).exists()]
+        units = [(m, label) for m, label in spec["units"] if not _done(out, m, label)]
         if not units or (spec["deadline"] and time.time() >= spec["deadline"]):
             return
         model = load_model(config.model, device=default_device())
@@ -661,12 +683,12 @@ def work(spec_file: str) -> None:
             cache.update(fresh)
             saved |= set(fresh)
             t0 = time.perf_counter()
-            unit = _run_unit(name, data[label], model, oracle, catalog, config, cache, out)
-            save_unit(unit, _unit_path(out, name, label))
+            unit = _run_or_record(name, data[label], model, oracle, catalog, config, cache, out)
             _save_stage1(stage1_dir, cache, saved)
             if not spec["keep_runs"]:
                 shutil.rmtree(out / "runs" / name.replace("/", "_") / label, ignore_errors=True)
-            print(f"{name} on {label}: {time.perf_counter() - t0:.1f} s", flush=True)
+            status = f"failed: {unit}" if isinstance(unit, str) else "done"
+            print(f"{name} on {label}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
     except B4MError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -768,6 +790,7 @@ def run_bench(
     cache = _load_stage1(stage1_dir) if resume else {}
     saved = set(cache)
     units: dict[str, dict[str, Unit]] = {}
+    failed: dict[str, dict[str, str]] = {}
     total = len(config.methods) * len(data)
     for name in config.methods:
         units[name] = {}
@@ -776,24 +799,41 @@ def run_bench(
             if resume and path.exists():
                 units[name][d.label] = load_unit(path)
                 continue
+            if resume and _failed_path(out, name, d.label).exists():
+                failed.setdefault(name, {})[d.label] = json.loads(_failed_path(out, name, d.label).read_text())[
+                    "error"
+                ]
+                continue
             if max_minutes and time.perf_counter() - t_start >= max_minutes * 60:
-                done = sum(_unit_path(out, m, e.label).exists() for m in config.methods for e in data)
+                done = sum(_done(out, m, e.label) for m in config.methods for e in data)
                 write_state(ran, False)
                 say(f"stopped after {done} of {total} units (--max-minutes {max_minutes:g}); run again with --resume")
                 return {"complete": False, "units_done": done, "units_total": total, "output": str(out)}
-            unit = _run_unit(name, d, model, oracle, catalog, config, cache, out)
-            save_unit(unit, path)
+            unit = _run_or_record(name, d, model, oracle, catalog, config, cache, out)
             _save_stage1(stage1_dir, cache, saved)
             if not keep_runs:
                 shutil.rmtree(out / "runs" / name.replace("/", "_") / d.label, ignore_errors=True)
-            units[name][d.label] = unit
             ran += 1
+            if isinstance(unit, str):
+                failed.setdefault(name, {})[d.label] = unit
+            else:
+                units[name][d.label] = unit
+        if name in failed:
+            first = next(iter(failed[name].items()))
+            say(f"{name}: diverged on {len(failed[name])} of {len(data)} pairs ({first[0]}: {first[1]}); not scored")
+            del units[name]
+            continue
         scores = {k: [x for u in units[name].values() for x in u.scores[k]] for k in METRICS}
         line = "  ".join(f"{k} {np.mean(scores[k]):.2f}" for k in ("content", "style", "prompt", "average"))
         seconds = sum(u.seconds["train"] + u.seconds["sample"] + u.seconds["score"] for u in units[name].values())
         say(f"{name}: {line}  ({seconds:.0f} s)")
 
+    if not units:
+        raise B4MError(f"{out}: every method diverged; nothing to score (see units/*/*.failed.json)")
     results = _results(config, model, data, units)
+    # Methods whose training diverged on some pair: their errors, and no scores (a mean over the pairs that did not
+    # diverge would flatter them).
+    results["failed"] = failed
     if workers > 1:
         results["workers"] = workers
     results["seconds"] = {"command": round(time.perf_counter() - t_start, 2)}
@@ -950,6 +990,11 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
                 ]
                 for m in results["summary"]
             ],
+        ),
+        *(
+            f"<p><b>{esc(m)}</b>: training diverged on {len(errs)} of {len(st['pairs'])} pairs "
+            f"({esc('; '.join(f'{k}: {v}' for k, v in errs.items()))}); not scored.</p>"
+            for m, errs in results.get("failed", {}).items()
         ),
         "<h2>Per method</h2>",
     ]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from . import distributed
 from .adapter_file import AdapterFile, adapter_from_model, load_adapter, save_adapter
 from .cuda_graphs import GraphedMicroStep
-from .errors import B4MError
+from .errors import B4MError, DivergedError
 from .io_utils import load_safetensors, save_safetensors
 from .models.base import Conditioning, DiffusionModel
 from .optim import create_optimizer
@@ -535,7 +535,7 @@ def train(
             loss_value = running.item() / (step - last_check)  # the one host sync of the loop
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise B4MError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
+                raise DivergedError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
             losses.append((step, loss_value))
             if writer is not None:
                 writer.add_scalar("loss", loss_value, step)

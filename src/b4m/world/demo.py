@@ -43,6 +43,7 @@ class DemoConfig:
     steps: int = 60  # content run and style run, each
     make_steps: int = 40
     lr: float = 5e-3
+    up_lr_ratio: float = 1.0  # lr of the up half (B: the content half) over the down half's, in the two runs
     rank: int = 16
     batch_size: int = 2  # images per set per step
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -51,18 +52,26 @@ class DemoConfig:
     guidance_scale: float | None = None  # None: the model's default
     seed: int = 0
     baseline: bool = True  # also score the base model with the same prompts and no adapter
+    mixed_precision: str = "auto"  # bf16 on a GPU that has it; "no" runs fp32 everywhere, as on a CPU
 
     def b4m_config(self) -> B4MConfig:
         train = TrainConfig(
             steps=self.steps,
             lr=self.lr,
+            up_lr_ratio=self.up_lr_ratio,
+            mixed_precision=self.mixed_precision,
             batch_size=self.batch_size,
             grad_accum=1,
             checkpoint_every=10**9,
             seed=self.seed,
         )
         make = make_train_config(
-            steps=self.make_steps, lr=self.lr / 2, batch_size=self.batch_size, grad_accum=1, checkpoint_every=10**9
+            steps=self.make_steps,
+            lr=self.lr / 2,
+            batch_size=self.batch_size,
+            grad_accum=1,
+            checkpoint_every=10**9,
+            mixed_precision=self.mixed_precision,
         )
         return B4MConfig(adapter=PLPConfig(rank=self.rank, seed=self.seed), train=train, make=make)
 

@@ -1,0 +1,99 @@
+"""Which ``b4m demo`` settings make B4M learn its pair, over many pairs? (The demo's step counts are fixed by its
+5-minute CPU budget; this sweeps what else the demo sets: rank, lr, the up half's lr ratio.)
+
+Runs :func:`b4m.world.demo.run_world_demo` for every (settings, pair) in worker processes (several share one GPU
+well: the world model is small), in fp32 (``mixed_precision = "no"``, as the demo runs on a CPU), without the
+base-model baseline, and writes one JSON with B4M's content, style, prompt and leak means per run, and per settings
+the mean over pairs and how many pairs pass the demo's bars::
+
+    python bench/demo_sweep.py --out OUT/demo-sweep.json --workers 4 \\
+        --settings '[{"rank": 16}, {"rank": 64}, {"rank": 16, "up_lr_ratio": 4}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import itertools
+import json
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from b4m.world.demo import BARS
+
+NOVEL_CONTENTS = ["dog", "butterfly", "teapot", "snowman"]
+NOVEL_STYLES = ["vortex", "brick", "sunburst", "mosaic"]
+KEYS = ("content", "style", "prompt", "content_leak", "style_leak")
+
+
+def one(job: tuple[dict, str, str]) -> dict:
+    import torch
+
+    from b4m.world.demo import DemoConfig, run_world_demo
+
+    torch.set_num_threads(2)
+    settings, content, style = job
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DemoConfig(content=content, style=style, baseline=False, mixed_precision="no", **settings)
+        report = run_world_demo(tmp, config)
+    means = {k: report["metrics"]["B4M"][k]["mean"] for k in KEYS}
+    return {"settings": settings, "pair": f"{content}:{style}", **means, "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", required=True, help="JSON list of DemoConfig overrides")
+    p.add_argument("--pairs", default="", help="content:style,... (default: the 16 novel pairs)")
+    p.add_argument("--workers", type=int, default=4)
+    args = p.parse_args(argv)
+    settings = json.loads(args.settings)
+    pairs = (
+        [tuple(x.split(":")) for x in args.pairs.split(",")]
+        if args.pairs
+        else list(itertools.product(NOVEL_CONTENTS, NOVEL_STYLES))
+    )
+    jobs = [(s, c, st) for s in settings for c, st in pairs]
+    t0 = time.perf_counter()
+    rows = []
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        for row in pool.map(one, jobs):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = []
+    for s in settings:
+        mine = [r for r in rows if r["settings"] == s]
+        passed = sum(all(r[k] >= v for k, v in BARS.items()) for r in mine)
+        summary.append(
+            {
+                "settings": s,
+                "pairs": len(mine),
+                "passed": passed,
+                **{k: float(np.mean([r[k] for r in mine])) for k in KEYS},
+            }
+        )
+        print(json.dumps(summary[-1]), flush=True)
+    import torch
+
+    out = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bars": BARS,
+        "summary": summary,
+        "runs": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,7 @@ from b4m.config import preset_settings
 from b4m.cuda_graphs import graphed_sampling
 from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
-from b4m.plp import PLPConfig, _set_submodule, add_plp, plp_layers, remove_plp, set_merged_forward
+from b4m.plp import PLPConfig, _set_submodule, add_plp, plp_layers, remove_plp
 from b4m.train import (
     TrainConfig,
     TrainSet,
@@ -532,7 +532,6 @@ class Bench:
             unet.set_attn_processor(AttnProcessor())  # attention as explicit matmuls + softmax
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        set_merged_forward(unet, config.merged_forward)  # as b4m.train.train sets it
         unet.train()
         optimizer = make_optimizer(model, config)
         g = torch.Generator().manual_seed(0)
@@ -548,7 +547,6 @@ class Bench:
                 "gradient_checkpointing",
                 "fused_optimizer",
                 "cuda_graphs",
-                "merged_forward",
                 "batch_size",
                 "grad_accum",
             )
@@ -581,7 +579,6 @@ class Bench:
                 )
         finally:
             model.denoiser = unet
-            set_merged_forward(unet, False)
             if config.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
             unet.set_attn_processor(processors)
@@ -622,12 +619,6 @@ class Bench:
                 {**fast, **GRAPHS, **ONE_PASS},
                 {},
             ),
-            "merged-1x16": (
-                "graphs-1x16 + merged_forward (each PLP layer as one matmul with W0 + ΔW)",
-                res,
-                {**fast, **GRAPHS, **ONE_PASS, "merged_forward": True},
-                {},
-            ),
         }
         description, row_res, changes, options = spec[variant]
         n = GRAD_ACCUM * (1 + N_AUX)
@@ -653,11 +644,6 @@ class Bench:
             "graphs-1x8": (
                 "preset fast + CUDA graphs, the 8 images in one micro-step",
                 {**fast, **GRAPHS, **ONE_PASS},
-                {},
-            ),
-            "merged-1x8": (
-                "graphs-1x8 + merged_forward (each PLP layer as one matmul with W0 + ΔW)",
-                {**fast, **GRAPHS, **ONE_PASS, "merged_forward": True},
                 {},
             ),
         }
@@ -806,9 +792,8 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
-        "merged-1x16",
     ],
-    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8", "merged-1x8"],
+    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8"],
     "gen": [
         "none",
         "none-compile",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from b4m.lowrank import low_rank_product, merged_linear
+from b4m.lowrank import low_rank_product
 
 
 def reference(x, a, b, c, d, us, ds, route):
@@ -51,45 +51,3 @@ def test_autocast_computes_in_bf16_and_returns_fp32_grads():
     assert b.grad.dtype == torch.float32 and d.grad.dtype == torch.float32
     ref = reference(x, a, b, c, d, 1.0, 1.0, None)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())  # bf16: ~3 digits
-
-
-@pytest.mark.parametrize("route", [None, (2, "up"), (2, "down"), (0, "up"), (3, "down")])
-@pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (0.7, 0.5, 2.0)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_merged_linear_equals_base_layer_plus_low_rank_product(route, scales, with_bias):
-    """x·(W0 + s·W_up·W_down)ᵀ + bias as one node: the same values and the same gradients for x, B and D (routing
-    included) as the base layer plus the product; gradcheck without routing."""
-    g = torch.Generator().manual_seed(1)
-    f64 = dict(generator=g, dtype=torch.float64)
-    x = torch.randn(3, 5, 12, **f64, requires_grad=True)
-    w0, bias = torch.randn(10, 12, **f64), torch.randn(10, **f64) if with_bias else None
-    a, c = torch.randn(4, 6, **f64), torch.randn(6, 7, **f64)
-    b = torch.randn(6, 6, **f64, requires_grad=True)
-    d = torch.randn(6, 5, **f64, requires_grad=True)
-    s, us, ds = scales
-    out = merged_linear(x, w0, bias, a, b, c, d, s, us, ds, route)
-    ref = torch.nn.functional.linear(x, w0, bias) + s * reference(x, a, b, c, d, us, ds, route)
-    torch.testing.assert_close(out, ref)
-    w = torch.randn(out.shape, **f64)
-    got = torch.autograd.grad((out * w).sum(), (x, b, d))
-    want = torch.autograd.grad((ref * w).sum(), (x, b, d))
-    for gg, ww in zip(got, want, strict=True):
-        torch.testing.assert_close(gg, ww)
-    if route is None:
-        fn = lambda x, b, d: merged_linear(x, w0, bias, a, b, c, d, s, us, ds)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, b, d))
-
-
-def test_merged_linear_under_autocast_keeps_fp32_factor_grads():
-    g = torch.Generator().manual_seed(0)
-    x, w0 = torch.randn(2, 3, 8, generator=g), torch.randn(7, 8, generator=g)
-    a, c = torch.randn(3, 4, generator=g), torch.randn(4, 4, generator=g)
-    b = torch.randn(4, 4, generator=g, requires_grad=True)
-    d = torch.randn(4, 4, generator=g, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = merged_linear(x, w0, None, a, b, c, d, route=(1, "up"))
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert b.grad.dtype == torch.float32 and d.grad.dtype == torch.float32
-    ref = x @ w0.T + reference(x, a, b, c, d, 1.0, 1.0, None)
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -141,22 +141,6 @@ def test_up_lr_ratio_scales_the_up_half_in_every_routing():
         TrainConfig(up_lr_ratio=0)
 
 
-@pytest.mark.parametrize("routing", ["clean", "none"])
-def test_merged_forward_trains_like_the_low_rank_path(tmp_path, routing):
-    """train.merged_forward (W0 + ΔW per call) gives the same run as the base layer plus the product, in fp32 up to
-    rounding, and leaves the layers on the default path afterwards."""
-    finals = []
-    for merged in (False, True):
-        model, plp = attached()
-        config = TrainConfig(steps=3, grad_accum=2, routing=routing, owned="up", merged_forward=merged)
-        train(model, plp, toy_sets(model), config, tmp_path / f"{routing}-{merged}")
-        assert not any(layer.merged_forward for layer in plp_layers(model.denoiser).values())
-        finals.append(adapter_state(model))
-    for k in finals[0]:
-        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(finals[0][k], adapter_state(attached()[0])[k]) for k in finals[0])  # it trained
-
-
 def test_nan_loss_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(tmp_path):
     model, plp = attached()
     sets = toy_sets(model)

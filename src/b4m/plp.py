@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import B4MError
-from .lowrank import low_rank_product, merged_linear
+from .lowrank import low_rank_product
 
 FROZEN_INITS = ("approx", "exact", "random")
 LEARNED_INITS = ("zero", "kaiming", "gaussian")
@@ -243,9 +243,6 @@ class PLPLinear(nn.Module):
         # Set by the trainer (see `routing`): (k, owned) = the first k samples of the batch train only the `owned`
         # half ("up" or "down"), the others only the other half.
         self.route: tuple[int, str] | None = None
-        # Training forward as one matmul with W0 + ΔW (b4m.lowrank.MergedLinear) instead of the base layer plus the
-        # low-rank product; set by the trainer (TrainConfig.merged_forward, see set_merged_forward).
-        self.merged_forward = False
 
     @property
     def in_features(self) -> int:
@@ -287,21 +284,6 @@ class PLPLinear(nn.Module):
         return self.scale * (self.up() @ self.down())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged_forward and self.enabled and not self.merged and torch.is_grad_enabled():
-            w = self.base_layer
-            return merged_linear(
-                x,
-                w.weight,
-                w.bias,
-                self.up_frozen,
-                self.up_learned,
-                self.down_frozen,
-                self.down_learned,
-                self.scale,
-                self.up_scale,
-                self.down_scale,
-                self.route,
-            )
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
@@ -466,14 +448,6 @@ def routing(model: nn.Module, k: int, owned: str) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.route = None
-
-
-def set_merged_forward(model: nn.Module, on: bool) -> None:
-    """Train every PLP layer of ``model`` through :class:`b4m.lowrank.MergedLinear` (``on``) or through the base
-    layer plus :class:`b4m.lowrank.LowRankProduct` (the default). Values and gradients agree up to rounding; which is
-    faster depends on the batch (docs/benchmarks.md). Sampling (no grad) is not affected."""
-    for layer in plp_layers(model).values():
-        layer.merged_forward = bool(on)
 
 
 def set_scales(

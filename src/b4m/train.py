@@ -44,7 +44,7 @@ from .errors import B4MError, DivergedError
 from .io_utils import load_safetensors, save_safetensors
 from .models.base import Conditioning, DiffusionModel
 from .optim import create_optimizer
-from .plp import PLPConfig, plp_layers, routing, set_merged_forward
+from .plp import PLPConfig, plp_layers, routing
 
 ROUTINGS = ("clean", "mixed", "none")
 OPTIMIZERS = ("adamw", "sgd")
@@ -95,9 +95,6 @@ class TrainConfig:
     # Draw a step's grad_accum micro-steps as one batch: the same loss (each set's mean over the step's images),
     # one forward and backward instead of grad_accum; activations of all of them at once.
     fold_accumulation: bool = False
-    # Each PLP layer's training forward as one matmul with W0 + ΔW formed per call (b4m.lowrank.MergedLinear):
-    # fewer, larger kernels than the base layer plus the rank-r product, at the cost of a weight-gradient matmul.
-    merged_forward: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     check_every: int = 10  # steps between loss reads (NaN check, progress bar); no per-step .item()
@@ -220,7 +217,6 @@ _SESSION_KEYS = (
     "gradient_checkpointing",
     "fused_optimizer",
     "cuda_graphs",
-    "merged_forward",
 )
 
 
@@ -504,7 +500,6 @@ def train(
         raise B4MError("clean routing needs auxiliary sets (the other half would never learn); use routing none")
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    set_merged_forward(model.denoiser, config.merged_forward)
     model.denoiser.train()
     # The cached sets move to the device once (latents and embeddings of a few dozen images: megabytes).
     sets = [TrainSet(s.name, s.latents.to(model.device), s.cond.to(model.device), s.weight, s.main) for s in sets]
@@ -569,7 +564,6 @@ def train(
             progress(step, config.steps, loss_value)
     if writer is not None:
         writer.close()
-    set_merged_forward(model.denoiser, False)
     model.denoiser.eval()
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step

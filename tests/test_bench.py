@@ -98,7 +98,7 @@ def test_ablations_change_one_setting():
     assert not variant_config("b4m-no-precond", config).make.precondition
     assert variant_config("b4m-up-lr16", config).train.up_lr_ratio == 16.0
     assert variant_config("b4m-up-lr16", config).make == base.make  # the break runs only
-    assert variant_config("b4m-rank64", config).adapter.rank == 64
+    assert variant_config("b4m-rank16", config).adapter.rank == 16
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     zip_cfg = variant_config("ziplora", config)

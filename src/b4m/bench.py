@@ -28,7 +28,7 @@ Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations``
   ``b4m-no-mcp2`` (MCP-II: one non-target auxiliary set per run instead of several), ``b4m-no-aux`` (no auxiliary
   sets, routing none), ``b4m-random-init`` (w/o Orth), ``b4m-exact-init``, ``b4m-official-halves``,
   ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-up-lr4`` and
-  ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank64``, ``b4m-d0`` … ``b4m-d7/8``
+  ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank16``, ``b4m-d0`` … ``b4m-d7/8``
   (frozen ratio d; ``b4m`` itself is d = 1/2).
 
 Outputs in the output folder: ``results.json`` (settings, device, date, commit, per-method wall time, per-image
@@ -149,7 +149,7 @@ VARIANTS: dict[str, Variant] = {
         {"train": {"up_lr_ratio": 16.0}},
         summary="up half (B) at 16x the lr (LoRA+'s ratio) in the content and style runs",
     ),
-    "b4m-rank64": Variant("b4m", {"adapter": {"rank": 64}}, summary="rank 64 (the paper's) instead of the bench's"),
+    "b4m-rank16": Variant("b4m", {"adapter": {"rank": 16}}, summary="rank 16 instead of the bench's 64 (the paper's)"),
     **_ratio_variants(),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "ziplora", "blora", "base", "renderer")
@@ -201,7 +201,7 @@ class BenchConfig:
     merge_steps: int = 100  # ZipLoRA's merger fit (the public script's 100)
     lr: float = 2e-3  # every stage-1 run and JTtrain
     make_lr: float | None = None  # None: lr / 2
-    rank: int = 16
+    rank: int = 64  # the paper's, every method (at rank 16 B4M's content falls from 0.60 to 0.09: docs/benchmarks.md)
     batch_size: int = 2  # images per set per step (one micro-step per step)
     sample_steps: int = 25
     guidance_scale: float | None = None  # None: the model's default

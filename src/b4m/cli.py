@@ -502,8 +502,9 @@ def demo(
         Path, typer.Option("-o", "--output", help="Folder for report.html, report.json and runs.")
     ] = Path("demo"),
     content: Annotated[str, typer.Option(help="The content (a novel one stands for the user's subject).")] = "teapot",
-    style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "sunburst",
+    style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "brick",
     steps: Annotated[int, typer.Option(help="Steps of the content run and of the style run.")] = 60,
+    rank: Annotated[int, typer.Option(help="Adapter rank (64, the paper's).")] = 64,
     make_steps: Annotated[int, typer.Option(help="Steps of make.")] = 40,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
     prompts: Annotated[int, typer.Option(help="Evaluation prompts.")] = 4,
@@ -520,6 +521,7 @@ def demo(
         content=content,
         style=style,
         steps=steps,
+        rank=rank,
         make_steps=make_steps,
         seeds=list(range(seeds)),
         prompts=prompts,
@@ -575,7 +577,7 @@ def bench(
     merge_steps: Annotated[int | None, typer.Option(help="Steps of ZipLoRA's merge (default 100).")] = None,
     sample_steps: Annotated[int | None, typer.Option(help="Sampler steps (default 25).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the runs (default 2e-3; make: half).")] = None,
-    rank: Annotated[int | None, typer.Option(help="Adapter rank of every method (default 16).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Adapter rank of every method (default 64, the paper's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data, adapters and training (default 0).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --output (finished units are not run again).")

@@ -39,12 +39,12 @@ BINARY = {"content", "style", "content_leak", "style_leak"}
 @dataclass
 class DemoConfig:
     content: str = "teapot"
-    style: str = "sunburst"
+    style: str = "brick"
     steps: int = 60  # content run and style run, each
     make_steps: int = 40
     lr: float = 5e-3
     up_lr_ratio: float = 1.0  # lr of the up half (B: the content half) over the down half's, in the two runs
-    rank: int = 16
+    rank: int = 64  # the paper's; at 16 the content run barely learns (bench/results/demo-sweep-h100-2026-11-24.json)
     batch_size: int = 2  # images per set per step
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     prompts: int = 4

@@ -103,8 +103,9 @@ def test_demo_runs_end_to_end(tmp_path):
     result = runner.invoke(app, [*args, "--sample-steps", "2", "--no-baseline"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["content"] == "teapot" and report["style"] == "sunburst" and list(report["metrics"]) == ["B4M"]
+    assert report["content"] == "teapot" and report["style"] == "brick" and list(report["metrics"]) == ["B4M"]
     assert report["train"]["content"]["steps"] == 2 and report["train"]["make"]["steps"] == 1
+    assert report["config"]["rank"] == 64
     for name, summary in report["metrics"]["B4M"].items():
         assert summary["low"] <= summary["mean"] <= summary["high"], name
         assert len(report["per_image"]["B4M"][name]) == 2  # one prompt × two seeds

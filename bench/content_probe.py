@@ -78,6 +78,16 @@ CONDITIONS = {
     "r0": (lambda: b4m_plp(ratio=0.0, learned_init="kaiming"), b4m_train, "all", 1.0),
     "lr4x": (b4m_plp, b4m_train, "all", 4.0),
     "noaux": (b4m_plp, lambda: b4m_train(routing="none", owned=None), "main", 1.0),
+    # Rank 64 (the bench's default since 2026-11-24), against the plain LoRA at the same rank; more steps; rank 128.
+    "lora-r64": (
+        lambda: plain_lora(64, seed=SEED),
+        lambda: lora_train_config(steps=STEPS, lr=LR, batch_size=BATCH, grad_accum=1, checkpoint_every=BIG, seed=SEED),
+        "main",
+        1.0,
+    ),
+    "b4m-r64": (lambda: b4m_plp(rank=64), b4m_train, "all", 1.0),
+    "b4m-r64-s300": (lambda: b4m_plp(rank=64), lambda: b4m_train(steps=2 * STEPS), "all", 1.0),
+    "b4m-r128": (lambda: b4m_plp(rank=128), b4m_train, "all", 1.0),
     "dkaiming": (lambda: b4m_plp(learned_init="kaiming"), b4m_train, "all", 1.0),
     # follow-ups
     "lr4x-r1/8": (lambda: b4m_plp(ratio=1 / 8), b4m_train, "all", 4.0),

@@ -228,3 +228,52 @@ def test_print_config_shows_the_merged_result(tmp_path):
     (tmp_path / "c.toml").write_text('model = "m"\n[train]\nsteps = 7\n')
     result = _cli("content", "--config", tmp_path / "c.toml", "--lr", "0.001", "--print-config")
     assert 'model = "m"' in result.output and "steps = 7" in result.output and "lr = 0.001" in result.output
+
+
+class _Ranks:
+    """What b4m.distributed.current() returns on one rank of two; its barrier runs ``at_barrier`` (the other
+    rank's work, done while this one waits)."""
+
+    def __init__(self, rank: int, at_barrier=lambda: None) -> None:
+        self.rank, self.world_size, self.is_main, self.enabled = rank, 2, rank == 0, True
+        self.at_barrier, self.barriers = at_barrier, 0
+
+    def barrier(self) -> None:
+        self.barriers += 1
+        self.at_barrier()
+
+
+class _Painter:
+    """A model that draws flat grey images and counts its sample calls."""
+
+    identity, resolution = "painter", 16
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sample(self, request):
+        self.calls += 1
+        return [Image.new("RGB", (16, 16), (128, 128, 128)) for _ in request.seeds]
+
+
+def test_under_several_processes_only_rank_0_generates_the_auxiliary_sets(tmp_path, monkeypatch):
+    from b4m import stages
+    from b4m.config import AutoAuxConfig, StageConfig
+
+    monkeypatch.setenv("B4M_CACHE", str(tmp_path / "cache"))
+    cfg = StageConfig(auto_aux=AutoAuxConfig(sets=2, images=3, steps=1))
+    rank0_model = _Painter()
+    rank0 = _Ranks(0)
+    # rank 1 reaches the barrier first; rank 0 generates while it waits
+    rank1 = _Ranks(1, at_barrier=lambda: _generate(stages, monkeypatch, rank0, rank0_model, cfg))
+    monkeypatch.setattr(stages.distributed, "current", lambda: rank1)
+    rank1_model = _Painter()
+    sets = stages.generated_aux_sets(rank1_model, "content", cfg, 16)
+    assert rank1_model.calls == 0 and rank1.barriers == 1  # it only waited, then loaded rank 0's files
+    assert rank0_model.calls == 2 and rank0.barriers == 1
+    assert [s.name for s in sets] == stages.AUX_STYLE_PROMPTS[:2] and all(len(s.images) == 3 for s in sets)
+
+
+def _generate(stages, monkeypatch, ranks, model, cfg) -> None:
+    monkeypatch.setattr(stages.distributed, "current", lambda: ranks)
+    stages.generated_aux_sets(model, "content", cfg, 16)

@@ -118,16 +118,19 @@ def generated_aux_sets(
 ) -> list[ImageSet]:
     """Auxiliary sets made with the base model from built-in prompts, cached on disk by model and prompt.
 
-    Generated at the model's own resolution (its best quality), loaded at the training resolution.
+    Generated at the model's own resolution (its best quality), loaded at the training resolution. With several
+    processes (``accelerate launch``) rank 0 generates the missing sets and the others wait for its files.
     """
     prompts = (AUX_STYLE_PROMPTS if role == "content" else AUX_CONTENT_PROMPTS)[: cfg.auto_aux.sets]
     res = model.resolution
-    sets = []
+    dist = distributed.current()
+    folders = []
     for prompt in prompts:
         key = hashlib.sha256(json.dumps([model.identity, prompt, res, dataclasses.asdict(cfg.auto_aux)]).encode())
         folder = cache_dir() / "aux" / key.hexdigest()[:16]
+        folders.append(folder)
         files = [folder / f"{i}.png" for i in range(cfg.auto_aux.images)]
-        if not all(f.exists() for f in files):
+        if dist.is_main and not all(f.exists() for f in files):
             _say(console, f"generating auxiliary set: {prompt!r} ({cfg.auto_aux.images} images, cached in {folder})")
             seeds = list(range(cfg.auto_aux.images))
             request = SampleRequest(
@@ -140,8 +143,10 @@ def generated_aux_sets(
             )
             for f, image in zip(files, model.sample(request), strict=True):
                 save_png(image, f)
-        sets.append(load_image_set(folder, prompt, train_res, name=prompt))
-    return sets
+    dist.barrier()  # the other ranks wait for rank 0's images (a no-op with one process)
+    return [
+        load_image_set(folder, prompt, train_res, name=prompt) for folder, prompt in zip(folders, prompts, strict=True)
+    ]
 
 
 @torch.no_grad()

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from b4m.bench import BenchConfig
 from b4m.world.demo import BARS
 
-NOVEL_CONTENTS = ["dog", "butterfly", "teapot", "snowman"]
-NOVEL_STYLES = ["vortex", "brick", "sunburst", "mosaic"]
 KEYS = ("content", "style", "prompt", "content_leak", "style_leak")
 
 
@@ -57,7 +56,7 @@ def main(argv=None) -> Path:
     pairs = (
         [tuple(x.split(":")) for x in args.pairs.split(",")]
         if args.pairs
-        else list(itertools.product(NOVEL_CONTENTS, NOVEL_STYLES))
+        else list(itertools.product(BenchConfig().contents, BenchConfig().styles))  # the 16 novel pairs
     )
     jobs = [(s, c, st) for s in settings for c, st in pairs]
     t0 = time.perf_counter()

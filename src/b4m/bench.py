@@ -201,7 +201,7 @@ class BenchConfig:
     merge_steps: int = 100  # ZipLoRA's merger fit (the public script's 100)
     lr: float = 2e-3  # every stage-1 run and JTtrain
     make_lr: float | None = None  # None: lr / 2
-    rank: int = 64  # the paper's, every method (at rank 16 B4M's content falls from 0.60 to 0.09: docs/benchmarks.md)
+    rank: int = 64  # the paper's, every method (B4M content 0.59 at 64, 0.12 at 16: docs/benchmarks.md)
     batch_size: int = 2  # images per set per step (one micro-step per step)
     sample_steps: int = 25
     guidance_scale: float | None = None  # None: the model's default
@@ -799,10 +799,9 @@ def run_bench(
             if resume and path.exists():
                 units[name][d.label] = load_unit(path)
                 continue
-            if resume and _failed_path(out, name, d.label).exists():
-                failed.setdefault(name, {})[d.label] = json.loads(_failed_path(out, name, d.label).read_text())[
-                    "error"
-                ]
+            failed_file = _failed_path(out, name, d.label)
+            if resume and failed_file.exists():
+                failed.setdefault(name, {})[d.label] = json.loads(failed_file.read_text())["error"]
                 continue
             if max_minutes and time.perf_counter() - t_start >= max_minutes * 60:
                 done = sum(_done(out, m, e.label) for m in config.methods for e in data)

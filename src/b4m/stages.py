@@ -318,7 +318,8 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     meta = {"prompt": cfg.prompt, "trigger_words": json.dumps(trigger)}
     adapter = adapter_from_model(model.denoiser, plp, role, meta)
     path, exports = out / ADAPTER_NAMES[role], []
-    writer = distributed.current().is_main  # with several processes rank 0 writes (every rank holds the adapter)
+    dist = distributed.current()
+    writer = dist.is_main  # with several processes rank 0 writes (every rank holds the adapter)
     if writer:
         path = save_adapter(adapter, path)
         exports = _export(out, role, adapter, cfg, console)
@@ -338,7 +339,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     if writer:
         _run_json(out, cfg, role, model, timings, summary)
         _say(console, f"wrote {path}")
-    distributed.current().barrier()
+    dist.barrier()
     return summary
 
 
@@ -432,7 +433,8 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     meta = {**fused.metadata, "prompt": " / ".join(p for _, _, p in sets_info)}
     made = adapter_from_model(model.denoiser, fused.config, "fused", meta)
     path, exports = out / ADAPTER_NAMES["fused"], []
-    writer = distributed.current().is_main  # with several processes rank 0 writes
+    dist = distributed.current()
+    writer = dist.is_main  # with several processes rank 0 writes
     if writer:
         path = save_adapter(made, path)
         exports = _export(out, "fused", made, cfg, console)
@@ -449,7 +451,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     if writer:
         _run_json(out, cfg, "make", model, _durations(t), summary)
         _say(console, f"wrote {path}")
-    distributed.current().barrier()
+    dist.barrier()
     return summary
 
 

@@ -136,6 +136,7 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
     from .weights import load_shipped_oracle
 
     config = config or DemoConfig()
+    b4m_config = config.b4m_config()  # bad settings fail here, before the model loads
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
@@ -154,7 +155,7 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
         style_sets = encode_sets(model, task.style_refs, task.style_aux)
     t_data = time.perf_counter()
     say(f"content run and style run: {config.steps} steps each; make: {config.make_steps} steps")
-    result = run_method("b4m", content_sets, style_sets, model, config.b4m_config(), out=out / "runs")
+    result = run_method("b4m", content_sets, style_sets, model, b4m_config, out=out / "runs")
     t_train = time.perf_counter()
 
     guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance

@@ -26,6 +26,7 @@ from b4m.baselines import (
     run_method,
     ziplora_merge,
 )
+from b4m.baselines.break_make import make_sets
 from b4m.baselines.common import joint_sets, plain_lora
 from b4m.baselines.ziplora import ZipLoRALinear, merge_train_config, similarity, teacher_mode, ziplora_layers
 from b4m.lora_io import apply_factors, load_lora
@@ -569,3 +570,35 @@ def test_interface_errors(tmp_path):
     assert method_config("ziplora", {"merge": {"steps": 5}}).merge.steps == 5
     assert isinstance(method_config("b4m").make, TrainConfig) and method_config("b4m").make.precondition
     assert PLPConfig(**method_config("jttrain").lora.to_dict()).learned_init == "gaussian"
+
+
+def test_make_sets_route_each_concept_to_its_half():
+    model = ToyModel()
+    content_sets, style_sets = toy_sets(model)
+    main_c, main_s = content_sets[:1], style_sets[:1]
+    plain, cfg = make_sets(main_c, main_s, TrainConfig(routing="none"), PLPConfig(), style_weight=0.5)
+    assert [(s.name, s.main, s.weight) for s in plain] == [("content:dog", True, 1.0), ("style:yarn", True, 0.5)]
+    assert cfg.owned is None
+    routed, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig())
+    assert [(s.name, s.main) for s in routed] == [("content:dog", True), ("style:yarn", False)] and cfg.owned == "up"
+    _, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(assignment="official"))
+    assert cfg.owned == "down"
+    with pytest.raises(B4MError, match="routing none or clean"):
+        make_sets(main_c, main_s, TrainConfig(routing="mixed", owned="up"), PLPConfig())
+
+
+@pytest.mark.parametrize("routing", ["none", "clean"])
+def test_routed_make_keeps_the_style_half_out_of_the_content_loss(tmp_path, routing):
+    """With the style references weighted 0, only the content loss is left: routed, it cannot move the style half
+    D (no weight decay, so a zero gradient is no update); unrouted it moves both halves."""
+    model = ToyModel()
+    content_sets, style_sets = toy_sets(model)
+    make = {"steps": 2, "grad_accum": 1, "lr": 1e-2, "weight_decay": 0.0, "routing": routing}
+    config = method_config("b4m", {"adapter": {"rank": 4}, "train": FAST, "make": make, "make_style_weight": 0.0})
+    result = run_method("b4m", content_sets, style_sets, model, config, out=tmp_path)
+    fused = result.parts["fused"].tensors
+    made = result.adapter.tensors
+    d_moved = [not torch.equal(made[n]["down_learned"], fused[n]["down_learned"]) for n in made]
+    b_moved = [not torch.equal(made[n]["up_learned"], fused[n]["up_learned"]) for n in made]
+    assert all(b_moved)
+    assert not any(d_moved) if routing == "clean" else all(d_moved)

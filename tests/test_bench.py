@@ -99,6 +99,11 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-up-lr16", config).train.up_lr_ratio == 16.0
     assert variant_config("b4m-up-lr16", config).make == base.make  # the break runs only
     assert variant_config("b4m-rank16", config).adapter.rank == 16
+    assert variant_config("b4m-make20", config).make.steps == 20
+    routed = variant_config("b4m-make-routed", config)
+    assert routed.make.routing == "clean" and routed.train == base.train and routed.make.steps == base.make.steps
+    half = variant_config("b4m-make-style-half", config)
+    assert half.make_style_weight == 0.5 and half.make == base.make and base.make_style_weight == 1.0
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     zip_cfg = variant_config("ziplora", config)

@@ -28,8 +28,10 @@ Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations``
   ``b4m-no-mcp2`` (MCP-II: one non-target auxiliary set per run instead of several), ``b4m-no-aux`` (no auxiliary
   sets, routing none), ``b4m-random-init`` (w/o Orth), ``b4m-exact-init``, ``b4m-official-halves``,
   ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-up-lr4`` and
-  ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank16``, ``b4m-d0`` … ``b4m-d7/8``
-  (frozen ratio d; ``b4m`` itself is d = 1/2).
+  ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank16``, make's data:
+  ``b4m-make20`` (20 steps), ``b4m-make-routed`` (each concept's loss trains only its half),
+  ``b4m-make-style-half`` (style references weighted 0.5), ``b4m-d0`` … ``b4m-d7/8`` (frozen ratio d; ``b4m``
+  itself is d = 1/2).
 
 Outputs in the output folder: ``results.json`` (settings, device, date, commit, per-method wall time, per-image
 scores, per-method means with 95% intervals, paired bootstrap differences of every method against ``b4m``, per-pair
@@ -150,6 +152,15 @@ VARIANTS: dict[str, Variant] = {
         summary="up half (B) at 16x the lr (LoRA+'s ratio) in the content and style runs",
     ),
     "b4m-rank16": Variant("b4m", {"adapter": {"rank": 16}}, summary="rank 16 instead of the bench's 64 (the paper's)"),
+    "b4m-make20": Variant("b4m", {"make": {"steps": 20}}, summary="make with 20 steps instead of 50"),
+    "b4m-make-routed": Variant(
+        "b4m",
+        {"make": {"routing": "clean"}},
+        summary="make routed by concept: the content loss trains only the content half, the style loss the style half",
+    ),
+    "b4m-make-style-half": Variant(
+        "b4m", {"make_style_weight": 0.5}, summary="make with the style references' loss weighted 0.5 (content 1)"
+    ),
     **_ratio_variants(),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "ziplora", "blora", "base", "renderer")

@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, distributed
 from .adapter_file import AdapterFile, adapter_from_model, apply_adapter, fuse, load_adapter, save_adapter
+from .baselines.break_make import make_sets
 from .config import StageConfig
 from .data import ImageSet, load_aux_sets, load_image_set, to_tensor
 from .errors import B4MError
@@ -383,6 +384,8 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
         raise B4MError("make needs --content and --style (run folders or .b4m.safetensors files)")
     if not cfg.output:
         raise B4MError("no --output folder given")
+    if cfg.train.routing == "mixed":
+        raise B4MError("make takes routing none (both halves learn from both losses) or clean, not mixed")
     c_file, c_run = _run_source(cfg.content, "content")
     s_file, s_run = _run_source(cfg.style, "style")
     content, style = load_adapter(c_file), load_adapter(s_file)
@@ -413,17 +416,18 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
     apply_adapter(model.denoiser, fused)
     result = None
     if cfg.train.steps > 0:
-        sets = []
+        encoded = {}
         for role, images, prompt in sets_info:
             image_set = load_image_set(images, prompt, res, name=role, warn=warn)
-            sets.append(encode_set(model, image_set, 1.0, True))
+            encoded[role] = encode_set(model, image_set, 1.0, True)
         model.offload_encoders()
         t["cache"] = time.perf_counter()
+        sets, train_cfg = make_sets([encoded["content"]], [encoded["style"]], cfg.train, fused.config)
         result = train(
             model,
             fused.config,
             sets,
-            cfg.train,
+            train_cfg,
             out,
             role="fused",
             resume=resume,

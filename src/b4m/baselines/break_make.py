@@ -10,10 +10,11 @@ An ablation is one setting of :class:`B4MConfig`:
 - without multi-correspondence: pass the other concept's sets as the auxiliary sets, or none with
   ``train.routing = "none"``;
 - without the Riemannian preconditioner: ``make.precondition = False``;
-- instant composition: ``make.steps = 0``.
+- instant composition: ``make.steps = 0``;
+- make's data: ``make.routing = "clean"`` (each concept's loss trains only its own half), ``make_style_weight``.
 
 ``content_sets`` / ``style_sets``: the main sets (``main=True``) and the auxiliary sets (``main=False``) of each
-run; make trains on the two concepts' main sets with weight 1 each (as ``b4m make`` does).
+run; make trains on the two concepts' main sets (:func:`make_sets`, shared with ``b4m make``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapter_file import fuse
+from ..errors import B4MError
 from ..models.base import DiffusionModel
 from ..plp import PLPConfig
 from ..train import TrainConfig, TrainSet
@@ -47,6 +49,30 @@ class B4MConfig:
     make: TrainConfig = field(default_factory=make_train_config)
     content_scale: float = 1.0
     style_scale: float = 1.0
+    make_style_weight: float = 1.0  # the style references' weight in make's loss (content's is 1)
+
+
+def make_sets(
+    content: Sequence[TrainSet],
+    style: Sequence[TrainSet],
+    config: TrainConfig,
+    plp: PLPConfig,
+    style_weight: float = 1.0,
+) -> tuple[list[TrainSet], TrainConfig]:
+    """Make's training sets and loop settings from the two concepts' main sets.
+
+    Routing ``none`` (the paper's): both halves learn from both losses. Routing ``clean``: the content loss trains
+    only the content half and the style loss only the style half (the style sets become the "auxiliary" side of
+    :func:`b4m.plp.routing`), so the style references' own contents cannot be learned into the content half.
+    """
+    if config.routing == "mixed":
+        raise B4MError("make takes routing none or clean, not mixed")
+    clean = config.routing == "clean"
+    sets = [TrainSet(f"content:{s.name}", s.latents, s.cond, s.weight, True) for s in content]
+    sets += [TrainSet(f"style:{s.name}", s.latents, s.cond, s.weight * style_weight, not clean) for s in style]
+    if clean:
+        config = dataclasses.replace(config, owned=plp.half_of("content"))
+    return sets, config
 
 
 def break_stage1(
@@ -76,9 +102,14 @@ def run(
     content, c_reused = break_stage1("content", content_sets, model, config, out, cache)
     style, s_reused = break_stage1("style", style_sets, model, config, out, cache)
     fused = fuse(content.adapter, style.adapter)
-    sets = [TrainSet(f"content:{s.name}", s.latents, s.cond, 1.0, True) for s in content_sets if s.main]
-    sets += [TrainSet(f"style:{s.name}", s.latents, s.cond, 1.0, True) for s in style_sets if s.main]
-    made = train_plp(model, sets, None, config.make, Path(out) / "b4m-make", "fused", start=fused)
+    sets, make_cfg = make_sets(
+        [s for s in content_sets if s.main],
+        [s for s in style_sets if s.main],
+        config.make,
+        fused.config,
+        config.make_style_weight,
+    )
+    made = train_plp(model, sets, None, make_cfg, Path(out) / "b4m-make", "fused", start=fused)
     info = {
         "config": asdict(config),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -13,6 +13,9 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
 - ``stage1``: our content-run step: b4m's PLP adapter, clean routing, the 4 images of a micro-step in one batch
   (:func:`b4m.train.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA off, 1024 px.
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
+- ``-legacy`` rows (``stage1/fast-1x16-legacy``, ``stage1/graphs-1x16-legacy``, ``make/graphs-1x8-legacy``): the
+  row without the suffix on the earlier PLP training path (``b4m.plp.FUSED_TRAIN_PATH`` off: the input cast by the
+  base layer and the adapter each, the adapter's add and scale as kernels of their own), for before/after in one run.
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
   adapter unmerged (the no-grad path: cached factors in the UNet dtype) and merged (plain linear layers, as
   ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the UNet calls; the VAE decode timed apart.
@@ -56,6 +59,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
+from b4m import plp
 from b4m.config import preset_settings
 from b4m.cuda_graphs import graphed_sampling
 from b4m.models.base import Conditioning
@@ -82,6 +86,7 @@ CASES = ("naive", "stage1", "make", "gen")
 N_AUX = 3  # auxiliary sets of a content run (the official code's three)
 GRAD_ACCUM = 4
 GRAPHS = {"cuda_graphs": True}
+LEGACY = "-legacy"  # a training row's suffix: the same row on b4m.plp's earlier training path
 ONE_PASS = {"batch_size": GRAD_ACCUM, "grad_accum": 1}  # a step's images in one forward and backward
 
 # The tiny UNet keeps SDXL's layout (no attention at the first level, text_time conditioning) at toy widths.
@@ -401,7 +406,7 @@ class Bench:
         self.rows.append(row)
         r = row.report(self.rate["tflops"])
         print(
-            f"  {row.id:<24} {r['ms_per_step']:>10.1f} ms/step {r['images_per_s']:>8.2f} img/s "
+            f"  {row.id:<26} {r['ms_per_step']:>10.1f} ms/step {r['images_per_s']:>8.2f} img/s "
             f"{r['peak_gib']:>6.2f} GiB {100 * r['fraction_of_matmul_rate']:>5.1f}% "
             f"(first call {row.first_call_s:.1f} s)",
             flush=True,
@@ -522,8 +527,10 @@ class Bench:
         *,
         compile: bool = False,
         sdpa: bool = True,
+        legacy: bool = False,
     ) -> None:
-        """Time :func:`b4m.train.train_step` with ``config`` on the PLP adapter."""
+        """Time :func:`b4m.train.train_step` with ``config`` on the PLP adapter (on the earlier training path of
+        :class:`b4m.plp.PLPLinear` with ``legacy``)."""
         self.use_adapter("plp")
         config = folded(config)  # as b4m.train.train runs it
         model, unet = self.model, self.unet
@@ -551,7 +558,7 @@ class Bench:
                 "grad_accum",
             )
         }
-        row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
+        row.settings.update(sdpa=sdpa, compile=compile, precision=precision, fused_train_path=not legacy)
         if compile:
             row.settings["compile_mode"] = self.args.compile_mode
 
@@ -563,6 +570,8 @@ class Bench:
         def eager_step() -> None:  # FLOPs: a graph's capture runs its warm-up passes through the dispatcher too
             train_step(model, sets, config, optimizer, g, precision=precision)
 
+        fused = plp.FUSED_TRAIN_PATH
+        plp.FUSED_TRAIN_PATH = not legacy  # for the whole row: CUDA graphs are captured in its warm-up
         try:
             with self.compiled(compile) as denoiser:
 
@@ -578,6 +587,7 @@ class Bench:
                     before_timing=swap,
                 )
         finally:
+            plp.FUSED_TRAIN_PATH = fused
             model.denoiser = unet
             if config.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
@@ -620,9 +630,10 @@ class Bench:
                 {},
             ),
         }
-        description, row_res, changes, options = spec[variant]
+        description, row_res, changes, options = spec[variant.removesuffix(LEGACY)]
         n = GRAD_ACCUM * (1 + N_AUX)
-        row = Row(f"stage1/{variant}", "PLP, " + description, row_res, n, n)
+        row = Row(f"stage1/{variant}", "PLP, " + description + legacy_note(variant), row_res, n, n)
+        options = {**options, "legacy": variant.endswith(LEGACY)}
         self.train_row(row, self.stage1_config(**changes), self.stage1_sets(row_res), **options)
 
     def make(self, variant: str) -> None:
@@ -647,13 +658,13 @@ class Bench:
                 {},
             ),
         }
-        description, changes, options = spec[variant]
+        description, changes, options = spec[variant.removesuffix(LEGACY)]
         config = TrainConfig(
             **{"batch_size": 1, "grad_accum": GRAD_ACCUM, "mixed_precision": self.precision, **base, **changes}
         )
         sets = [self.train_set("content", 4, res, 1.0, True), self.train_set("style", 4, res, 1.0, True)]
-        row = Row(f"make/{variant}", "PLP, " + description, res, GRAD_ACCUM * 2, GRAD_ACCUM * 2)
-        self.train_row(row, config, sets, **options)
+        row = Row(f"make/{variant}", "PLP, " + description + legacy_note(variant), res, GRAD_ACCUM * 2, GRAD_ACCUM * 2)
+        self.train_row(row, config, sets, **options, legacy=variant.endswith(LEGACY))
 
     # ----------------------------------------------------------------------------------------------------------------
     # gen
@@ -771,6 +782,10 @@ class Bench:
         self.run(row, step, warmup=self.args.gen_warmup, repeats=self.args.gen_repeats)
 
 
+def legacy_note(variant: str) -> str:
+    return "; legacy PLP training path (b4m.plp.FUSED_TRAIN_PATH off)" if variant.endswith(LEGACY) else ""
+
+
 def _kv(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items())
 
@@ -792,8 +807,10 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
+        "fast-1x16-legacy",
+        "graphs-1x16-legacy",
     ],
-    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8"],
+    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8", "graphs-1x8-legacy"],
     "gen": [
         "none",
         "none-compile",
@@ -837,13 +854,13 @@ def select_rows(cases: str, compile: bool, resolution: int, high: int) -> list[s
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'row':<24} {'res':>5} {'img/step':>8} {'ms/step':>10} {'img/s':>8} {'peak GiB':>9} "
+        f"{'row':<26} {'res':>5} {'img/step':>8} {'ms/step':>10} {'img/s':>8} {'peak GiB':>9} "
         f"{'TFLOP/step':>10} {'TFLOP/s':>8} {'% matmul':>8} {'1st call s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (CASES.index(r["case"]), RUN_ORDER.index(r["id"]))):
         lines.append(
-            f"{r['id']:<24} {r['resolution']:>5} {r['images_per_step']:>8.3g} {r['ms_per_step']:>10.1f} "
+            f"{r['id']:<26} {r['resolution']:>5} {r['images_per_step']:>8.3g} {r['ms_per_step']:>10.1f} "
             f"{r['images_per_s']:>8.2f} {r['peak_gib']:>9.2f} {r['tflop_per_step']:>10.3f} "
             f"{r['achieved_tflops']:>8.1f} {100 * r['fraction_of_matmul_rate']:>7.1f}% {r['first_call_s']:>10.2f}"
         )

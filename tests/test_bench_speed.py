@@ -5,11 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+from b4m import plp
+
 ROOT = Path(__file__).resolve().parents[1]
 # One or more rows of every case (the whole --tiny run, compile rows aside, takes about 35 s on two cores).
 ROWS = (
     "naive/loop,naive/batched,stage1/default,stage1/low-memory,stage1/1024-low-memory,make/default,"
-    "gen/none,gen/unmerged,gen/merged,gen/vae-decode"
+    "stage1/graphs-1x16-legacy,make/graphs-1x8-legacy,gen/none,gen/unmerged,gen/merged,gen/vae-decode"
 )
 
 
@@ -36,6 +38,12 @@ def test_speed_tiny_on_cpu(tmp_path):
             assert r[key] > 0, (r["id"], key)
     assert rows["stage1/low-memory"]["settings"]["gradient_checkpointing"] is True
     assert rows["stage1/1024-low-memory"]["resolution"] == 128  # the toy's "1024" rows: twice the training size
+    # The -legacy rows: their row's settings on the earlier PLP training path, which the run switches back after.
+    assert rows["stage1/graphs-1x16-legacy"]["settings"]["fused_train_path"] is False
+    assert rows["stage1/graphs-1x16-legacy"]["settings"]["grad_accum"] == 1  # graphs-1x16's: one micro-step
+    assert rows["make/graphs-1x8-legacy"]["settings"]["fused_train_path"] is False
+    assert rows["stage1/default"]["settings"]["fused_train_path"] is True
+    assert plp.FUSED_TRAIN_PATH is True
     # A second run of the same day merges into the same file, replacing the rows it measured again.
     again = bench.main(
         ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none", "--profile", "gen/none"]

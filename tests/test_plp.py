@@ -1,11 +1,16 @@
 import copy
+import gc
+import weakref
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from b4m import B4MError, PLPConfig, add_plp, dry_run, merge_plp, plp_layers, remove_plp, set_scales
+from b4m import plp as plp_module
 from b4m.adapter_file import adapter_from_model, fuse, load_adapter, save_adapter
 from b4m.lora_io import factors_from_model
 from b4m.plp import PLPLinear, frozen_rng, learned_rng, make_frozen, make_learned_down
@@ -243,6 +248,186 @@ def test_bf16_base_layer_with_fp32_adapter_with_and_without_autocast():
     torch.testing.assert_close(autocast.float(), expected, rtol=2e-2, atol=2e-2)
     autocast.float().sum().backward()
     assert layer.up_learned.grad.dtype == torch.float32  # adapter weights and their grads stay fp32
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training path: one input cast under autocast, the adapter's add fused into its last matmul
+
+
+class Block(nn.Module):
+    """A transformer block's attention in miniature: q, k and v of one LayerNorm output (fp32 under autocast), then a
+    cross-attention whose k and v share the context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn1 = nn.ModuleDict(dict(to_q=nn.Linear(16, 16), to_k=nn.Linear(16, 16), to_v=nn.Linear(16, 16)))
+        self.attn2 = nn.ModuleDict(dict(to_q=nn.Linear(16, 16), to_k=nn.Linear(24, 16), to_v=nn.Linear(24, 16)))
+        self.attn1["to_out"] = nn.ModuleList([nn.Linear(16, 16)])
+        self.attn2["to_out"] = nn.ModuleList([nn.Linear(16, 16)])
+
+    @staticmethod
+    def attend(attn: nn.ModuleDict, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        q, k, v = attn["to_q"](h), attn["to_k"](ctx), attn["to_v"](ctx)
+        return attn["to_out"][0](F.scaled_dot_product_attention(q, k, v))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attend(self.attn1, h, h)
+        return x + self.attend(self.attn2, self.norm2(x), ctx)
+
+
+def train_pass(model, inputs, fused: bool, amp: bool, monkeypatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A forward and a backward of ``model`` (routed, scaled PLP layers) on one of the two training paths: the output
+    and the gradients of the float inputs and of every learned half."""
+    monkeypatch.setattr(plp_module, "FUSED_TRAIN_PATH", fused)
+    floats = {k: v for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()}
+    leaves = {k: v.detach().requires_grad_() for k, v in floats.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = model(**{**inputs, **leaves})
+        out = out if torch.is_tensor(out) else out.sample
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    params = [p for layer in plp_layers(model).values() for p in (layer.up_learned, layer.down_learned)]
+    grads = torch.autograd.grad((out.float() * w).sum(), [*leaves.values(), *params])
+    return out.detach(), list(grads)
+
+
+def scaled_routed_plp(model: nn.Module) -> None:
+    config = PLPConfig(rank=4)
+    add_plp(model, config)
+    randomize_learned(model)
+    set_scales(model, config, scale=0.8, content_scale=1.5, style_scale=0.5)
+    model.train()
+
+
+def max_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+    """Each tensor's largest deviation, relative to its largest entry."""
+    return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want, strict=True)]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_training_path_equals_the_legacy_one(amp, monkeypatch):
+    block = Block()
+    scaled_routed_plp(block)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(x=torch.randn(3, 5, 16, generator=g), ctx=torch.randn(3, 7, 24, generator=g))
+    with plp_module.routing(block, 1, "up"):
+        out, grads = train_pass(block, inputs, True, amp, monkeypatch)
+        ref, ref_grads = train_pass(block, inputs, False, amp, monkeypatch)
+    assert out.dtype == ref.dtype == torch.float32  # the residual stream stays fp32
+    assert all(g.dtype == torch.float32 for g in grads) and len(grads) == 2 + 2 * 8
+    # fp32: addmm's rounding against a matmul, a scale and an add; bf16: about two significant digits.
+    assert max(max_errors([out, *grads], [ref, *ref_grads])) < (2e-2 if amp else 1e-6)
+
+
+def test_fused_training_path_on_a_unet_is_as_accurate_as_the_legacy_one(sdxl_unet, monkeypatch):
+    """Through a whole UNet, bf16 roundings grow to several percent whichever the path: against the fp32 result, the
+    fused path's errors are those of the legacy one (and the two fp32 results agree)."""
+    scaled_routed_plp(sdxl_unet)
+    inputs = unet_inputs(sdxl_unet, batch=3)
+    with plp_module.routing(sdxl_unet, 1, "up"):
+        exact, exact_grads = train_pass(sdxl_unet, inputs, False, False, monkeypatch)
+        fp32, fp32_grads = train_pass(sdxl_unet, inputs, True, False, monkeypatch)
+        fused = max_errors(train_pass(sdxl_unet, inputs, True, True, monkeypatch)[1], exact_grads)
+        legacy = max_errors(train_pass(sdxl_unet, inputs, False, True, monkeypatch)[1], exact_grads)
+    assert max(max_errors([fp32, *fp32_grads], [exact, *exact_grads])) < 1e-5
+    assert sum(fused) < 1.25 * sum(legacy) and max(fused) < 1.25 * max(legacy)
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts the casts of tensors of one shape to bf16 (autocast's included: they pass the dispatcher too)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.casts = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].shape == self.shape:
+            self.casts += kwargs.get("dtype") == torch.bfloat16
+        return func(*args, **kwargs)
+
+
+def qkv_layers() -> list[PLPLinear]:
+    torch.manual_seed(0)
+    layers = [PLPLinear(nn.Linear(16, 12), PLPConfig(rank=4), name) for name in ("to_q", "to_k", "to_v")]
+    randomize_learned(nn.Sequential(*layers))
+    return layers
+
+
+def test_layers_fed_one_tensor_share_one_autocast_cast(monkeypatch):
+    """to_q, to_k and to_v of an attention block get one fp32 LayerNorm output: under autocast it is cast to bf16
+    once, not twice a layer (the base layer's and the adapter's), with the values of separate casts."""
+    layers = qkv_layers()
+    leaf = torch.randn(2, 5, 16, requires_grad=True)
+    h = leaf * 1.0  # an activation: autocast's own cache keeps casts of leaves only (and training turns it off)
+
+    def run(inputs: list[torch.Tensor], fused: bool = True) -> tuple[CastCounter, list[torch.Tensor], list]:
+        monkeypatch.setattr(plp_module, "FUSED_TRAIN_PATH", fused)
+        with CastCounter(h.shape) as counter, torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            outs = [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+        params = [p for layer in layers for p in (layer.up_learned, layer.down_learned)]
+        loss = sum(o.float().sum() for o in outs)
+        grads = torch.autograd.grad(loss, [leaf, *params], retain_graph=True)  # h serves four runs
+        return counter, outs, grads
+
+    shared, outs, grads = run([h, h, h])
+    assert shared.casts == 1
+    assert run([h, h, h], fused=False)[0].casts == 6
+    apart, ref_outs, ref_grads = run([h.clone() for _ in layers])  # three tensors: three casts
+    assert apart.casts == 3
+    for got, want in zip(outs, ref_outs, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert torch.equal(got, want)  # the learned halves' gradients do not see how h's gradient is summed
+    # h's: three bf16 gradients summed in bf16 before the cast back, against three fp32 casts summed in fp32.
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=2e-2, atol=2e-2 * ref_grads[0].abs().max().item())
+
+
+def test_the_shared_cast_follows_in_place_changes_and_keeps_nothing_alive():
+    layer = qkv_layers()[0]
+    h = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(h)
+        with torch.no_grad():
+            h.mul_(2.0)  # a new version: the cast of the old values must not be reused
+        with CastCounter(h.shape) as counter:
+            second = layer(h)
+        fresh = layer(h.clone())
+    assert counter.casts == 1
+    assert not torch.equal(second, first) and torch.equal(second, fresh)
+    source = weakref.ref(h)
+    del h
+    gc.collect()
+    assert source() is None
+
+
+def test_the_shared_cast_does_not_outlive_its_graph():
+    """Once the backward pass has freed what the adapters saved, nothing holds the cast, nor through it the step's
+    autograd graph (whose AccumulateGrad nodes a CUDA graph capture of the next step must not meet)."""
+    layer = qkv_layers()[0]
+    h = torch.randn(2, 5, 16, requires_grad=True) * 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        out = layer(h)
+    cast = plp_module._last_cast[3]
+    assert cast() is not None  # saved for the backward pass
+    out.float().sum().backward()
+    del out
+    gc.collect()
+    assert cast() is None
+
+
+def test_no_shared_cast_without_autocast():
+    """CPU fp32 training (no autocast) feeds the very tensor it got to both paths, cast by nobody."""
+    layer = qkv_layers()[0]
+    h = torch.randn(2, 5, 16)
+    assert plp_module._autocast_input(h) is h
+    with CastCounter(h.shape) as counter:
+        layer(h)
+    assert counter.casts == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plp_module._autocast_input(h.double()).dtype == torch.float64  # autocast leaves fp64 alone too
 
 
 # --------------------------------------------------------------------------------------------------------------------

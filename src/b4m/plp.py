@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +39,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import B4MError
-from .lowrank import low_rank_product
+from .lowrank import low_rank_add, low_rank_product
 
 FROZEN_INITS = ("approx", "exact", "random")
 LEARNED_INITS = ("zero", "kaiming", "gaussian")
 ASSIGNMENTS = ("paper", "official")
 ROLES = ("content", "style")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+#: The training forward of :class:`PLPLinear`: True casts an autocast input once (shared by the layers that get the
+#: same tensor, e.g. to_q, to_k and to_v) and adds the adapter's output to the base layer's inside its last matmul
+#: (:func:`b4m.lowrank.low_rank_add`); False is the earlier path (the base layer and the adapter cast the input each,
+#: the add and the scale are kernels of their own), kept so that bench/speed.py can time both in one run.
+FUSED_TRAIN_PATH = True
 
 
 @dataclass
@@ -284,12 +291,30 @@ class PLPLinear(nn.Module):
         return self.scale * (self.up() @ self.down())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if not self.enabled or self.merged:
-            return y
+            return self.base_layer(x)
         if not torch.is_grad_enabled():
-            return self._infer(x, y)
-        # One autograd node for the whole adapter (see b4m.lowrank); ΔW is never materialised.
+            return self._infer(x, self.base_layer(x))
+        if not FUSED_TRAIN_PATH:
+            return self._legacy_forward(x)
+        # One autograd node for the whole adapter and its add (see b4m.lowrank); ΔW is never materialised.
+        x = _autocast_input(x)
+        return low_rank_add(
+            self.base_layer(x.reshape(-1, x.shape[-1])),  # 2-D: the adapter adds into it in place
+            x,
+            self.up_frozen,
+            self.up_learned,
+            self.down_frozen,
+            self.down_learned,
+            self.up_scale,
+            self.down_scale,
+            self.scale,
+            self.route,
+        )
+
+    def _legacy_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward before :data:`FUSED_TRAIN_PATH` (for speed comparisons)."""
+        y = self.base_layer(x)
         out = low_rank_product(
             x,
             self.up_frozen,
@@ -350,6 +375,43 @@ class PLPLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, d_out={self.d_out}, d_in={self.d_in}"
         )
+
+
+#: The last input cast by :func:`_autocast_input`: weak references to the source and the cast, the source's version
+#: and the dtype.
+_last_cast: tuple | None = None
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast would cast it (else ``x``), so that the base layer and the adapter
+    use one cast, and layers fed the very same tensor (to_q, to_k and to_v get one LayerNorm output) one between
+    them: the last cast is reused while its source is the same object, unmodified (tensor versions count in-place
+    changes) and cast to the same dtype. The gradients of the layers sharing it sum in the autocast dtype before the
+    one cast back (as if the model ran in that dtype).
+
+    Both references are weak: the cast lives as long as an adapter node saves it for the backward pass (under
+    activation checkpointing, which saves nothing, siblings may cast again: slower, not wrong). A strong one would
+    keep the last step's autograd graph (its AccumulateGrad nodes) alive into the next step, which breaks the
+    capture of a CUDA graph (the nodes remember the stream they were made on)."""
+    global _last_cast
+    device = x.device.type
+    # Autocast casts fp32, fp16 and bf16 inputs (never fp64): the same ones here.
+    if not torch.is_autocast_enabled(device) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return x
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype:
+        return x
+    if torch.compiler.is_compiling() or x.is_inference():  # no Python state in a traced graph; no version counter
+        return x.to(dtype)
+    if _last_cast is not None:
+        source, version, target, cached = _last_cast
+        cast = cached()
+        fresh = source() is x and version == x._version and target == dtype
+        if fresh and cast is not None and cast.requires_grad == x.requires_grad:
+            return cast
+    cast = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(cast))
+    return cast
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -577,14 +577,14 @@ def test_make_sets_route_each_concept_to_its_half():
     content_sets, style_sets = toy_sets(model)
     main_c, main_s = content_sets[:1], style_sets[:1]
     plain, cfg = make_sets(main_c, main_s, TrainConfig(routing="none"), PLPConfig(), style_weight=0.5)
-    assert [(s.name, s.main, s.weight) for s in plain] == [("content:dog", True, 1.0), ("style:yarn", True, 0.5)]
+    assert [(s.name, s.main, s.weight) for s in plain] == [("dog", True, 1.0), ("yarn", True, 0.5)]
     assert cfg.owned is None
-    routed, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig())
-    assert [(s.name, s.main) for s in routed] == [("content:dog", True), ("style:yarn", False)] and cfg.owned == "up"
-    _, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(assignment="official"))
+    routed, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(), 1.0)
+    assert [(s.name, s.main) for s in routed] == [("dog", True), ("yarn", False)] and cfg.owned == "up"
+    _, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(assignment="official"), 1.0)
     assert cfg.owned == "down"
     with pytest.raises(B4MError, match="routing none or clean"):
-        make_sets(main_c, main_s, TrainConfig(routing="mixed", owned="up"), PLPConfig())
+        make_sets(main_c, main_s, TrainConfig(routing="mixed", owned="up"), PLPConfig(), 1.0)
 
 
 @pytest.mark.parametrize("routing", ["none", "clean"])

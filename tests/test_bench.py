@@ -102,8 +102,8 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-make20", config).make.steps == 20
     routed = variant_config("b4m-make-routed", config)
     assert routed.make.routing == "clean" and routed.train == base.train and routed.make.steps == base.make.steps
-    half = variant_config("b4m-make-style-half", config)
-    assert half.make_style_weight == 0.5 and half.make == base.make and base.make_style_weight == 1.0
+    equal = variant_config("b4m-make-style-equal", config)
+    assert equal.make_style_weight == 1.0 and equal.make == base.make and base.make_style_weight == 0.5
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     zip_cfg = variant_config("ziplora", config)

@@ -93,7 +93,12 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind):
         tmp_path / "yarn",
         *FAST,
     )
-    _cli("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", tmp_path / "made", "--steps", "2")
+    made_dir = tmp_path / "made"
+    _cli("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", made_dir, "--steps", "2")
+    # make's sets: content weight 1, style 0.5 (the default), both training both halves (routing none)
+    state = torch.load(made_dir / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    sets = json.loads(state["fingerprint"])["sets"]
+    assert [(n, w, main) for n, _, w, main in sets] == [("content", 1.0, True), ("style", 0.5, True)]
 
     content = load_adapter(tmp_path / "dog" / "content.b4m.safetensors")
     style = load_adapter(tmp_path / "yarn" / "style.b4m.safetensors")
@@ -221,6 +226,14 @@ def test_make_names_what_differs(world, tmp_path):
     )
     with pytest.raises(B4MError, match="cannot fuse .*rank differs \\(4 vs 8\\)"):
         run_make(cfg)
+    assert not (tmp_path / "m").exists()
+    for key, value, message in (
+        ("style_weight", -1.0, "style_weight must be at least 0, got -1.0"),
+        ("train.routing", "mixed", "make takes routing none .* or clean, not mixed"),
+    ):
+        bad = load_config(None, {"content": "c", "style": "s", "output": str(tmp_path / "m"), key: value}, {})
+        with pytest.raises(B4MError, match=message):  # before any file is read or the model loads
+            run_make(bad)
     assert not (tmp_path / "m").exists()
 
 

@@ -30,8 +30,8 @@ Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations``
   ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-up-lr4`` and
   ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank16``, make's data:
   ``b4m-make20`` (20 steps), ``b4m-make-routed`` (each concept's loss trains only its half),
-  ``b4m-make-style-half`` (style references weighted 0.5), ``b4m-d0`` … ``b4m-d7/8`` (frozen ratio d; ``b4m``
-  itself is d = 1/2).
+  ``b4m-make-style-equal`` (style references weighted 1, the paper's; the default is 0.5), ``b4m-d0`` …
+  ``b4m-d7/8`` (frozen ratio d; ``b4m`` itself is d = 1/2).
 
 Outputs in the output folder: ``results.json`` (settings, device, date, commit, per-method wall time, per-image
 scores, per-method means with 95% intervals, paired bootstrap differences of every method against ``b4m``, per-pair
@@ -158,8 +158,10 @@ VARIANTS: dict[str, Variant] = {
         {"make": {"routing": "clean"}},
         summary="make routed by concept: the content loss trains only the content half, the style loss the style half",
     ),
-    "b4m-make-style-half": Variant(
-        "b4m", {"make_style_weight": 0.5}, summary="make with the style references' loss weighted 0.5 (content 1)"
+    "b4m-make-style-equal": Variant(
+        "b4m",
+        {"make_style_weight": 1.0},
+        summary="make with the style references weighted 1 like the content's (the paper's; B4M's default is 0.5)",
     ),
     **_ratio_variants(),
 }

@@ -167,6 +167,7 @@ FLAG_KEYS = {
     "placeholder": "placeholder",
     "content": "content",
     "style": "style",
+    "style_weight": "style_weight",
     "steps": "train.steps",
     "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum",
@@ -280,6 +281,9 @@ def make(
     output: OutOpt = None,
     model: ModelOpt = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps (default 50; 0 = fuse only).")] = None,
+    style_weight: Annotated[
+        float | None, typer.Option(help="Weight of the style images' loss, the content's being 1 (default 0.5).")
+    ] = None,
     batch_size: BatchOpt = None,
     grad_accum: AccumOpt = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,

@@ -101,6 +101,7 @@ class StageConfig:
     aux: str | None = None  # a folder of folders, one per auxiliary set
     content: str | None = None  # make: the content run folder or file
     style: str | None = None  # make: the style run folder or file
+    style_weight: float = 0.5  # make: the style references' weight in the loss, the content's being 1
     resolution: int | None = None  # None: the model's default
     placeholder: str | None = None  # warn when a caption lacks this token
     device: str | None = None  # None: cuda if available, else cpu

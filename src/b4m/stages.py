@@ -384,6 +384,8 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
         raise B4MError("make needs --content and --style (run folders or .b4m.safetensors files)")
     if not cfg.output:
         raise B4MError("no --output folder given")
+    if not cfg.style_weight >= 0:
+        raise B4MError(f"style_weight must be at least 0, got {cfg.style_weight}")
     if cfg.train.routing == "mixed":
         raise B4MError("make takes routing none (both halves learn from both losses) or clean, not mixed")
     c_file, c_run = _run_source(cfg.content, "content")
@@ -422,7 +424,9 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
             encoded[role] = encode_set(model, image_set, 1.0, True)
         model.offload_encoders()
         t["cache"] = time.perf_counter()
-        sets, train_cfg = make_sets([encoded["content"]], [encoded["style"]], cfg.train, fused.config)
+        sets, train_cfg = make_sets(
+            [encoded["content"]], [encoded["style"]], cfg.train, fused.config, cfg.style_weight
+        )
         result = train(
             model,
             fused.config,

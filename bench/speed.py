@@ -17,8 +17,10 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   row without the suffix on the earlier PLP training path (``b4m.plp.FUSED_TRAIN_PATH`` off: the input cast by the
   base layer and the adapter each, the adapter's add and scale as kernels of their own), for before/after in one run.
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
-  adapter unmerged (the no-grad path: cached factors in the UNet dtype) and merged (plain linear layers, as
-  ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the UNet calls; the VAE decode timed apart.
+  adapter unmerged (the no-grad path: ``W_down`` stacked under the base weight, one GEMM for both, cached in the UNet
+  dtype) and merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the
+  UNet calls; the VAE decode timed apart. ``gen/unmerged-legacy`` and ``gen/unmerged-graphs-legacy``: the unmerged
+  rows on the earlier no-grad path (``b4m.plp.STACKED_INFER`` off: the base GEMM, then the adapter's two).
 
 ``--compile`` adds torch.compile rows. One training step is one optimizer step (4 micro-steps); a generation step is
 one denoising step. Each row: median of ``--repeats`` synchronised steps after ``--warmup`` steps, peak memory of
@@ -86,7 +88,7 @@ CASES = ("naive", "stage1", "make", "gen")
 N_AUX = 3  # auxiliary sets of a content run (the official code's three)
 GRAD_ACCUM = 4
 GRAPHS = {"cuda_graphs": True}
-LEGACY = "-legacy"  # a training row's suffix: the same row on b4m.plp's earlier training path
+LEGACY = "-legacy"  # a row's suffix: the same row on b4m.plp's earlier training path (gen: no-grad path)
 ONE_PASS = {"batch_size": GRAD_ACCUM, "grad_accum": 1}  # a step's images in one forward and backward
 
 # The tiny UNet keeps SDXL's layout (no attention at the first level, text_time conditioning) at toy widths.
@@ -675,9 +677,11 @@ class Bench:
         if variant == "vae-decode":
             self.vae_decode(res)
             return
+        legacy = variant.endswith(LEGACY)
+        plain = variant.removesuffix(LEGACY)  # the row's settings, on the earlier no-grad path with legacy
         adapter = "none" if variant.startswith("none") else "plp"
-        compile = variant.endswith("-compile")
-        graphs = variant.endswith("-graphs")
+        compile = plain.endswith("-compile")
+        graphs = plain.endswith("-graphs")
         self.use_adapter(adapter)
         named = plp_layers(self.unet)
         if variant.startswith("merged"):  # as b4m generate --merge does (merge_plp): plain linear layers
@@ -686,7 +690,8 @@ class Bench:
                 _set_submodule(self.unet, name, layer.base_layer)
         descriptions = {
             "none": "no adapter",
-            "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: cached factors in the UNet's dtype)",
+            "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: W_down stacked under the base "
+            "weight, one GEMM for both, cached in the UNet's dtype)",
             "merged": "fused PLP adapter merged into the weights (b4m.plp merge)",
             "none-compile": f"no adapter, torch.compile(mode={args.compile_mode})",
             "none-graphs": "no adapter, CUDA graphs of the UNet calls (b4m.cuda_graphs.graphed_sampling)",
@@ -694,9 +699,10 @@ class Bench:
             "merged-graphs": "merged, CUDA graphs of the UNet calls",
             "merged-compile": f"merged, torch.compile(mode={args.compile_mode})",
         }
+        note = "; legacy no-grad path (b4m.plp.STACKED_INFER off: the base GEMM, then the adapter's two)"
         row = Row(
             f"gen/{variant}",
-            f"{descriptions[variant]}; {steps} Euler steps, CFG 5",
+            f"{descriptions[plain]}{note if legacy else ''}; {steps} Euler steps, CFG 5",
             res,
             1 / steps,
             2,
@@ -704,10 +710,14 @@ class Bench:
         )
         if compile:
             row.settings["compile_mode"] = args.compile_mode
+        if plain.startswith("unmerged"):
+            row.settings["stacked_infer"] = not legacy
         scheduler = EulerDiscreteScheduler(**BETAS, steps_offset=1, timestep_spacing="leading")
         cond = Conditioning.cat([self.cond(1, res), self.cond(1, res)])  # (negative, prompt)
         s = res // 8
         self.unet.eval()
+        stacked = plp.STACKED_INFER
+        plp.STACKED_INFER = not legacy  # for the whole row: CUDA graphs are captured in its warm-up
         try:
             graphed = contextlib.ExitStack()  # entered after the FLOP count (eager), before the warm-up
             with self.compiled(compile) as compiled, torch.no_grad(), graphed:
@@ -744,6 +754,7 @@ class Bench:
                     steps_per_call=steps,
                 )
         finally:
+            plp.STACKED_INFER = stacked
             if variant.startswith("merged"):
                 for name, layer in named.items():
                     _set_submodule(self.unet, name, layer)
@@ -818,6 +829,8 @@ VARIANTS = {
         "vae-decode",
         "unmerged",
         "unmerged-graphs",
+        "unmerged-legacy",
+        "unmerged-graphs-legacy",
         "merged",
         "merged-graphs",
         "merged-compile",

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # One or more rows of every case (the whole --tiny run, compile rows aside, takes about 35 s on two cores).
 ROWS = (
     "naive/loop,naive/batched,stage1/default,stage1/low-memory,stage1/1024-low-memory,make/default,"
-    "stage1/graphs-1x16-legacy,make/graphs-1x8-legacy,gen/none,gen/unmerged,gen/merged,gen/vae-decode"
+    "stage1/graphs-1x16-legacy,make/graphs-1x8-legacy,gen/none,gen/unmerged,gen/unmerged-legacy,"
+    "gen/unmerged-graphs-legacy,gen/merged,gen/vae-decode"
 )
 
 
@@ -44,6 +45,17 @@ def test_speed_tiny_on_cpu(tmp_path):
     assert rows["make/graphs-1x8-legacy"]["settings"]["fused_train_path"] is False
     assert rows["stage1/default"]["settings"]["fused_train_path"] is True
     assert plp.FUSED_TRAIN_PATH is True
+    # The gen -legacy rows: the unmerged rows on the earlier no-grad path (no CUDA graphs on a CPU: eager).
+    assert rows["gen/unmerged-legacy"]["settings"]["stacked_infer"] is False
+    assert rows["gen/unmerged-graphs-legacy"]["settings"]["stacked_infer"] is False
+    assert rows["gen/unmerged-graphs-legacy"]["settings"]["cuda_graphs"] is True
+    assert rows["gen/unmerged"]["settings"]["stacked_infer"] is True
+    assert "stacked_infer" not in rows["gen/merged"]["settings"]
+    assert "STACKED_INFER off" in rows["gen/unmerged-legacy"]["description"]
+    assert plp.STACKED_INFER is True
+    # One GEMM of (m + r) rows instead of m and r: the same FLOPs.
+    stacked, earlier = (rows[f"gen/unmerged{s}"]["tflop_per_step"] for s in ("", "-legacy"))
+    assert abs(stacked - earlier) <= 1e-9 * earlier
     # A second run of the same day merges into the same file, replacing the rows it measured again.
     again = bench.main(
         ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none", "--profile", "gen/none"]

@@ -544,3 +544,210 @@ def test_no_grad_forward_equals_the_training_forward_and_follows_updates():
     fast3, slow3 = both()
     assert not torch.allclose(fast3, fast2)
     torch.testing.assert_close(fast3, slow3, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The no-grad path: W_down stacked under the base weight (plp.STACKED_INFER)
+
+
+def no_grad_both(layer: nn.Module, *args, mode=torch.no_grad, **kwargs) -> tuple:
+    """``layer``'s no-grad output on the stacked path and on the earlier one (plp.STACKED_INFER off)."""
+    outs = []
+    for stacked in (True, False):
+        previous, plp_module.STACKED_INFER = plp_module.STACKED_INFER, stacked
+        try:
+            with mode():
+                out = layer(*args, **kwargs)
+        finally:
+            plp_module.STACKED_INFER = previous
+        outs.append(out if torch.is_tensor(out) else out.sample)
+    return tuple(outs)
+
+
+def scaled_layer(bias: bool = True, m: int = 20, n: int = 48, rank: int = 8) -> PLPLinear:
+    torch.manual_seed(0)
+    layer = PLPLinear(nn.Linear(n, m, bias=bias), PLPConfig(rank=rank), "to_k")
+    randomize_learned(nn.Sequential(layer))
+    layer.scale, layer.up_scale, layer.down_scale = 0.8, 1.5, 0.5
+    return layer
+
+
+def closed_form(layer: PLPLinear, x: torch.Tensor) -> torch.Tensor:
+    base = layer.base_layer
+    out = x.double() @ (base.weight.double() + layer.delta_weight().double()).T
+    return out if base.bias is None else out + base.bias.double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 48), (3, 5, 48), (48,)])
+def test_stacked_no_grad_path_equals_the_earlier_one(bias, shape):
+    layer = scaled_layer(bias)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    stacked, earlier = no_grad_both(layer, x)
+    assert stacked.shape == earlier.shape == (*shape[:-1], 20)
+    torch.testing.assert_close(stacked, earlier, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked.double(), closed_form(layer, x), rtol=1e-5, atol=1e-5)
+    # The output is the first m columns of the one GEMM's (..., m + r) result, whose last r columns held x · W_downᵀ.
+    if len(shape) > 1:
+        assert stacked.stride() == (*((28 * k) for k in torch.Size(shape[:-1])[1:]), 28, 1)[-len(shape) :]
+    assert stacked.untyped_storage().nbytes() == stacked.numel() // 20 * 28 * 4
+    # The earlier path dropped the stack; the stacked one builds it again.
+    assert "_stack_cache" not in layer.__dict__
+    with torch.no_grad():
+        layer(x)
+    _, w_stack, b_stack, up_t = layer._stack_cache
+    assert w_stack.shape == (28, 48) and up_t.shape == (8, 20)
+    torch.testing.assert_close(w_stack[:20], layer.base_layer.weight, rtol=0, atol=0)
+    torch.testing.assert_close(w_stack[20:], layer.down(), rtol=0, atol=0)
+    if bias:
+        assert b_stack.tolist() == [*layer.base_layer.bias.tolist(), *[0.0] * 8]
+    else:
+        assert b_stack is None
+
+
+def test_stacked_path_adds_in_place_without_a_copy():
+    """The adapter's addmm_ writes into the GEMM's output through strided views: no copy or clone (on a CPU; cuBLAS
+    takes the same strides, ld = m + r, as they are)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = scaled_layer()
+    x = torch.randn(4, 64, 48)
+    with torch.no_grad():
+        layer(x)  # builds the stack
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = layer(x)
+
+    def below(event) -> list[str]:
+        return [name for c in event.cpu_children for name in (c.name, *below(c))]
+
+    top = [e for e in prof.events() if e.cpu_parent is None]
+    # One GEMM (the CPU's addmm copies the broadcast bias into its output first: the base layer's does too), views
+    # of its output, and the in-place add, which calls no copy (its children only resolve conjugate views).
+    assert sorted({e.name for e in top}) == ["aten::addmm_", "aten::linear", "aten::slice", "aten::to", "aten::view"]
+    assert [e.name for e in top].count("aten::linear") == 1
+    add = next(e for e in top if e.name == "aten::addmm_")
+    assert set(below(add)) == {"aten::resolve_conj"}
+    gemm = next(e for e in top if e.name == "aten::linear")
+    assert below(gemm).count("aten::copy_") == 1 and "aten::clone" not in below(gemm)
+    assert out.stride() == (64 * 28, 28, 1)
+
+
+def test_stacked_path_under_bf16_and_autocast():
+    torch.manual_seed(0)
+    layer = PLPLinear(nn.Linear(48, 20).to(torch.bfloat16), PLPConfig(rank=8), "to_k")
+    randomize_learned(nn.Sequential(layer))
+    layer.scale, layer.down_scale = 0.8, 1.5
+    x = torch.randn(3, 5, 48)
+    stacked, earlier = no_grad_both(layer, x.bfloat16())
+    assert stacked.dtype == earlier.dtype == torch.bfloat16
+    torch.testing.assert_close(stacked.float(), earlier.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(stacked.double(), closed_form(layer, x.bfloat16()), rtol=3e-2, atol=3e-2)
+    # fp32 weights under bf16 autocast: the stack in bf16, as autocast runs the base layer.
+    fp32 = scaled_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stacked, earlier = no_grad_both(fp32, x)
+        with torch.no_grad():
+            fp32(x)
+    assert stacked.dtype == earlier.dtype == torch.bfloat16
+    assert fp32._stack_cache[1].dtype == torch.bfloat16
+    torch.testing.assert_close(stacked.float(), earlier.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_stack_follows_every_tensor_and_scale_it_comes_from():
+    """In-place changes of the base weight or bias (copied into the stack), of B, C or D, a replaced weight and a
+    changed scale all rebuild the cache; otherwise the very same tensors are reused (as CUDA-graph replays need)."""
+    layer = scaled_layer()
+    x = torch.randn(3, 5, 48)
+
+    def check() -> torch.Tensor:
+        stacked, earlier = no_grad_both(layer, x)
+        torch.testing.assert_close(stacked, earlier, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stacked.double(), closed_form(layer, x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            return layer(x)
+
+    before = check()
+    cache = layer._stack_cache
+    with torch.no_grad():
+        layer(x)
+    assert all(a is b for a, b in zip(layer._stack_cache, cache, strict=True))  # nothing changed: nothing rebuilt
+    base = layer.base_layer
+    changes = [
+        lambda: base.weight.add_(1.0),
+        lambda: base.bias.add_(1.0),
+        lambda: layer.up_learned.add_(0.5),
+        lambda: layer.down_learned.mul_(2.0),
+        lambda: layer.down_frozen.mul_(-1.0),
+        lambda: setattr(base.weight, "data", base.weight.data * 2),  # a new tensor, not an in-place change
+        lambda: setattr(layer, "scale", 0.3),
+        lambda: setattr(layer, "up_scale", 0.7),
+        lambda: setattr(layer, "down_scale", 2.0),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            layer(x)  # the stack of the current tensors
+        with torch.no_grad():
+            change()
+        after = check()
+        assert not torch.allclose(after, before)
+        before = after
+
+
+def test_merged_disabled_trained_and_hooked_layers_build_no_stack():
+    layer = scaled_layer()
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        unmerged = layer(x)
+    assert "_stack_cache" in layer.__dict__
+    layer.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x))
+    assert "_stack_cache" not in layer.__dict__
+    layer.enabled = True
+    with torch.no_grad():
+        layer(x)
+    layer.merge()
+    assert "_stack_cache" not in layer.__dict__  # merge drops it at once (merge_plp keeps no wrapper to call)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert "_stack_cache" not in layer.__dict__
+    layer.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)  # a stack of the unmerged weight
+    layer(x).sum().backward()  # a training forward: the optimizer is about to move B and D
+    assert "_stack_cache" not in layer.__dict__
+    # A hooked base layer (e.g. an offloading hook) must be called: the earlier path runs.
+    calls = []
+    handle = layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert calls == [1] and "_stack_cache" not in layer.__dict__
+    handle.remove()
+
+
+@pytest.mark.parametrize("config", [TINY_SD_UNET, TINY_SDXL_UNET], ids=["sd", "sdxl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_path_through_a_unet_equals_the_earlier_one(config, dtype):
+    """diffusers' attention views the strided projections per head (q.view(b, -1, heads, d).transpose(1, 2)):
+    through a whole UNet the stacked path gives the earlier one's output."""
+    unet = make_unet(config)
+    add_plp(unet, PLPConfig(rank=4))
+    randomize_learned(unet)
+    set_scales(unet, PLPConfig(rank=4), scale=0.8, content_scale=1.5, style_scale=0.5)
+    unet.to(dtype)
+    inputs = unet_inputs(unet)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    stacked, earlier = no_grad_both(unet, **inputs)
+    layers = plp_layers(unet).values()
+    assert all("_stack_cache" not in layer.__dict__ for layer in layers)  # the earlier path ran last
+    with torch.inference_mode():
+        again = unet(**inputs).sample
+    assert all("_stack_cache" in layer.__dict__ for layer in layers)
+    assert torch.equal(again, stacked)
+    with torch.no_grad():
+        remove_plp(unet)
+        base = unet(**inputs).sample
+    (err,) = max_errors([stacked.float()], [earlier.float()])
+    (effect,) = max_errors([stacked.float()], [base.float()])
+    # fp32: GEMM rounding only; bf16: one rounding of a bf16 GEMM output, well below the adapter's own effect.
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2) and effect > 10 * err, (err, effect)

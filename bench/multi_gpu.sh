@@ -5,8 +5,23 @@ set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # KINDS.md: multicast stays off
 B4M=${B4M:-"python3 -m b4m.cli"}   # or: b4m
 STEPS=${STEPS:-500}; DP_STEPS=${DP_STEPS:-300}; BENCH=${BENCH:-"--contents dog,butterfly --styles vortex,brick"}
-mkdir -p runs/m && cd runs/m
-[ -d data ] || python3 - <<'PY'
+# M_DIR: the working folder (default runs/m); `report` can run anywhere on a copy of it (see save_out below).
+M_DIR=${M_DIR:-runs/m}
+mkdir -p "$M_DIR" && cd "$M_DIR"
+# Each part ends by copying what `report` reads into $OUT/m when $OUT is set (the device tool's output folder): a
+# machine handed back between calls loses runs/m, so fetch after every part and run `report` on the copy.
+save_out() {
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT/m"
+    cp times.txt ./*.log "$OUT/m/" 2>/dev/null || true
+    for f in bench1/results.json bench2/results.json dp1/run.json dp2/run.json dp1/content.b4m.safetensors \
+             dp2/content.b4m.safetensors sweep/summary.json; do
+        [ -f "$f" ] && mkdir -p "$OUT/m/$(dirname "$f")" && cp "$f" "$OUT/m/$f"
+    done
+    return 0
+}
+trap save_out EXIT
+[ -d data ] || [ "$1" = report ] || python3 - <<'PY'
 from pathlib import Path
 from b4m.world.catalog import default_catalog
 from b4m.world.tasks import make_task

@@ -107,6 +107,9 @@ def test_ablations_change_one_setting():
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     zip_cfg = variant_config("ziplora", config)
+    no_sim = variant_config("ziplora-no-sim", config)
+    assert no_sim.similarity_weight == 0.0 and zip_cfg.similarity_weight == 0.01
+    assert (no_sim.lora, no_sim.train, no_sim.merge) == (zip_cfg.lora, zip_cfg.train, zip_cfg.merge)
     assert (zip_cfg.train.steps, zip_cfg.merge.steps, zip_cfg.lora.rank) == (2, 1, 4)
     assert variant_config("jttrain", config).train == variant_config("direct_merge", config).train
 

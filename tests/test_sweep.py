@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from b4m import B4MError
@@ -209,14 +210,23 @@ def test_waves_give_every_worker_its_own_stage1_runs():
     assert waves([("dog", "ink"), ("dog", "oil")]) == [[("dog", "ink")], [("dog", "oil")]]
 
 
-def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path):
+def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path, monkeypatch):
     """A 2 × 2 grid of pairs (a wave of whole pairs, then a wave of single units) in 2 CPU workers: the same images,
-    scores and losses as one process, stage-1 runs trained once each."""
-    pairs = [("teapot", "sunburst"), ("dog", "brick"), ("teapot", "brick"), ("dog", "sunburst")]
-    config = quick_config(pairs=pairs, methods=["b4m"], steps=1, make_steps=1)
-    loaded = {"model": load_model("world"), "oracle": load_shipped_oracle("a")}  # this process's; workers load theirs
-    one = run_bench(tmp_path / "one", config, **loaded)
-    two = run_bench(tmp_path / "two", config, workers=2, **loaded)
+    scores and losses as one process, stage-1 runs trained once each.
+
+    All processes run one thread: CPU GEMMs may sum in another order with another thread count (the stacked sampling
+    GEMM of b4m.plp does), which moves cosines in the 5th digit; equality is the claim, so the order must match."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process's
+    try:
+        pairs = [("teapot", "sunburst"), ("dog", "brick"), ("teapot", "brick"), ("dog", "sunburst")]
+        config = quick_config(pairs=pairs, methods=["b4m"], steps=1, make_steps=1)
+        loaded = {"model": load_model("world"), "oracle": load_shipped_oracle("a")}  # workers load their own
+        one = run_bench(tmp_path / "one", config, **loaded)
+        two = run_bench(tmp_path / "two", config, workers=2, **loaded)
+    finally:
+        torch.set_num_threads(threads)
     assert two["workers"] == 2 and "workers" not in one
     for key in ("per_image", "stage1_runs", "items", "summary"):
         assert two[key] == one[key], key

@@ -19,6 +19,7 @@ on CPU workers). Without a GPU or with one, everything runs in this process, as 
 Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations`` or ``all``):
 
 - ``b4m``, ``jttrain``, ``direct_merge``, ``ziplora``, ``blora``: :mod:`b4m.baselines` with the bench's settings;
+  ``ziplora-no-sim``: ZipLoRA with the similarity weight λ = 0 (which of its two losses moves the mergers);
 - ``base``: the lower bound, the base model with no adapter prompted with the real names instead of placeholders
   (``Task.word_prompts``: what prompting alone gets);
 - ``renderer``: the upper bound, the renderer's ground truth of every evaluation scene (its jitter seeded by the
@@ -127,6 +128,11 @@ VARIANTS: dict[str, Variant] = {
     "jttrain": Variant("jttrain", summary="one LoRA on content and style together (eq. 2)"),
     "direct_merge": Variant("direct_merge", summary="two LoRAs added (eq. 3)"),
     "ziplora": Variant("ziplora", summary="two LoRAs merged with learned per-column coefficients"),
+    "ziplora-no-sim": Variant(
+        "ziplora",
+        {"similarity_weight": 0.0},
+        summary="ZipLoRA without the merger-similarity term (reconstruction losses only; a diagnostic)",
+    ),
     "blora": Variant("blora", summary="content and style LoRAs in two decoder attention blocks"),
     "base": Variant("base", summary="lower bound: base model, real names instead of placeholders, no adapter"),
     "renderer": Variant("renderer", summary="upper bound: the renderer's ground truth of each scene"),

@@ -106,6 +106,14 @@ def test_ablations_change_one_setting():
     assert equal.make_style_weight == 1.0 and equal.make == base.make and base.make_style_weight == 0.5
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
+    bf16 = quick_config(mixed_precision="bf16")
+    for name in ("b4m", "jttrain", "ziplora", "blora"):
+        cfg = variant_config(name, bf16)
+        tables = [cfg.train] + [getattr(cfg, t) for t in ("make", "merge") if hasattr(cfg, t)]
+        assert {t.mixed_precision for t in tables} == {"bf16"}, name
+    assert base.train.mixed_precision == base.make.mixed_precision == "auto"
+    with pytest.raises(B4MError, match="mixed_precision must be one of auto, no, bf16, fp16, got 'fp8'"):
+        quick_config(mixed_precision="fp8")
     zip_cfg = variant_config("ziplora", config)
     no_sim = variant_config("ziplora-no-sim", config)
     assert no_sim.similarity_weight == 0.0 and zip_cfg.similarity_weight == 0.01

@@ -72,7 +72,7 @@ from .errors import B4MError, DivergedError
 from .io_utils import atomic_path
 from .metrics.stats import paired_bootstrap
 from .report import html_page, html_table, interval_text, png_data_url, summarize
-from .train import TrainSet
+from .train import PRECISIONS, TrainSet
 
 #: Oracle-scored metrics, in report order (b4m.world.tasks.METRICS plus the average of content, style and prompt).
 METRICS: tuple[str, ...] = (
@@ -230,6 +230,9 @@ class BenchConfig:
     seed: int = 0  # data, adapters and training
     model: str = "world"
     oracle: str = "a"  # a shipped oracle ("a" or "b") or an oracle file
+    # Training precision of every run: auto is bf16 autocast on a GPU and fp32 on a CPU, and that difference can
+    # change a unit's scores (docs/benchmarks.md, the ZipLoRA diagnostic); bf16 on a CPU trains as the GPU does.
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.methods = resolve_methods(self.methods)
@@ -241,6 +244,8 @@ class BenchConfig:
         for name in ("steps", "make_steps", "merge_steps"):
             if getattr(self, name) < 0:
                 raise B4MError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise B4MError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
 
     def pair_list(self) -> list[tuple[str, str]]:
         return list(self.pairs) if self.pairs is not None else [(c, s) for c in self.contents for s in self.styles]
@@ -255,6 +260,7 @@ class BenchConfig:
             checkpoint_every=BIG,
             keep_checkpoints=1,
             seed=self.seed,
+            mixed_precision=self.mixed_precision,
         )
         lora = {"rank": self.rank, "seed": self.seed}
         if method == "b4m":
@@ -265,11 +271,17 @@ class BenchConfig:
                 grad_accum=1,
                 checkpoint_every=BIG,
                 keep_checkpoints=1,
+                mixed_precision=self.mixed_precision,
             )
             return {"adapter": lora, "train": train, "make": make}
         out: dict[str, Any] = {"lora": lora, "train": train}
         if method == "ziplora":
-            out["merge"] = dict(steps=self.merge_steps, batch_size=self.batch_size, checkpoint_every=BIG)
+            out["merge"] = dict(
+                steps=self.merge_steps,
+                batch_size=self.batch_size,
+                checkpoint_every=BIG,
+                mixed_precision=self.mixed_precision,
+            )
         return out
 
 

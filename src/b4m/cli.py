@@ -583,6 +583,10 @@ def bench(
     lr: Annotated[float | None, typer.Option(help="Learning rate of the runs (default 2e-3; make: half).")] = None,
     rank: Annotated[int | None, typer.Option(help="Adapter rank of every method (default 64, the paper's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the data, adapters and training (default 0).")] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(help="Training precision: auto (bf16 on a GPU, fp32 on a CPU), no, bf16 or fp16."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --output (finished units are not run again).")
     ] = False,
@@ -616,6 +620,7 @@ def bench(
         "lr": lr,
         "rank": rank,
         "seed": seed,
+        "mixed_precision": mixed_precision,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if pairs:

@@ -122,3 +122,7 @@ def test_preset_flag_sets_its_settings_and_flags_win():
     result = runner.invoke(app, ["make", "--preset", "fast", "--gradient-checkpointing", "--print-config"])
     assert result.exit_code == 0, result.output
     assert "gradient_checkpointing = true" in result.output and "fused_optimizer = true" in result.output
+    result = runner.invoke(app, ["make", "--print-config"])
+    assert result.exit_code == 0 and "style_weight = 0.5" in result.output  # make's default
+    result = runner.invoke(app, ["make", "--style-weight", "1", "--print-config"])
+    assert result.exit_code == 0 and "style_weight = 1.0" in result.output, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,25 @@ def test_eval_command_errors_in_one_line(tmp_path, metric_models):
     result = runner.invoke(app, ["eval", str(images), "--style-refs", str(tmp_path / "missing"), "--clip", str(clip)])
     assert result.exit_code != 0
     assert isinstance(result.exception, B4MError) and "no such folder" in str(result.exception)
+
+
+def test_commit_is_the_code_that_runs(monkeypatch, tmp_path):
+    import subprocess
+
+    import b4m.bench as bench
+
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(bench.__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    monkeypatch.delenv("B4M_COMMIT", raising=False)
+    if head:  # a checkout (CI clones one): this file is tracked, so git's HEAD describes it
+        assert bench._commit()[0] == head
+    monkeypatch.setenv("B4M_COMMIT", "abc1234")  # a snapshot says what it is; whether it is dirty is unknown
+    assert bench._commit() == ("abc1234", None)
+    monkeypatch.delenv("B4M_COMMIT")
+    # a copy of the module where git does not track it (e.g. an ignored snapshot folder): no commit, not a wrong one
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    copy = tmp_path / "bench.py"
+    copy.write_text(Path(bench.__file__).read_text())
+    monkeypatch.setattr(bench, "__file__", str(copy))
+    assert bench._commit() == (None, None)

@@ -54,6 +54,7 @@ import datetime
 import html
 import io
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -400,28 +401,36 @@ def _stage_counts(info: dict) -> tuple[int, int, float]:
     return trained, reused, reused_seconds
 
 
+def _commit() -> tuple[str | None, bool | None]:
+    """The commit of the code that runs, and whether it has uncommitted changes.
+
+    ``B4M_COMMIT`` wins (a code snapshot copied without its history, e.g. onto a GPU machine: ``dirty`` is then
+    unknown). Otherwise git, but only when this file is tracked where it lies: a snapshot inside another checkout
+    (an ignored folder) would otherwise report that checkout's commit."""
+    if os.environ.get("B4M_COMMIT"):
+        return os.environ["B4M_COMMIT"], None
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here.parent, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+
+    try:
+        git("ls-files", "--error-unmatch", here.name)  # fails when this file is untracked or ignored
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
 def _environment(model) -> dict[str, Any]:
     import diffusers
 
     device = model.device
     name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    repo = Path(__file__).resolve().parent
-    commit = dirty = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = _commit()
     from . import __version__
 
     return {

@@ -26,6 +26,13 @@ import torch
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
+def _factors(a, b, c, d, up_scale: float, down_scale: float, dtype: torch.dtype):
+    """``W_up = [A; s_u·B]`` (m × r) and ``W_down = [C, s_d·D]`` (r × n) in ``dtype``."""
+    up = torch.cat([a, b * up_scale if up_scale != 1.0 else b], dim=0).to(dtype)
+    down = torch.cat([c, d * down_scale if down_scale != 1.0 else d], dim=1).to(dtype)
+    return up, down
+
+
 def _compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight_dtype
@@ -38,8 +45,7 @@ class LowRankProduct(torch.autograd.Function):
     def forward(ctx, x, a, b, c, d, up_scale: float, down_scale: float, route: tuple[int, str] | None):
         dtype = _compute_dtype(x, b.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            up = torch.cat([a, b * up_scale if up_scale != 1.0 else b], dim=0).to(dtype)  # m × r
-            down = torch.cat([c, d * down_scale if down_scale != 1.0 else d], dim=1).to(dtype)  # r × n
+            up, down = _factors(a, b, c, d, up_scale, down_scale, dtype)
             xc = x.to(dtype)
             h = xc @ down.T  # (..., r)
             out = h @ up.T  # (..., m)
@@ -76,8 +82,7 @@ class LowRankAdd(torch.autograd.Function):
     def forward(ctx, y, x, a, b, c, d, up_scale: float, down_scale: float, scale: float, route):
         dtype = _compute_dtype(x, b.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            up = torch.cat([a, b * up_scale if up_scale != 1.0 else b], dim=0).to(dtype)  # m × r
-            down = torch.cat([c, d * down_scale if down_scale != 1.0 else d], dim=1).to(dtype)  # r × n
+            up, down = _factors(a, b, c, d, up_scale, down_scale, dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             h = x2 @ down.T  # rows × r
             if y.dtype == dtype and not torch.compiler.is_compiling():

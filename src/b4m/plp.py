@@ -299,6 +299,14 @@ class PLPLinear(nn.Module):
         d = self.down_learned if self.down_scale == 1.0 else self.down_learned * self.down_scale
         return torch.cat([self.down_frozen, d], dim=1)
 
+    def _factors(self) -> tuple:
+        """What the low-rank nodes take: A, B, C, D and the halves' scales."""
+        return self.up_frozen, self.up_learned, self.down_frozen, self.down_learned, self.up_scale, self.down_scale
+
+    def _scaled_up(self) -> torch.Tensor:
+        """scale · W_up (what the no-grad paths multiply by)."""
+        return self.up() * self.scale if self.scale != 1.0 else self.up()
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · W_up · W_down (m × n), in the adapter's dtype."""
         return self.scale * (self.up() @ self.down())
@@ -317,12 +325,7 @@ class PLPLinear(nn.Module):
         return low_rank_add(
             self.base_layer(x.reshape(-1, x.shape[-1])),  # 2-D: the adapter adds into it in place
             x,
-            self.up_frozen,
-            self.up_learned,
-            self.down_frozen,
-            self.down_learned,
-            self.up_scale,
-            self.down_scale,
+            *self._factors(),
             self.scale,
             self.route,
         )
@@ -332,12 +335,7 @@ class PLPLinear(nn.Module):
         y = self.base_layer(x)
         out = low_rank_product(
             x,
-            self.up_frozen,
-            self.up_learned,
-            self.down_frozen,
-            self.down_learned,
-            self.up_scale,
-            self.down_scale,
+            *self._factors(),
             self.route,
         )
         if self.scale != 1.0:
@@ -374,7 +372,7 @@ class PLPLinear(nn.Module):
         cache = self.__dict__.get("_stack_cache")
         if cache is None or cache[0] != key:
             self.__dict__.pop("_stack_cache", None)  # free the stale stack before building the new one
-            up = (self.up() * self.scale if self.scale != 1.0 else self.up()).to(dtype)
+            up = self._scaled_up().to(dtype)
             w_stack = torch.cat([w.to(dtype), self.down().to(dtype)])  # (m + r) × n
             b_stack = None if b is None else torch.cat([b.to(dtype), b.new_zeros(self.rank, dtype=dtype)])
             cache = self._stack_cache = (key, w_stack, b_stack, up.T.contiguous())
@@ -424,7 +422,7 @@ class PLPLinear(nn.Module):
             *(t._version for t in (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)),
         )
         if getattr(self, "_factor_cache", (None,))[0] != key:
-            up = (self.up() * self.scale if self.scale != 1.0 else self.up()).to(y.dtype)
+            up = self._scaled_up().to(y.dtype)
             self._factor_cache = (key, up.T.contiguous(), self.down().to(y.dtype))
         _, up_t, down = self._factor_cache
         h = F.linear(x.to(y.dtype), down)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import b4m.baselines.common as common
 from b4m import B4MError
+from b4m.baselines import method_config
 from b4m.bench import (
     ABLATIONS,
     DEFAULT_METHODS,
@@ -103,6 +104,8 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-make20", config).make.steps == 20
     routed = variant_config("b4m-make-routed", config)
     assert routed.make.routing == "clean" and routed.train == base.train and routed.make.steps == base.make.steps
+    with pytest.raises(B4MError, match="make_style_weight must be at least 0, got -1"):
+        method_config("b4m", {"make_style_weight": -1})
     equal = variant_config("b4m-make-style-equal", config)
     assert equal.make_style_weight == 1.0 and equal.make == base.make and base.make_style_weight == 0.5
     make0 = variant_config("b4m-make0", config)

@@ -54,6 +54,10 @@ class B4MConfig:
     # +0.03 average on the world benchmark at seeds 0 and 1, from content (docs/benchmarks.md, "Make's data").
     make_style_weight: float = 0.5
 
+    def __post_init__(self) -> None:
+        if not self.make_style_weight >= 0:
+            raise B4MError(f"make_style_weight must be at least 0, got {self.make_style_weight}")
+
 
 def make_sets(
     content: Sequence[TrainSet],

@@ -22,7 +22,7 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   UNet calls; the VAE decode timed apart. ``gen/unmerged-legacy`` and ``gen/unmerged-graphs-legacy``: the unmerged
   rows on the earlier no-grad path (``b4m.plp.STACKED_INFER`` off: the base GEMM, then the adapter's two).
 
-``--compile`` adds torch.compile rows. One training step is one optimizer step (4 micro-steps); a generation step is
+``--compile`` adds torch.compile rows (``stage1/fast-1x16-compile``: the eager ``fast-1x16`` row compiled). One training step is one optimizer step (4 micro-steps); a generation step is
 one denoising step. Each row: median of ``--repeats`` synchronised steps after ``--warmup`` steps, peak memory of
 those steps (``torch.cuda.max_memory_allocated``, reset per row), FLOPs of one step counted once with torch's flop
 counter (eagerly, not timed), and the fraction of the bf16 matrix rate measured in the same run (an
@@ -631,6 +631,12 @@ class Bench:
                 {**fast, **GRAPHS, **ONE_PASS},
                 {},
             ),
+            "fast-1x16-compile": (
+                f"as fast-1x16, the UNet torch.compile'd (mode={self.args.compile_mode})",
+                res,
+                {**fast, **ONE_PASS, "cuda_graphs": False},
+                {"compile": True},
+            ),
         }
         description, row_res, changes, options = spec[variant.removesuffix(LEGACY)]
         n = GRAD_ACCUM * (1 + N_AUX)
@@ -818,6 +824,7 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
+        "fast-1x16-compile",
         "fast-1x16-legacy",
         "graphs-1x16-legacy",
     ],

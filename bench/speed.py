@@ -22,12 +22,12 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   UNet calls; the VAE decode timed apart. ``gen/unmerged-legacy`` and ``gen/unmerged-graphs-legacy``: the unmerged
   rows on the earlier no-grad path (``b4m.plp.STACKED_INFER`` off: the base GEMM, then the adapter's two).
 
-``--compile`` adds torch.compile rows (``stage1/fast-1x16-compile``: the eager ``fast-1x16`` row compiled). One training step is one optimizer step (4 micro-steps); a generation step is
-one denoising step. Each row: median of ``--repeats`` synchronised steps after ``--warmup`` steps, peak memory of
-those steps (``torch.cuda.max_memory_allocated``, reset per row), FLOPs of one step counted once with torch's flop
-counter (eagerly, not timed), and the fraction of the bf16 matrix rate measured in the same run (an
-``--matmul-size``³ matmul). Prints a table and writes (merging rows of earlier runs of the same day and device)
-``OUT/speed-<device>-<date>.json``.
+``--compile`` adds torch.compile rows (``stage1/fast-1x16-compile``: the eager ``fast-1x16`` row compiled). One
+training step is one optimizer step (4 micro-steps); a generation step is one denoising step. Each row: median of
+``--repeats`` synchronised steps after ``--warmup`` steps, peak memory of those steps
+(``torch.cuda.max_memory_allocated``, reset per row), FLOPs of one step counted once with torch's flop counter
+(eagerly, not timed), and the fraction of the bf16 matrix rate measured in the same run (an ``--matmul-size``³ matmul).
+Prints a table and writes (merging rows of earlier runs of the same day and device) ``OUT/speed-<device>-<date>.json``.
 
     python bench/speed.py                                   # every case, training at 512 px (H100: ~6 min, estimated)
     python bench/speed.py --cases stage1,make --compile     # add torch.compile rows

@@ -704,6 +704,8 @@ class Bench:
             "unmerged-graphs": "fused PLP adapter, unmerged, CUDA graphs of the UNet calls",
             "merged-graphs": "merged, CUDA graphs of the UNet calls",
             "merged-compile": f"merged, torch.compile(mode={args.compile_mode})",
+            "unmerged-compile": f"fused PLP adapter, unmerged, torch.compile(mode={args.compile_mode}) (the "
+            "adapter's two matmuls after the base GEMM: the stack is Python state, not traced)",
         }
         note = "; legacy no-grad path (b4m.plp.STACKED_INFER off: the base GEMM, then the adapter's two)"
         row = Row(
@@ -838,6 +840,7 @@ VARIANTS = {
         "unmerged-graphs",
         "unmerged-legacy",
         "unmerged-graphs-legacy",
+        "unmerged-compile",
         "merged",
         "merged-graphs",
         "merged-compile",

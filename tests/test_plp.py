@@ -751,3 +751,38 @@ def test_stacked_path_through_a_unet_equals_the_earlier_one(config, dtype):
     (effect,) = max_errors([stacked.float()], [base.float()])
     # fp32: GEMM rounding only; bf16: one rounding of a bf16 GEMM output, well below the adapter's own effect.
     assert err < (1e-5 if dtype == torch.float32 else 2e-2) and effect > 10 * err, (err, effect)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_torch_compile_traces_the_adapter_in_one_graph(amp):
+    """The training and the sampling forward compile without a graph break (fullgraph), under autocast too (the
+    shared cast), and compute what the eager layer does: exactly in fp32; under bf16 autocast (where the compiled
+    node adds out of place, the eager one in place: other roundings) as close to an fp32 reference as eager is. A
+    break (torch 2.11's dynamo broke on the stack cache's ``__dict__.pop``) split an SDXL UNet into dozens of graphs
+    and made the compiled training step slower than eager; torch 2.13 traces that call, so here this guards the
+    sampling path's factor cache, which no torch traces, and whatever comes next."""
+    model = TwoLayers()
+    add_plp(model, PLPConfig(rank=8))
+    randomize_learned(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 5, 48)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+
+    def run(fn, autocast: bool) -> list[torch.Tensor]:
+        with torch.no_grad():
+            fn(x, ctx)  # leaves a stack that the training forward drops (eagerly) or keeps (compiled)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x, ctx)
+            out.float().sum().backward()
+            with torch.no_grad():
+                infer = fn(x, ctx)
+        return [out.float(), infer.float(), *(p.grad.clone() for p in params)]
+
+    reference, want, got = run(model, False), run(model, amp), run(compiled, amp)
+    torch._dynamo.reset()
+    for r, w, g in zip(reference, want, got, strict=True):
+        if amp:
+            assert (g - r).abs().max() <= 2 * (w - r).abs().max() + 1e-6
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

@@ -313,11 +313,11 @@ class PLPLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged:
-            self.__dict__.pop("_stack_cache", None)  # a base-weight copy that this layer no longer uses
+            self._drop_stack()  # a base-weight copy that this layer no longer uses
             return self.base_layer(x)
         if not torch.is_grad_enabled():
             return self._infer(x)
-        self.__dict__.pop("_stack_cache", None)  # training moves B and D: the stack would be stale anyway
+        self._drop_stack()  # training moves B and D: the stack would be stale anyway
         if not FUSED_TRAIN_PATH:
             return self._legacy_forward(x)
         # One autograd node for the whole adapter and its add (see b4m.lowrank); ΔW is never materialised.
@@ -357,7 +357,7 @@ class PLPLinear(nn.Module):
         dropped when the layer is merged, disabled or trained, or the switch is off."""
         dtype = self._stack_dtype(x) if STACKED_INFER else None
         if dtype is None:
-            self.__dict__.pop("_stack_cache", None)
+            self._drop_stack()
             return self._factor_infer(x, self.base_layer(x))
         w, b = self.base_layer.weight, self.base_layer.bias
         sources = (w, b, self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)
@@ -371,7 +371,7 @@ class PLPLinear(nn.Module):
         )
         cache = self.__dict__.get("_stack_cache")
         if cache is None or cache[0] != key:
-            self.__dict__.pop("_stack_cache", None)  # free the stale stack before building the new one
+            self._drop_stack()  # free the stale stack before building the new one
             up = self._scaled_up().to(dtype)
             w_stack = torch.cat([w.to(dtype), self.down().to(dtype)])  # (m + r) × n
             b_stack = None if b is None else torch.cat([b.to(dtype), b.new_zeros(self.rank, dtype=dtype)])
@@ -384,6 +384,13 @@ class PLPLinear(nn.Module):
         z2 = z.view(-1, z.shape[-1])
         z2[:, :m].addmm_(z2[:, m:], up_t)
         return z[..., :m]
+
+    def _drop_stack(self) -> None:
+        """Free the stacked sampling weights (:meth:`_infer`). Not inside torch.compile, where it would break the
+        graph (torch 2.11's dynamo cannot trace ``__dict__.pop``): a stale stack only holds memory, since
+        :meth:`_infer` checks its key before any use."""
+        if not torch.compiler.is_compiling():
+            self.__dict__.pop("_stack_cache", None)
 
     def _stack_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype of ``self.base_layer(x)`` where the stacked GEMM computes exactly what that call would (a plain
@@ -412,7 +419,11 @@ class PLPLinear(nn.Module):
     def _factor_infer(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The no-grad forward before :data:`STACKED_INFER`: ``y + (x · W_downᵀ) · (scale · W_up)ᵀ`` in the output's
         dtype, two matmuls with the add fused into the second; the factors are cast and concatenated once and kept
-        until a factor or a scale changes (tensor versions count in-place updates, e.g. an optimizer's)."""
+        until a factor or a scale changes (tensor versions count in-place updates, e.g. an optimizer's). Inside
+        torch.compile nothing is cached (Python state; the compiler folds the casts into the graph)."""
+        if torch.compiler.is_compiling():
+            h = F.linear(x.to(y.dtype), self.down().to(y.dtype))
+            return y + F.linear(h, self._scaled_up().to(y.dtype))
         key = (
             y.dtype,
             y.device,
@@ -441,7 +452,7 @@ class PLPLinear(nn.Module):
         self._delta_cache = delta
         w.copy_(merged.to(w.dtype))
         self.merged = True
-        self.__dict__.pop("_stack_cache", None)  # stale now; merged sampling needs no copy of the weight
+        self._drop_stack()  # stale now; merged sampling needs no copy of the weight
 
     @torch.no_grad()
     def unmerge(self) -> None:

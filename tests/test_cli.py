@@ -126,3 +126,23 @@ def test_preset_flag_sets_its_settings_and_flags_win():
     assert result.exit_code == 0 and "style_weight = 0.5" in result.output  # make's default
     result = runner.invoke(app, ["make", "--style-weight", "1", "--print-config"])
     assert result.exit_code == 0 and "style_weight = 1.0" in result.output, result.output
+
+
+def test_commands_print_no_third_party_notices():
+    """Importing diffusers' SD pipelines made transformers warn about torchvision on every command (b4m never uses
+    the image processors it names); stderr now stays empty. Other transformers records still pass the filter."""
+    import logging
+
+    from b4m._quiet import _FILTER
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "b4m.cli", "content", "--print-config"], capture_output=True, text=True, check=True
+    )
+    assert proc.stderr == "" and "[adapter]" in proc.stdout
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.utils.import_utils", logging.WARNING, __file__, 1, msg, None, None)
+
+    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    assert not _FILTER.filter(record(notice))
+    assert _FILTER.filter(record("`Foo` requires bar (not installed)"))

@@ -23,15 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
-from safetensors import safe_open
 
-from ..errors import B4MError
-from .base import Conditioning, DiffusionModel, SampleRequest
-from .diffusers_common import DiffusersModel, default_dtype
-from .schedulers import SCHEDULERS, make_scheduler
-from .sd import StableDiffusionModel
-from .sdxl import StableDiffusionXLModel
+from .._quiet import quiet_torchvision_notice
+
+quiet_torchvision_notice()  # before diffusers' pipelines import transformers' image processors
+
+from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from ..errors import B4MError  # noqa: E402
+from .base import Conditioning, DiffusionModel, SampleRequest  # noqa: E402
+from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
+from .schedulers import SCHEDULERS, make_scheduler  # noqa: E402
+from .sd import StableDiffusionModel  # noqa: E402
+from .sdxl import StableDiffusionXLModel  # noqa: E402
 
 __all__ = [
     "MODEL_LOADERS",

@@ -146,3 +146,33 @@ def test_commands_print_no_third_party_notices():
     notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
     assert not _FILTER.filter(record(notice))
     assert _FILTER.filter(record("`Foo` requires bar (not installed)"))
+
+
+def test_outputs_never_overwrite_inputs_and_generate_checks_its_numbers(tmp_path):
+    _, content = trained_run("content", 1)
+    _, style = trained_run("style", 2)
+    c, s = save_adapter(content, tmp_path / "c.b4m.safetensors"), save_adapter(style, tmp_path / "s.b4m.safetensors")
+    before = c.read_bytes()
+    for args in (["fuse", c, s, "-o", c], ["export", c, "-o", c]):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert "the output is also an input" in str(result.exception), result.output
+    assert c.read_bytes() == before
+    for flag, value, message in (
+        ("-n", "0", "n (images per prompt) must be at least 1, got 0"),
+        ("--steps", "0", "steps must be at least 1, got 0"),
+    ):
+        result = runner.invoke(app, ["generate", str(c), "a sks", flag, value, "-o", str(tmp_path / "g")])
+        assert message in str(result.exception), result.output
+    (tmp_path / "afile").write_text("")
+    result = runner.invoke(app, ["generate", str(c), "a sks", "-o", str(tmp_path / "afile")])
+    assert "afile: is a file, not a folder" in str(result.exception)
+    assert not (tmp_path / "g").exists()
+
+
+def test_boolean_flags_can_be_switched_off():
+    """A preset or config that switches checkpointing on can be overridden from the command line."""
+    on = runner.invoke(app, ["content", "--preset", "low-memory", "--print-config"])
+    off = runner.invoke(app, ["content", "--preset", "low-memory", "--no-gradient-checkpointing", "--print-config"])
+    assert "gradient_checkpointing = true" in on.output and "gradient_checkpointing = false" in off.output
+    off = runner.invoke(app, ["make", "--no-tensorboard", "--print-config"])
+    assert off.exit_code == 0 and "tensorboard = false" in off.output

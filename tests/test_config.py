@@ -51,3 +51,22 @@ def test_overrides_never_change_the_stage_defaults():
     load_config(None, {"train.steps": 3, "train.lr": 1.0}, STAGE_DEFAULTS["make"])
     assert repr(STAGE_DEFAULTS) == before
     assert load_config(None, {}, STAGE_DEFAULTS["make"]).train.steps == 50
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("export.formats", ["onnx"], "export format must be one of diffusers, kohya, got 'onnx'"),
+        ("export.dtype", "int8", "export dtype must be one of fp32, bf16, fp16, got 'int8'"),
+        ("train.lr", -1e-4, "lr must be > 0, got -0.0001"),
+        ("train.lr", 0.0, "lr must be > 0"),
+        ("train.seed", -1, "seed must be a whole number from 0, got -1"),
+        ("train.validate_every", -1, "validate_every must be at least 0"),
+        ("resolution", 100, "resolution must be a multiple of 8 from 8 to 4096 pixels, got 100"),
+        ("resolution", 100_000, "resolution must be a multiple of 8"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_is_built(key, value, message):
+    """Checked before any model loads or step runs (export settings used to fail only after training)."""
+    with pytest.raises(B4MError, match=message):
+        load_config(None, {key: value}, STAGE_DEFAULTS["content"])

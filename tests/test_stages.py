@@ -290,3 +290,39 @@ def test_under_several_processes_only_rank_0_generates_the_auxiliary_sets(tmp_pa
 def _generate(stages, monkeypatch, ranks, model, cfg) -> None:
     monkeypatch.setattr(stages.distributed, "current", lambda: ranks)
     stages.generated_aux_sets(model, "content", cfg, 16)
+
+
+def test_run_folders_are_never_mixed(world, tmp_path):
+    """A run folder holds one run: another stage's folder, a finished run or an unfinished one's checkpoints are
+    refused before the model loads unless --resume or --overwrite says what to do; --overwrite drops the old
+    checkpoints, so a later --resume cannot pick a stale one; an input folder is never an output."""
+    run = tmp_path / "c"
+    args = ["--model", world["sd"], "--images", world["dog"], "--prompt", "a photo of sks dog"]
+    args += ["--aux", world["aux"], *FAST]
+    _cli("content", *args, "-o", run)
+    for stage, message in (
+        ("content", "holds a finished content run; --resume continues it, --overwrite"),
+        ("style", "holds a content run \\(run.json\\); write the style run to another folder"),
+    ):
+        cfg = load_config(None, {"model": "nowhere", "images": world["dog"], "prompt": "a sks", "output": str(run)})
+        with pytest.raises(B4MError, match=message):  # "nowhere": refused before the model loads
+            run_break(stage, cfg)
+    make = load_config(None, {"content": str(run), "style": str(run), "output": str(run)}, STAGE_DEFAULTS["make"])
+    with pytest.raises(B4MError, match="the output is also an input"):
+        run_make(make)
+    stale = run / "checkpoints" / "step-000999"
+    stale.mkdir(parents=True)
+    _cli("content", *args, "-o", run, "--overwrite")
+    assert not stale.exists() and json.loads((run / "run.json").read_text())["stage"] == "content"
+
+    unfinished = tmp_path / "u"
+    (unfinished / "checkpoints" / "step-000002").mkdir(parents=True)
+    cfg = load_config(None, {"model": "nowhere", "images": world["dog"], "prompt": "a sks", "output": str(unfinished)})
+    with pytest.raises(B4MError, match="holds checkpoints of an unfinished run"):
+        run_break("content", cfg)
+    (tmp_path / "f").write_text("")
+    cfg = load_config(
+        None, {"model": "nowhere", "images": world["dog"], "prompt": "a sks", "output": str(tmp_path / "f")}
+    )
+    with pytest.raises(B4MError, match="is a file, not a folder"):
+        run_break("content", cfg)

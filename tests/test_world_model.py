@@ -241,3 +241,8 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    # safetensors' writer recreates the temporary file with mode 0600: adapter files got it before the fix
+    from b4m.io_utils import save_safetensors
+
+    save_safetensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors", {})
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

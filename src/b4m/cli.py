@@ -101,7 +101,9 @@ def fuse(
     """Fuse a content run and a style run into LoRA_f (the make stage with no fine-tuning steps)."""
     from .adapter_file import fuse as fuse_files
     from .adapter_file import load_adapter, save_adapter
+    from .io_utils import check_output
 
+    check_output(output, content, style)
     fused = fuse_files(load_adapter(content), load_adapter(style))
     save_adapter(fused, output)
     console.print(f"wrote {output} (fingerprint {fused.fingerprint()})", highlight=False)
@@ -122,9 +124,11 @@ def export(
 ) -> None:
     """Export a b4m adapter as a plain LoRA that diffusers, ComfyUI or A1111 load with no custom code."""
     from .adapter_file import load_adapter
+    from .io_utils import check_output
     from .lora_io import dtype_from_name, save_lora
     from .unet_skeleton import read_unet_config
 
+    check_output(output, file)
     torch_dtype = dtype_from_name(dtype)
     adapter = load_adapter(file)
     factors = adapter.factors(scale=scale, content_scale=content_scale, style_scale=style_scale)
@@ -147,6 +151,9 @@ ModelOpt = Annotated[
 ]
 OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Run folder.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the run already in the output folder (its checkpoints go).")
+]
 
 
 def _stage_config(stage: str, config: Path | None, overrides: dict):
@@ -187,7 +194,9 @@ FLAG_KEYS = {
 }
 
 
-def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool, resume: bool) -> None:
+def _run_stage(
+    stage: str, flags: dict, config: Path | None, print_config: bool, resume: bool, overwrite: bool = False
+) -> None:
     from .config import to_toml
     from .stages import run_break, run_make
 
@@ -205,17 +214,26 @@ def _run_stage(stage: str, flags: dict, config: Path | None, print_config: bool,
     dist.check_batch(folded(cfg.train).batch_size)  # the batch the loop runs (fold_accumulation multiplies it)
     out = console if dist.is_main else None
     if stage == "make":
-        run_make(cfg, resume=resume, console=out)
+        run_make(cfg, resume=resume, overwrite=overwrite, console=out)
         return
-    run_break(stage, cfg, resume=resume, console=out)
+    run_break(stage, cfg, resume=resume, overwrite=overwrite, console=out)
 
 
 MixedOpt = Annotated[str | None, typer.Option(help="no, bf16 or fp16 autocast (adapters stay fp32).")]
-CkptOpt = Annotated[bool | None, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
-TbOpt = Annotated[bool | None, typer.Option("--tensorboard", help="Log loss and lr to OUTPUT/tensorboard.")]
+CkptOpt = Annotated[
+    bool | None,
+    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
+]
+TbOpt = Annotated[
+    bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Log loss and lr to OUTPUT/tensorboard.")
+]
 ExportDtypeOpt = Annotated[str | None, typer.Option(help="Plain LoRA export dtype: fp32, bf16 or fp16.")]
 PresetOpt = Annotated[
-    str | None, typer.Option(help="fast (fused optimizer) or low-memory (gradient checkpointing); flags win.")
+    str | None,
+    typer.Option(
+        help="fast (fused AdamW, a step's images in one batch, CUDA graphs) or low-memory (gradient "
+        "checkpointing); flags win."
+    ),
 ]
 BatchOpt = Annotated[
     int | None, typer.Option(help="Images per set per micro-step (default 1); split over accelerate's processes.")
@@ -243,7 +261,9 @@ def _break_command(role: str):
         rank: Annotated[int | None, typer.Option(help="LoRA rank (default 64).")] = None,
         lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4).")] = None,
         resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
-        placeholder: Annotated[str | None, typer.Option(help="Token captions must contain, e.g. sks.")] = None,
+        placeholder: Annotated[
+            str | None, typer.Option(help="The concept's token, e.g. sks (a caption without it is warned about).")
+        ] = None,
         seed: Annotated[
             int | None, typer.Option(help="Seed of the frozen parts (runs to fuse must share it).")
         ] = None,
@@ -259,9 +279,12 @@ def _break_command(role: str):
         config: ConfigOpt = None,
         print_config: PrintOpt = False,
         resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         flags = dict(locals())
-        _run_stage(role, flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"))
+        _run_stage(
+            role, flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"), flags.pop("overwrite")
+        )
 
     command.__doc__ = (
         f"Break: learn a {role} in its half of the adapter, the other half learning auxiliary "
@@ -300,10 +323,13 @@ def make(
     config: ConfigOpt = None,
     print_config: PrintOpt = False,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner."""
     flags = dict(locals())
-    _run_stage("make", flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"))
+    _run_stage(
+        "make", flags, flags.pop("config"), flags.pop("print_config"), flags.pop("resume"), flags.pop("overwrite")
+    )
 
 
 @app.command()

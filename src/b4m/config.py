@@ -59,6 +59,15 @@ class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["diffusers"])
     dtype: str = "fp32"
 
+    def __post_init__(self) -> None:  # checked when the config is built: before the model loads, not after training
+        from .lora_io import FORMATS, dtype_from_name
+
+        formats = [self.formats] if isinstance(self.formats, str) else self.formats
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise B4MError(f"export format must be one of {', '.join(FORMATS)}, got {', '.join(map(repr, bad))}")
+        dtype_from_name(self.dtype)
+
 
 #: Named groups of settings, selected by a config's top-level ``preset`` key (or the ``--preset`` flag). They sit
 #: between the stage's defaults and the config file: a key the file or a flag sets wins over the preset.
@@ -110,6 +119,10 @@ class StageConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     auto_aux: AutoAuxConfig = field(default_factory=AutoAuxConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None and not (8 <= self.resolution <= 4096 and self.resolution % 8 == 0):
+            raise B4MError(f"resolution must be a multiple of 8 from 8 to 4096 pixels, got {self.resolution}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

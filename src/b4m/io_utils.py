@@ -30,13 +30,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that recreate the file (safetensors' save_file) keep that: the final
+        # file gets the usual permissions, set once the writer is done.
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse, before any work, an output that is one of the ``inputs`` (it would be overwritten by what is made
+    from it) or, for a ``folder`` output, an existing file."""
+    out = Path(output)
+    for source in inputs:
+        if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
+            raise B4MError(f"{out}: the output is also an input; write to another path")
+    if folder and out.exists() and not out.is_dir():
+        raise B4MError(f"{out}: is a file, not a folder; choose another output folder")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from .baselines.break_make import make_sets
 from .config import StageConfig
 from .data import ImageSet, load_aux_sets, load_image_set, to_tensor
 from .errors import B4MError
-from .io_utils import atomic_path
+from .io_utils import atomic_path, check_output
 from .lora_io import dtype_from_name, save_lora
 from .models import load_model
 from .models.base import DiffusionModel, SampleRequest
@@ -173,6 +174,31 @@ def encode_set(model: DiffusionModel, image_set: ImageSet, weight: float, main: 
 # Runs
 
 
+def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse, before any work, a run folder that would mix two runs: one that holds another stage's run, or a
+    finished or interrupted run of this stage when neither ``resume`` nor ``overwrite`` says what to do with it.
+    ``overwrite`` removes the old run's checkpoints (a later ``--resume`` must not find them)."""
+    check_output(out, *inputs, folder=True)
+    if not out.is_dir():
+        return
+    info = out / "run.json"
+    try:
+        previous = json.loads(info.read_text()).get("stage") if info.exists() else None
+    except (OSError, ValueError, AttributeError):
+        previous = "unreadable"
+    if previous is not None and previous != stage:
+        raise B4MError(f"{out}: holds a {previous} run (run.json); write the {stage} run to another folder")
+    checkpoints = out / "checkpoints"
+    unfinished = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if resume or not (previous or unfinished):
+        return
+    if not overwrite:
+        what = f"a finished {stage} run" if previous else "checkpoints of an unfinished run"
+        raise B4MError(f"{out}: holds {what}; --resume continues it, --overwrite starts again, or choose another -o")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    info.unlink(missing_ok=True)
+
+
 def _run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, timings: dict, extra: dict) -> None:
     import diffusers
     import peft
@@ -259,7 +285,7 @@ def _progress_printer(console, label: str) -> Callable[[int, int, float | None],
     return update
 
 
-def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
+def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
     """A content run (``role="content"``) or a style run (``role="style"``): paper section 4.2.
 
     The owned half learns the main images; the other half learns the auxiliary sets (multi-correspondence).
@@ -270,6 +296,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, console=None
     t = {"start": time.perf_counter()}
     _caption_check(cfg)
     out = Path(cfg.output)
+    check_run_folder(out, role, resume=resume, overwrite=overwrite, inputs=(cfg.images,))
     # Everything that can fail on bad input happens before the model loads (at a small size when the model's
     # default resolution is not known yet; the same warning is never shown twice).
     warn = _warn_once()
@@ -376,7 +403,7 @@ def _run_source(path_or_dir: str, role: str) -> tuple[Path, dict]:
     return p, json.loads(run_file.read_text()) if run_file.exists() else {}
 
 
-def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
+def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
     """Make (paper 4.3): fuse a content run and a style run, then fine-tune both halves on content and style data
     with the Riemannian preconditioner. ``cfg.train.steps = 0`` fuses only (instant composition)."""
     t = {"start": time.perf_counter()}
@@ -388,6 +415,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, console=None) -> dict:
         raise B4MError(f"style_weight must be at least 0, got {cfg.style_weight}")
     if cfg.train.routing == "mixed":
         raise B4MError("make takes routing none (both halves learn from both losses) or clean, not mixed")
+    check_run_folder(Path(cfg.output), "make", resume=resume, overwrite=overwrite, inputs=(cfg.content, cfg.style))
     c_file, c_run = _run_source(cfg.content, "content")
     s_file, s_run = _run_source(cfg.style, "style")
     content, style = load_adapter(c_file), load_adapter(s_file)
@@ -508,6 +536,13 @@ def generate(
     console=None,
 ) -> list[Path]:
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter; writes PNGs and a grid."""
+    if n < 1:
+        raise B4MError(f"n (images per prompt) must be at least 1, got {n}")
+    if steps < 1:
+        raise B4MError(f"steps must be at least 1, got {steps}")
+    if not prompts:
+        raise B4MError("no prompt given")
+    check_output(output, folder=True)
     p = Path(adapter_path)
     role = "fused"
     if p.is_dir():

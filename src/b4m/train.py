@@ -113,6 +113,14 @@ class TrainConfig:
             raise B4MError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if not self.up_lr_ratio > 0:
             raise B4MError(f"up_lr_ratio must be > 0, got {self.up_lr_ratio}")
+        if not self.lr > 0:
+            raise B4MError(f"lr must be > 0, got {self.lr}")
+        if self.other_lr is not None and not self.other_lr >= 0:
+            raise B4MError(f"other_lr must be at least 0, got {self.other_lr}")
+        if not 0 <= self.seed < 2**63:
+            raise B4MError(f"seed must be a whole number from 0, got {self.seed}")
+        if self.validate_every < 0:
+            raise B4MError(f"validate_every must be at least 0 (0: no validation images), got {self.validate_every}")
         for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise B4MError(f"{name} must be positive, got {getattr(self, name)}")

@@ -264,6 +264,9 @@ class _Painter:
     def __init__(self) -> None:
         self.calls = 0
 
+    def aux_prompts(self, role):
+        return None  # b4m's built-in prompts
+
     def sample(self, request):
         self.calls += 1
         return [Image.new("RGB", (16, 16), (128, 128, 128)) for _ in request.seeds]

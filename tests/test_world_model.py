@@ -246,3 +246,34 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
 
     save_safetensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors", {})
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_world_names_its_unknown_words_and_generates_aux_sets_in_its_own_words(tmp_path):
+    """The world's vocabulary is closed: a placeholder outside it is refused (every unknown word is one token, so
+    a content and a style run would learn the same one), captions' unknown words are warned about, and the
+    auxiliary sets b4m generates for it use words it was trained on (SD's everyday prompts are mostly unknown)."""
+    from PIL import Image
+
+    from b4m.data import ImageSet
+    from b4m.stages import AUX_CONTENT_PROMPTS, AUX_STYLE_PROMPTS, check_words
+
+    model = load_model("world")
+    assert model.unknown_words("a photo of sks dog in ohwx yarn style photo") == ["photo", "ohwx", "yarn"]
+    for role in ("content", "style"):
+        prompts = model.aux_prompts(role)
+        assert len(prompts) >= 3 and not any(model.unknown_words(p) for p in prompts)
+    assert model.aux_prompts("content")[0] == "a large house in zebra style"
+    assert all(model.unknown_words(p) for p in AUX_STYLE_PROMPTS + AUX_CONTENT_PROMPTS[:2])  # why the override
+
+    image_set = ImageSet(
+        name="dog",
+        folder=None,
+        images=[Image.new("RGB", (32, 32))],
+        captions=["a photo of sks dog"],
+        files=[tmp_path / "0.png"],
+    )
+    seen = []
+    with pytest.raises(B4MError, match="placeholder 'ohwx': not a word of world's vocabulary; its placeholders: sks"):
+        check_words(model, "ohwx", [image_set], seen.append)
+    check_words(model, "sks", [image_set], seen.append)
+    assert seen == ["dog: the captions use words world does not know, all read as one unknown token: photo"]

@@ -111,6 +111,25 @@ def _warn_once() -> Callable[[str], None]:
     return warn
 
 
+def check_words(model: DiffusionModel, placeholder: str | None, sets: list[ImageSet], warn) -> None:
+    """Refuse a placeholder the model's text encoder cannot represent (it would share one unknown token with every
+    other unknown word: a content and a style run would learn the same token), and warn once about the captions'
+    unknown words. Only the built-in world has a closed vocabulary; SD and SDXL know every word."""
+    if placeholder and model.unknown_words(placeholder):
+        from .world.catalog import PLACEHOLDERS
+
+        known = getattr(getattr(model, "vocab", None), "tokens", [])
+        hint = f"; its placeholders: {', '.join(t for t in known if t in PLACEHOLDERS)}" if known else ""
+        raise B4MError(f"placeholder {placeholder!r}: not a word of {model.identity}'s vocabulary{hint}")
+    for image_set in sets:
+        unknown = list(dict.fromkeys(w for c in image_set.captions for w in model.unknown_words(c)))
+        if unknown:
+            warn(
+                f"{image_set.name}: the captions use words {model.identity} does not know, all read as one unknown "
+                f"token: {', '.join(unknown[:12])}{' …' if len(unknown) > 12 else ''}"
+            )
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("B4M_CACHE", Path.home() / ".cache" / "b4m"))
 
@@ -123,7 +142,8 @@ def generated_aux_sets(
     Generated at the model's own resolution (its best quality), loaded at the training resolution. With several
     processes (``accelerate launch``) rank 0 generates the missing sets and the others wait for its files.
     """
-    prompts = (AUX_STYLE_PROMPTS if role == "content" else AUX_CONTENT_PROMPTS)[: cfg.auto_aux.sets]
+    builtin = AUX_STYLE_PROMPTS if role == "content" else AUX_CONTENT_PROMPTS
+    prompts = (model.aux_prompts(role) or builtin)[: cfg.auto_aux.sets]
     res = model.resolution
     dist = distributed.current()
     folders = []
@@ -312,6 +332,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
         aux_sets = load_aux_sets(cfg.aux, res, warn=warn) if cfg.aux else None
+    check_words(model, cfg.placeholder, [main_set, *(aux_sets or [])], warn)
     t["load"] = time.perf_counter()
     if aux_sets is None:
         aux_sets = generated_aux_sets(model, role, cfg, res, console)

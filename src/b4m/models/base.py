@@ -73,6 +73,16 @@ class DiffusionModel(ABC):
     #: Classifier-free guidance scale used when a request leaves it as None.
     default_guidance: float = 5.0
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the text encoder cannot tell apart (all read as one unknown token), in order; none
+        for the CLIP tokenizers of SD and SDXL, which spell any word out of sub-words."""
+        return []
+
+    def aux_prompts(self, role: str) -> list[str] | None:
+        """Prompts for the auxiliary sets generated for a ``role`` run (``content``: other styles; ``style``: other
+        contents) when the user gives none, or None for b4m's built-in everyday ones."""
+        return None
+
     def guidance(self, request: SampleRequest) -> float:
         """The request's guidance scale, or this model's default."""
         return self.default_guidance if request.guidance_scale is None else request.guidance_scale

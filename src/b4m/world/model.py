@@ -22,7 +22,8 @@ from ..errors import B4MError
 from ..io_utils import load_sharded, save_sharded
 from ..models.base import Conditioning, DiffusionModel, SampleRequest
 from ..models.schedulers import make_scheduler
-from .vocab import Vocab, build_vocab
+from .catalog import default_catalog
+from .vocab import Vocab, build_vocab, tokenize
 
 MAX_FILE_BYTES = 15 * 2**20  # weights are sharded below 16 MiB per file (what the GPU machine can send back)
 MAX_TOKENS = 16  # <bos> + the longest caption (12 words) + <eos>, padded
@@ -126,6 +127,19 @@ class WorldModel(DiffusionModel):
         self.denoiser.to(device, dtype)
         self.text_encoder.to(device, dtype)
         return self
+
+    def unknown_words(self, text: str) -> list[str]:
+        return [w for w in dict.fromkeys(tokenize(text)) if w not in self.vocab]
+
+    def aux_prompts(self, role: str) -> list[str]:
+        """Known contents in known styles (a content run) or drawn plainly (a style run), in the words of the
+        captions the model was trained on; the everyday prompts of SD and SDXL are mostly unknown words here."""
+        catalog = default_catalog()
+        contents = [c.name for c in catalog.known_contents if c.name in self.vocab]
+        styles = [s.name for s in catalog.known_styles if s.name != "plain" and s.name in self.vocab]
+        if role == "content":
+            return [f"a large {c} in {s} style" for c, s in zip(contents, styles, strict=False)]
+        return [f"a large {c} in plain style" for c in contents]
 
     def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.vocab.encode(p, self.config.text.max_tokens) for p in prompts], dtype=torch.long)

@@ -329,3 +329,29 @@ def test_run_folders_are_never_mixed(world, tmp_path):
     )
     with pytest.raises(B4MError, match="is a file, not a folder"):
         run_break("content", cfg)
+
+
+def test_progress_goes_to_log_files_as_lines(monkeypatch):
+    """Output to a file or pipe (nohup, b4m sweep's job logs) gets plain progress lines, not a bar that shows
+    nothing until the run ends; a resumed run says where it resumed; a terminal still gets the bar."""
+    import io
+
+    from rich.console import Console
+
+    from b4m import stages
+
+    monkeypatch.setattr(stages, "LOG_EVERY_S", 0.0)
+    log = io.StringIO()
+    update = stages._progress_printer(Console(file=log, width=200), "content")
+    update(11, 13, None)  # resumed after step 10; no loss read yet: no line
+    update(12, 13, 0.5)
+    update(13, 13, None)  # the last step always prints, with the last loss read
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "content: resuming after step 10"
+    assert lines[1].startswith("content step 12/13") and lines[1].endswith("loss 0.5000")
+    assert lines[2].startswith("content step 13/13") and lines[2].endswith("loss 0.5000") and len(lines) == 3
+    terminal = io.StringIO()
+    update = stages._progress_printer(Console(file=terminal, force_terminal=True, width=200), "style")
+    for step in (1, 2):
+        update(step, 2, 0.25)
+    assert "style" in terminal.getvalue() and "0.2500" in terminal.getvalue()

@@ -272,8 +272,14 @@ def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None)
     return validate
 
 
+#: Seconds between progress lines when output is not a terminal (a log file, a pipe, b4m sweep's job logs).
+LOG_EVERY_S = 30.0
+
+
 def _progress_printer(console, label: str) -> Callable[[int, int, float | None], None]:
-    """A rich progress bar with loss, it/s and ETA; silent without a console."""
+    """A rich progress bar with loss, it/s and ETA on a terminal; plain lines (at most one per
+    :data:`LOG_EVERY_S` seconds, and the last step) when output goes to a file or pipe, where a bar shows nothing
+    until it ends; silent without a console."""
     if console is None:
         return lambda step, total, loss: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -287,20 +293,29 @@ def _progress_printer(console, label: str) -> Callable[[int, int, float | None],
         TextColumn("loss {task.fields[loss]}"),
         console=console,
     )
-    state = {"task": None, "t0": None, "first": None}
+    live = console.is_terminal
+    state = {"task": None, "t0": None, "first": None, "logged": None, "loss": "…"}
 
     def update(step: int, total: int, loss: float | None) -> None:
-        if state["task"] is None:
-            bar.start()
-            state["task"] = bar.add_task(label, total=total, completed=step - 1, rate="", loss="…")
-            state["t0"], state["first"] = time.perf_counter(), step - 1
-        rate = (step - state["first"]) / max(time.perf_counter() - state["t0"], 1e-9)
-        fields = {"rate": f"{rate:.2f} it/s"}
+        now = time.perf_counter()
+        if state["t0"] is None:
+            state["t0"], state["first"], state["logged"] = now, step - 1, now
+            if step > 1:
+                _say(console, f"{label}: resuming after step {step - 1}")
+            if live:
+                bar.start()
+                state["task"] = bar.add_task(label, total=total, completed=step - 1, rate="", loss="…")
+        elapsed = now - state["t0"]
+        rate = f"{(step - state['first']) / elapsed:.2f} it/s" if elapsed >= 0.5 else ""  # none from one quick step
         if loss is not None:
-            fields["loss"] = f"{loss:.4f}"
-        bar.update(state["task"], completed=step, **fields)
-        if step == total:
-            bar.stop()
+            state["loss"] = f"{loss:.4f}"
+        if live:
+            bar.update(state["task"], completed=step, rate=rate, loss=state["loss"])
+            if step == total:
+                bar.stop()
+        elif step == total or (loss is not None and now - state["logged"] >= LOG_EVERY_S):
+            state["logged"] = now
+            _say(console, f"{label} step {step}/{total} {rate} loss {state['loss']}".replace("  ", " "))
 
     return update
 

@@ -176,3 +176,27 @@ def test_boolean_flags_can_be_switched_off():
     assert "gradient_checkpointing = true" in on.output and "gradient_checkpointing = false" in off.output
     off = runner.invoke(app, ["make", "--no-tensorboard", "--print-config"])
     assert off.exit_code == 0 and "tensorboard = false" in off.output
+
+
+def test_world_evaluate_uses_the_shipped_oracles_by_name(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "world",
+            "evaluate",
+            "--n",
+            "2",
+            "--steps",
+            "1",
+            "--second",
+            "b",
+            "--guidance-scale",
+            "2",
+            "-o",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    result0 = quality["results"][0]
+    assert result0["n"] == 2 and set(result0["agreement"]) >= {"content", "style"} and "guidance 2.0" in result.output

@@ -142,7 +142,7 @@ def load_adapter(path: str | Path) -> AdapterFile:
     if not is_adapter_file(meta):
         raise B4MError(
             f"{path}: not a b4m adapter file (no b4m metadata; a plain LoRA?). "
-            "Fusing needs the .b4m.safetensors files written by `b4m content` / `b4m style`"
+            "This needs a .b4m.safetensors file written by `b4m content`, `b4m style`, `b4m make` or `b4m fuse`"
         )
     if meta["b4m_format"] != FORMAT:
         raise B4MError(f"{path}: format {meta['b4m_format']} is not supported by b4m {__version__} ({FORMAT})")

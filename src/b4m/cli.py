@@ -473,13 +473,20 @@ def world_oracle(
 
 @world_app.command("evaluate")
 def world_evaluate(
-    oracle: Annotated[Path, typer.Option(help="The oracle that scores (see b4m world oracle).")],
+    oracle: Annotated[
+        str, typer.Option(help="The oracle that scores: shipped a or b, or a file (see b4m world oracle).")
+    ] = "a",
     model: Annotated[str, typer.Option(help="A world model folder, or world (the shipped one).")] = "world",
-    second: Annotated[Path | None, typer.Option(help="A second oracle; reports how often the two agree.")] = None,
+    second: Annotated[
+        str | None, typer.Option(help="A second oracle (a, b or a file); reports how often the two agree.")
+    ] = None,
     n: Annotated[int, typer.Option(help="Images to generate and score.")] = 512,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,
     guidance: Annotated[
-        list[float] | None, typer.Option(help="CFG scale (default: the model's); repeat to compare several.")
+        list[float] | None,
+        typer.Option(
+            "--guidance-scale", "--guidance", help="CFG scale (default: the model's); repeat to compare several."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the scenes and the noise.")] = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for quality.json and a grid.")] = None,
@@ -499,8 +506,13 @@ def world_evaluate(
 
     cat = default_catalog()
     device = default_device()
-    first = load_oracle(oracle, cat, device=device)
-    other = load_oracle(second, cat, device=device) if second else None
+    from .world.weights import oracle_file
+
+    def oracle_path(name: str) -> Path:
+        return oracle_file(name) if name in ("a", "b") else Path(name)
+
+    first = load_oracle(oracle_path(oracle), cat, device=device)
+    other = load_oracle(oracle_path(second), cat, device=device) if second else None
     base = load_model(model, device=device)
     pairs = held_out_pairs(base)
     results = []

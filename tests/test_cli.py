@@ -200,3 +200,30 @@ def test_world_evaluate_uses_the_shipped_oracles_by_name(tmp_path):
     quality = json.loads((tmp_path / "quality.json").read_text())
     result0 = quality["results"][0]
     assert result0["n"] == 2 and set(result0["agreement"]) >= {"content", "style"} and "guidance 2.0" in result.output
+
+
+def test_refused_runs_leave_no_folder_behind(tmp_path):
+    """A demo or a run refused on its settings makes no output folder (it used to leave an empty one)."""
+    import pytest
+    from PIL import Image
+
+    from b4m import B4MError
+    from b4m.config import load_config
+    from b4m.stages import run_break
+
+    for args, message in (
+        (["--content", "unicorn"], "unicorn"),
+        (["--prompts", "0"], "demo prompts must be at least 1, got 0"),
+    ):
+        result = runner.invoke(app, ["demo", "-o", str(tmp_path / "d"), *args])
+        assert message in str(result.exception), result.output
+        assert not (tmp_path / "d").exists()
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "0.png")
+    cfg = load_config(
+        None, {"images": str(images), "prompt": "a ohwx", "placeholder": "ohwx", "output": str(tmp_path / "o")}
+    )
+    with pytest.raises(B4MError, match="placeholder 'ohwx'"):
+        run_break("content", cfg)
+    assert not (tmp_path / "o").exists()

@@ -338,7 +338,6 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     check_res = cfg.resolution or 16
     main_set = load_image_set(cfg.images, cfg.prompt, check_res, name=role, placeholder=cfg.placeholder, warn=warn)
     aux_sets = load_aux_sets(cfg.aux, check_res, warn=warn) if cfg.aux else None
-    out.mkdir(parents=True, exist_ok=True)
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
     model_name = cfg.model
@@ -348,6 +347,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
         aux_sets = load_aux_sets(cfg.aux, res, warn=warn) if cfg.aux else None
     check_words(model, cfg.placeholder, [main_set, *(aux_sets or [])], warn)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     t["load"] = time.perf_counter()
     if aux_sets is None:
         aux_sets = generated_aux_sets(model, role, cfg, res, console)

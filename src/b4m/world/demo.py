@@ -21,7 +21,8 @@ import torch
 
 from ..baselines import applied, run_method
 from ..baselines.break_make import B4MConfig, make_train_config
-from ..io_utils import atomic_path
+from ..errors import B4MError
+from ..io_utils import atomic_path, check_output
 from ..models.base import SampleRequest
 from ..plp import PLPConfig
 from ..report import interval_text, summarize
@@ -137,11 +138,21 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
 
     config = config or DemoConfig()
     b4m_config = config.b4m_config()  # bad settings fail here, before the model loads
+    for name, value in (
+        ("prompts", config.prompts),
+        ("seeds", len(config.seeds)),
+        ("sample_steps", config.sample_steps),
+    ):
+        if value < 1:
+            raise B4MError(f"demo {name} must be at least 1, got {value}")
+    catalog = default_catalog()
+    catalog.content(config.content)  # an unknown name fails here, before any folder is made
+    catalog.style(config.style)
     out = Path(out)
+    check_output(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    catalog = default_catalog()
     device = default_device()
     model = model or load_model("world", device=device)
     oracle = oracle or load_shipped_oracle("a", device=device)

@@ -70,3 +70,8 @@ def test_bad_settings_are_refused_when_the_config_is_built(key, value, message):
     """Checked before any model loads or step runs (export settings used to fail only after training)."""
     with pytest.raises(B4MError, match=message):
         load_config(None, {key: value}, STAGE_DEFAULTS["content"])
+
+
+def test_one_export_format_may_be_a_string():
+    cfg = load_config(None, {"export.formats": "kohya"}, STAGE_DEFAULTS["content"])
+    assert cfg.export.formats == ["kohya"]

@@ -323,6 +323,9 @@ def test_run_folders_are_never_mixed(world, tmp_path):
     cfg = load_config(None, {"model": "nowhere", "images": world["dog"], "prompt": "a sks", "output": str(unfinished)})
     with pytest.raises(B4MError, match="holds checkpoints of an unfinished run"):
         run_break("content", cfg)
+    (unfinished / "run.json").write_text("{not json")
+    with pytest.raises(B4MError, match="run.json: unreadable, so the folder's run is unknown"):
+        run_break("content", cfg)
     (tmp_path / "f").write_text("")
     cfg = load_config(
         None, {"model": "nowhere", "images": world["dog"], "prompt": "a sks", "output": str(tmp_path / "f")}

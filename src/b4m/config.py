@@ -62,8 +62,9 @@ class ExportConfig:
     def __post_init__(self) -> None:  # checked when the config is built: before the model loads, not after training
         from .lora_io import FORMATS, dtype_from_name
 
-        formats = [self.formats] if isinstance(self.formats, str) else self.formats
-        bad = [f for f in formats if f not in FORMATS]
+        if isinstance(self.formats, str):  # formats = "kohya" in a config file
+            self.formats = [self.formats]
+        bad = [f for f in self.formats if f not in FORMATS]
         if bad:
             raise B4MError(f"export format must be one of {', '.join(FORMATS)}, got {', '.join(map(repr, bad))}")
         dtype_from_name(self.dtype)

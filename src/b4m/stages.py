@@ -116,10 +116,7 @@ def check_words(model: DiffusionModel, placeholder: str | None, sets: list[Image
     other unknown word: a content and a style run would learn the same token), and warn once about the captions'
     unknown words. Only the built-in world has a closed vocabulary; SD and SDXL know every word."""
     if placeholder and model.unknown_words(placeholder):
-        from .world.catalog import PLACEHOLDERS
-
-        known = getattr(getattr(model, "vocab", None), "tokens", [])
-        hint = f"; its placeholders: {', '.join(t for t in known if t in PLACEHOLDERS)}" if known else ""
+        hint = f"; its placeholders: {', '.join(model.placeholders)}" if model.placeholders else ""
         raise B4MError(f"placeholder {placeholder!r}: not a word of {model.identity}'s vocabulary{hint}")
     for image_set in sets:
         unknown = list(dict.fromkeys(w for c in image_set.captions for w in model.unknown_words(c)))
@@ -203,9 +200,11 @@ def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, in
         return
     info = out / "run.json"
     try:
-        previous = json.loads(info.read_text()).get("stage") if info.exists() else None
+        previous = json.loads(info.read_text()).get("stage")
+    except FileNotFoundError:  # none (or another process of this run deleted it under --overwrite)
+        previous = None
     except (OSError, ValueError, AttributeError):
-        previous = "unreadable"
+        raise B4MError(f"{info}: unreadable, so the folder's run is unknown; choose another -o") from None
     if previous is not None and previous != stage:
         raise B4MError(f"{out}: holds a {previous} run (run.json); write the {stage} run to another folder")
     checkpoints = out / "checkpoints"
@@ -215,8 +214,9 @@ def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, in
     if not overwrite:
         what = f"a finished {stage} run" if previous else "checkpoints of an unfinished run"
         raise B4MError(f"{out}: holds {what}; --resume continues it, --overwrite starts again, or choose another -o")
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    info.unlink(missing_ok=True)
+    if distributed.current().is_main:  # one process deletes (the others see the folder as rank 0 leaves it)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        info.unlink(missing_ok=True)
 
 
 def _run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, timings: dict, extra: dict) -> None:
@@ -315,7 +315,7 @@ def _progress_printer(console, label: str) -> Callable[[int, int, float | None],
                 bar.stop()
         elif step == total or (loss is not None and now - state["logged"] >= LOG_EVERY_S):
             state["logged"] = now
-            _say(console, f"{label} step {step}/{total} {rate} loss {state['loss']}".replace("  ", " "))
+            _say(console, " ".join(x for x in (f"{label} step {step}/{total}", rate, f"loss {state['loss']}") if x))
 
     return update
 

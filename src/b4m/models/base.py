@@ -73,6 +73,9 @@ class DiffusionModel(ABC):
     #: Classifier-free guidance scale used when a request leaves it as None.
     default_guidance: float = 5.0
 
+    #: Reserved tokens meant as placeholders, where the text encoder has a closed vocabulary (the built-in world).
+    placeholders: tuple[str, ...] = ()
+
     def unknown_words(self, text: str) -> list[str]:
         """The words of ``text`` the text encoder cannot tell apart (all read as one unknown token), in order; none
         for the CLIP tokenizers of SD and SDXL, which spell any word out of sub-words."""

@@ -22,7 +22,7 @@ from ..errors import B4MError
 from ..io_utils import load_sharded, save_sharded
 from ..models.base import Conditioning, DiffusionModel, SampleRequest
 from ..models.schedulers import make_scheduler
-from .catalog import default_catalog
+from .catalog import PLACEHOLDERS, default_catalog
 from .vocab import Vocab, build_vocab, tokenize
 
 MAX_FILE_BYTES = 15 * 2**20  # weights are sharded below 16 MiB per file (what the GPU machine can send back)
@@ -127,6 +127,8 @@ class WorldModel(DiffusionModel):
         self.denoiser.to(device, dtype)
         self.text_encoder.to(device, dtype)
         return self
+
+    placeholders = PLACEHOLDERS
 
     def unknown_words(self, text: str) -> list[str]:
         return [w for w in dict.fromkeys(tokenize(text)) if w not in self.vocab]

@@ -8,7 +8,7 @@ product::
           [b_c·B·C, b_d·B·D]]
 
 written as rank-2r plain-LoRA factors ``up = [[A, 0], [0, B]]``, ``down = [[a_c·C, a_d·D], [b_c·C, b_d·D]]`` and merged
-with :func:`b4m.baselines.common.applied`, so any block can be scaled or dropped per layer kind.
+with :func:`b4m.lora_files.applied`, so any block can be scaled or dropped per layer kind.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/composition_probe.py --pair teapot:sunburst --conds content fused
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/composition_probe.py --norms
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b4m.adapter_file import AdapterFile, fuse, load_adapter, save_adapter
-from b4m.baselines.break_make import break_stage1
-from b4m.baselines.common import applied, train_plp
-from b4m.models import load_model
+from b4m.adapter.file import AdapterFile, fuse, load_adapter, save_adapter
+from b4m.loading import load_model
+from b4m.lora_files import applied
+from b4m.method import break_run
 from b4m.models.base import SampleRequest
-from b4m.stages import encode_sets
-from b4m.train import TrainSet
+from b4m.training.runs import train_adapter
+from b4m.training.sets import TrainSet, encode_sets
 from b4m.world.catalog import default_catalog
 from b4m.world.demo import DemoConfig
 from b4m.world.oracle import predict
@@ -94,8 +94,8 @@ def stage1(ctx: Ctx, role: str, steps: int | None = None) -> AdapterFile:
         return load_adapter(path)
     t0 = time.perf_counter()
     sets = ctx.content_sets if role == "content" else ctx.style_sets
-    cfg = dataclasses.replace(ctx.cfg, steps=steps or ctx.cfg.steps)
-    run, _ = break_stage1(role, sets, ctx.model, cfg.b4m_config(), ctx.dir / "runs", None)
+    cfg = dataclasses.replace(ctx.cfg, steps=steps or ctx.cfg.steps).b4m_config()
+    run = break_run(role, sets, ctx.model, cfg.adapter, cfg.train, ctx.dir / "runs" / f"b4m-{role}")
     save_adapter(run.adapter, path)
     print(f"[{role} run: {time.perf_counter() - t0:.0f} s]", flush=True)
     return load_adapter(path)
@@ -113,7 +113,8 @@ def make_run(ctx: Ctx, name: str, start: AdapterFile, content_w=1.0, style_w=1.0
     main = mk.routing != "clean"
     sets = [TrainSet(f"content:{s.name}", s.latents, s.cond, content_w, True) for s in ctx.content_sets if s.main]
     sets += [TrainSet(f"style:{s.name}", s.latents, s.cond, style_w, main) for s in ctx.style_sets if s.main]
-    run = train_plp(ctx.model, sets, None, mk, ctx.dir / "runs" / f"make-{name}", "fused", start=start)
+    # make's loop settings (MakeConfig less style_weight: the weights here are content_w and style_w)
+    run = train_adapter(ctx.model, sets, mk.loop_config(), ctx.dir / "runs" / f"make-{name}", "fused", start=start)
     save_adapter(run.adapter, path)
     print(f"[make {name}: {time.perf_counter() - t0:.0f} s]", flush=True)
     return load_adapter(path)

@@ -1,9 +1,10 @@
 """Does B4M's content run (PLP, stage 1) learn the content more slowly than a plain LoRA, and which part of PLP is why?
 
 Trains content runs at the bench's settings (150 steps, lr 2e-3, rank 16, batch 2 per set, seed 0; data of
-:func:`b4m.world.tasks.make_task` as :func:`b4m.bench._pair_data` builds it) and scores each run *alone* on the demo's
-16 images (4 prompts × 4 seeds) in the run's own caption context (the style word replaced by ``plain``, so the
-prompt reads "a large sks in plain style ..."), with oracle ``a``. Conditions (one change each from ``b4m``):
+:func:`b4m.world.tasks.make_task` as :func:`b4m.world.bench.units.pair_data` builds it) and scores each run *alone*
+on the demo's 16 images (4 prompts × 4 seeds) in the run's own caption context (the style word replaced by
+``plain``, so the prompt reads "a large sks in plain style ..."), with oracle ``a``. Conditions (one change each
+from ``b4m``):
 
 - ``lora``: the plain LoRA of direct merge / ZipLoRA (:func:`b4m.baselines.common.plain_lora`, gaussian D init,
   routing none, main set only);
@@ -43,12 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import composition_probe as cp
 
-import b4m.train as train_mod
-from b4m.adapter_file import load_adapter, save_adapter
-from b4m.baselines.common import applied, lora_train_config, main_sets, plain_lora, train_plp
+import b4m.training.loop as train_mod
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.file import load_adapter, save_adapter
+from b4m.baselines.common import lora_train_config, main_sets, plain_lora
+from b4m.lora_files import applied
 from b4m.models.base import SampleRequest
-from b4m.plp import PLPConfig
-from b4m.train import TrainConfig
+from b4m.training.config import TrainConfig
+from b4m.training.runs import train_adapter
 from b4m.world.oracle import predict
 
 BIG = 10**9
@@ -103,7 +106,8 @@ CONDITIONS = {
 
 
 def _patched_groups(factor: float):
-    """``b4m.train._param_groups`` with the first group (the owned half under clean routing) at ``factor``× lr."""
+    """``b4m.training.loop._param_groups`` with the first group (the owned half under clean routing) at ``factor``×
+    lr (read by :func:`b4m.training.loop.make_optimizer` at each call, so patching the module attribute works)."""
     original = train_mod._param_groups
 
     def groups(model, config, objective=None):
@@ -128,7 +132,7 @@ def train_condition(ctx, name: str) -> tuple:
     if factor != 1.0:
         _, train_mod._param_groups = _patched_groups(factor)
     try:
-        run = train_plp(ctx.model, sets, plp_fn(), train_fn(), ctx.dir / "runs" / safe, "content")
+        run = train_adapter(ctx.model, sets, train_fn(), ctx.dir / "runs" / safe, "content", plp=plp_fn())
     finally:
         train_mod._param_groups = original
     save_adapter(run.adapter, path)

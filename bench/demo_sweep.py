@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from b4m.bench import BenchConfig
+from b4m.world.bench.variants import BenchConfig
 from b4m.world.demo import BARS
 
 KEYS = ("content", "style", "prompt", "content_leak", "style_leak")

@@ -16,7 +16,8 @@ from diffusers import UNet2DConditionModel
 sys.path.insert(0, str(Path(__file__).parent))
 import speed
 
-from b4m.plp import PLPConfig, add_plp
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.walker import add_plp
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ report)
     cat times.txt; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -2 || true
     python3 - <<'PY'
 import json, os
-from b4m.adapter_file import load_adapter
+from b4m.adapter.file import load_adapter
 t = dict(line.split() for line in open("times.txt"))
 t = {k: float(v) for k, v in t.items()}
 for a, b, what in (("sequential", "parallel", "1. content + style runs"), ("bench-1gpu", "bench-2gpu", "2. bench")):

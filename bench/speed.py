@@ -11,16 +11,19 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   encode of every image is left out (ours caches latents). ``naive/batched``: the same with the 4 images in one
   forward and one backward.
 - ``stage1``: our content-run step: b4m's PLP adapter, clean routing, the 4 images of a micro-step in one batch
-  (:func:`b4m.train.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA off, 1024 px.
+  (:func:`b4m.training.loop.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA
+  off, 1024 px.
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
-- ``-legacy`` rows (``stage1/fast-1x16-legacy``, ``stage1/graphs-1x16-legacy``, ``make/graphs-1x8-legacy``): the
-  row without the suffix on the earlier PLP training path (``b4m.plp.FUSED_TRAIN_PATH`` off: the input cast by the
-  base layer and the adapter each, the adapter's add and scale as kernels of their own), for before/after in one run.
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
   adapter unmerged (the no-grad path: ``W_down`` stacked under the base weight, one GEMM for both, cached in the UNet
   dtype) and merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the
-  UNet calls; the VAE decode timed apart. ``gen/unmerged-legacy`` and ``gen/unmerged-graphs-legacy``: the unmerged
-  rows on the earlier no-grad path (``b4m.plp.STACKED_INFER`` off: the base GEMM, then the adapter's two).
+  UNet calls; the VAE decode timed apart.
+
+The ``-legacy`` rows (``stage1/fast-1x16-legacy``, ``stage1/graphs-1x16-legacy``, ``make/graphs-1x8-legacy``: the
+earlier PLP training path; ``gen/unmerged-legacy``, ``gen/unmerged-graphs-legacy``: the earlier no-grad path) are
+gone with those paths. Their code is kept at the git tag ``legacy-speed-paths`` (the last commit with those paths),
+where ``python bench/speed.py --cases stage1/graphs-1x16-legacy,gen/unmerged-legacy`` (any ``...-legacy`` row)
+still reproduces them.
 
 ``--compile`` adds torch.compile rows (``stage1/fast-1x16-compile``: the eager ``fast-1x16`` row compiled). One
 training step is one optimizer step (4 micro-steps); a generation step is one denoising step. Each row: median of
@@ -61,22 +64,15 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from b4m import plp
-from b4m.config import preset_settings
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.walker import add_plp, plp_layers, remove_plp, set_submodule
 from b4m.cuda_graphs import graphed_sampling
 from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
-from b4m.plp import PLPConfig, _set_submodule, add_plp, plp_layers, remove_plp
-from b4m.train import (
-    TrainConfig,
-    TrainSet,
-    enable_gradient_checkpointing,
-    folded,
-    graphed_micro_step,
-    make_optimizer,
-    resolve_precision,
-    train_step,
-)
+from b4m.runs.config import STAGE_DEFAULTS, preset_settings
+from b4m.training.config import TrainConfig, folded, resolve_precision
+from b4m.training.loop import enable_gradient_checkpointing, graphed_micro_step, make_optimizer, train_step
+from b4m.training.sets import TrainSet
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL_UNET = ROOT / "tests" / "data" / "sdxl-unet-config.json"
@@ -88,7 +84,6 @@ CASES = ("naive", "stage1", "make", "gen")
 N_AUX = 3  # auxiliary sets of a content run (the official code's three)
 GRAD_ACCUM = 4
 GRAPHS = {"cuda_graphs": True}
-LEGACY = "-legacy"  # a row's suffix: the same row on b4m.plp's earlier training path (gen: no-grad path)
 ONE_PASS = {"batch_size": GRAD_ACCUM, "grad_accum": 1}  # a step's images in one forward and backward
 
 # The tiny UNet keeps SDXL's layout (no attention at the first level, text_time conditioning) at toy widths.
@@ -529,12 +524,10 @@ class Bench:
         *,
         compile: bool = False,
         sdpa: bool = True,
-        legacy: bool = False,
     ) -> None:
-        """Time :func:`b4m.train.train_step` with ``config`` on the PLP adapter (on the earlier training path of
-        :class:`b4m.plp.PLPLinear` with ``legacy``)."""
+        """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter."""
         self.use_adapter("plp")
-        config = folded(config)  # as b4m.train.train runs it
+        config = folded(config)  # as b4m.training.loop.train runs it
         model, unet = self.model, self.unet
         processors = unet.attn_processors
         if not sdpa:
@@ -560,7 +553,7 @@ class Bench:
                 "grad_accum",
             )
         }
-        row.settings.update(sdpa=sdpa, compile=compile, precision=precision, fused_train_path=not legacy)
+        row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
         if compile:
             row.settings["compile_mode"] = self.args.compile_mode
 
@@ -572,8 +565,6 @@ class Bench:
         def eager_step() -> None:  # FLOPs: a graph's capture runs its warm-up passes through the dispatcher too
             train_step(model, sets, config, optimizer, g, precision=precision)
 
-        fused = plp.FUSED_TRAIN_PATH
-        plp.FUSED_TRAIN_PATH = not legacy  # for the whole row: CUDA graphs are captured in its warm-up
         try:
             with self.compiled(compile) as denoiser:
 
@@ -589,7 +580,6 @@ class Bench:
                     before_timing=swap,
                 )
         finally:
-            plp.FUSED_TRAIN_PATH = fused
             model.denoiser = unet
             if config.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
@@ -638,15 +628,12 @@ class Bench:
                 {"compile": True},
             ),
         }
-        description, row_res, changes, options = spec[variant.removesuffix(LEGACY)]
+        description, row_res, changes, options = spec[variant]
         n = GRAD_ACCUM * (1 + N_AUX)
-        row = Row(f"stage1/{variant}", "PLP, " + description + legacy_note(variant), row_res, n, n)
-        options = {**options, "legacy": variant.endswith(LEGACY)}
+        row = Row(f"stage1/{variant}", "PLP, " + description, row_res, n, n)
         self.train_row(row, self.stage1_config(**changes), self.stage1_sets(row_res), **options)
 
     def make(self, variant: str) -> None:
-        from b4m.stages import STAGE_DEFAULTS
-
         res = self.args.resolution
         base = {k: v for k, v in STAGE_DEFAULTS["make"]["train"].items() if k in ("routing", "precondition")}
         fast = preset_settings("fast")["train"]
@@ -666,13 +653,13 @@ class Bench:
                 {},
             ),
         }
-        description, changes, options = spec[variant.removesuffix(LEGACY)]
+        description, changes, options = spec[variant]
         config = TrainConfig(
             **{"batch_size": 1, "grad_accum": GRAD_ACCUM, "mixed_precision": self.precision, **base, **changes}
         )
         sets = [self.train_set("content", 4, res, 1.0, True), self.train_set("style", 4, res, 1.0, True)]
-        row = Row(f"make/{variant}", "PLP, " + description + legacy_note(variant), res, GRAD_ACCUM * 2, GRAD_ACCUM * 2)
-        self.train_row(row, config, sets, **options, legacy=variant.endswith(LEGACY))
+        row = Row(f"make/{variant}", "PLP, " + description, res, GRAD_ACCUM * 2, GRAD_ACCUM * 2)
+        self.train_row(row, config, sets, **options)
 
     # ----------------------------------------------------------------------------------------------------------------
     # gen
@@ -683,22 +670,20 @@ class Bench:
         if variant == "vae-decode":
             self.vae_decode(res)
             return
-        legacy = variant.endswith(LEGACY)
-        plain = variant.removesuffix(LEGACY)  # the row's settings, on the earlier no-grad path with legacy
         adapter = "none" if variant.startswith("none") else "plp"
-        compile = plain.endswith("-compile")
-        graphs = plain.endswith("-graphs")
+        compile = variant.endswith("-compile")
+        graphs = variant.endswith("-graphs")
         self.use_adapter(adapter)
         named = plp_layers(self.unet)
         if variant.startswith("merged"):  # as b4m generate --merge does (merge_plp): plain linear layers
             for name, layer in named.items():
                 layer.merge()
-                _set_submodule(self.unet, name, layer.base_layer)
+                set_submodule(self.unet, name, layer.base_layer)
         descriptions = {
             "none": "no adapter",
             "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: W_down stacked under the base "
             "weight, one GEMM for both, cached in the UNet's dtype)",
-            "merged": "fused PLP adapter merged into the weights (b4m.plp merge)",
+            "merged": "fused PLP adapter merged into the weights (b4m.adapter.walker.merge_plp)",
             "none-compile": f"no adapter, torch.compile(mode={args.compile_mode})",
             "none-graphs": "no adapter, CUDA graphs of the UNet calls (b4m.cuda_graphs.graphed_sampling)",
             "unmerged-graphs": "fused PLP adapter, unmerged, CUDA graphs of the UNet calls",
@@ -707,10 +692,9 @@ class Bench:
             "unmerged-compile": f"fused PLP adapter, unmerged, torch.compile(mode={args.compile_mode}) (the "
             "adapter's two matmuls after the base GEMM: the stack is Python state, not traced)",
         }
-        note = "; legacy no-grad path (b4m.plp.STACKED_INFER off: the base GEMM, then the adapter's two)"
         row = Row(
             f"gen/{variant}",
-            f"{descriptions[plain]}{note if legacy else ''}; {steps} Euler steps, CFG 5",
+            f"{descriptions[variant]}; {steps} Euler steps, CFG 5",
             res,
             1 / steps,
             2,
@@ -718,14 +702,10 @@ class Bench:
         )
         if compile:
             row.settings["compile_mode"] = args.compile_mode
-        if plain.startswith("unmerged"):
-            row.settings["stacked_infer"] = not legacy
         scheduler = EulerDiscreteScheduler(**BETAS, steps_offset=1, timestep_spacing="leading")
         cond = Conditioning.cat([self.cond(1, res), self.cond(1, res)])  # (negative, prompt)
         s = res // 8
         self.unet.eval()
-        stacked = plp.STACKED_INFER
-        plp.STACKED_INFER = not legacy  # for the whole row: CUDA graphs are captured in its warm-up
         try:
             graphed = contextlib.ExitStack()  # entered after the FLOP count (eager), before the warm-up
             with self.compiled(compile) as compiled, torch.no_grad(), graphed:
@@ -762,10 +742,9 @@ class Bench:
                     steps_per_call=steps,
                 )
         finally:
-            plp.STACKED_INFER = stacked
             if variant.startswith("merged"):
                 for name, layer in named.items():
-                    _set_submodule(self.unet, name, layer)
+                    set_submodule(self.unet, name, layer)
                     layer.unmerge()
         row.extra["ms_per_image"] = statistics.median(row.ms) * steps
 
@@ -801,10 +780,6 @@ class Bench:
         self.run(row, step, warmup=self.args.gen_warmup, repeats=self.args.gen_repeats)
 
 
-def legacy_note(variant: str) -> str:
-    return "; legacy PLP training path (b4m.plp.FUSED_TRAIN_PATH off)" if variant.endswith(LEGACY) else ""
-
-
 def _kv(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items())
 
@@ -827,10 +802,8 @@ VARIANTS = {
         "fast-1x16",
         "graphs-1x16",
         "fast-1x16-compile",
-        "fast-1x16-legacy",
-        "graphs-1x16-legacy",
     ],
-    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8", "graphs-1x8-legacy"],
+    "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8"],
     "gen": [
         "none",
         "none-compile",
@@ -838,8 +811,6 @@ VARIANTS = {
         "vae-decode",
         "unmerged",
         "unmerged-graphs",
-        "unmerged-legacy",
-        "unmerged-graphs-legacy",
         "unmerged-compile",
         "merged",
         "merged-graphs",

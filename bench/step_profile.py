@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from b4m.plp import PLPConfig, add_plp, remove_plp, routing
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.walker import add_plp, remove_plp, routing
 
 ROOT = Path(__file__).resolve().parents[1]
 

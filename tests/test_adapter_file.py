@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
-from b4m.adapter_file import adapter_from_model, apply_adapter, fuse, load_adapter, save_adapter
+from b4m.adapter.file import adapter_from_model, apply_adapter, fuse, load_adapter, save_adapter
 from conftest import TINY_SD_UNET, TINY_SDXL_UNET, make_unet, unet_inputs
-from test_plp import randomize_learned
+from test_adapter_layer import randomize_learned
 
 
 def trained_run(role: str, seed: int, config: PLPConfig | None = None, unet_config=TINY_SD_UNET):

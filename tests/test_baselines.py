@@ -12,9 +12,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
-import b4m.baselines.common as common
+import b4m.training.runs as runs_module
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
-from b4m.adapter_file import apply_adapter
+from b4m.adapter.file import apply_adapter
 from b4m.baselines import (
     METHODS,
     ZipLoRAConfig,
@@ -26,11 +26,13 @@ from b4m.baselines import (
     run_method,
     ziplora_merge,
 )
-from b4m.baselines.break_make import make_sets
 from b4m.baselines.common import joint_sets, plain_lora
 from b4m.baselines.ziplora import ZipLoRALinear, merge_train_config, similarity, teacher_mode, ziplora_layers
-from b4m.lora_io import apply_factors, load_lora
-from b4m.train import TrainConfig, TrainSet, micro_step_loss
+from b4m.lora_files import apply_factors, load_lora
+from b4m.method import MakeConfig, make_sets
+from b4m.training.config import TrainConfig
+from b4m.training.loop import micro_step_loss
+from b4m.training.sets import TrainSet
 from b4m.unet_skeleton import unet_skeleton
 from conftest import TINY_SD_UNET, TINY_SDXL_UNET, make_unet, unet_inputs
 from toy_model import ToyModel
@@ -142,7 +144,7 @@ class QuadraticObjective:
 
 
 def test_the_loop_trains_an_objective_and_checkpoints_its_state(tmp_path):
-    from b4m.train import train
+    from b4m.training.loop import train
 
     model = ToyModel()
     before = state(model.denoiser)
@@ -327,7 +329,7 @@ def test_ziplora_export_reproduces_delta_exactly_and_loads_in_diffusers(tmp_path
             layer.merger_style.copy_(torch.rand(layer.in_features, generator=g) * 2 - 0.5)
     expected = outputs(unet)
     from b4m.baselines.ziplora import merged_factors
-    from b4m.lora_io import save_lora
+    from b4m.lora_files import save_lora
 
     factors = merged_factors(layers)
     for fmt in ("diffusers", "kohya"):
@@ -444,13 +446,13 @@ def test_blora_touches_only_the_chosen_blocks(tmp_path):
 def test_jttrain_trains_one_lora_on_both_sets(tmp_path, monkeypatch):
     """One SGD step from B = 0 moves B by -lr · ∂(L_content + L_style)/∂B, and both terms are non-zero."""
     seen = []
-    real_train = common.train
+    real_train = runs_module.train
 
     def spy(model, plp, sets, config, out, **kw):
         seen.append(([(s.name, s.weight, s.main) for s in sets], config))
         return real_train(model, plp, sets, config, out, **kw)
 
-    monkeypatch.setattr(common, "train", spy)
+    monkeypatch.setattr(runs_module, "train", spy)
     step = {"steps": 1, "grad_accum": 1, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "max_grad_norm": None}
     model = ToyModel()
     before = state(model.denoiser)
@@ -576,15 +578,15 @@ def test_make_sets_route_each_concept_to_its_half():
     model = ToyModel()
     content_sets, style_sets = toy_sets(model)
     main_c, main_s = content_sets[:1], style_sets[:1]
-    plain, cfg = make_sets(main_c, main_s, TrainConfig(routing="none"), PLPConfig(), style_weight=0.5)
+    plain, cfg = make_sets(main_c, main_s, MakeConfig(routing="none", style_weight=0.5), PLPConfig())
     assert [(s.name, s.main, s.weight) for s in plain] == [("dog", True, 1.0), ("yarn", True, 0.5)]
-    assert cfg.owned is None
-    routed, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(), 1.0)
+    assert cfg.owned is None and type(cfg) is TrainConfig  # the loop's settings, without make's style weight
+    routed, cfg = make_sets(main_c, main_s, MakeConfig(routing="clean", style_weight=1.0), PLPConfig())
     assert [(s.name, s.main) for s in routed] == [("dog", True), ("yarn", False)] and cfg.owned == "up"
-    _, cfg = make_sets(main_c, main_s, TrainConfig(routing="clean"), PLPConfig(assignment="official"), 1.0)
+    _, cfg = make_sets(main_c, main_s, MakeConfig(routing="clean"), PLPConfig(assignment="official"))
     assert cfg.owned == "down"
-    with pytest.raises(B4MError, match="routing none or clean"):
-        make_sets(main_c, main_s, TrainConfig(routing="mixed", owned="up"), PLPConfig(), 1.0)
+    with pytest.raises(B4MError, match="routing none .* or clean"):
+        MakeConfig(routing="mixed", owned="up")
 
 
 @pytest.mark.parametrize("routing", ["none", "clean"])
@@ -594,7 +596,7 @@ def test_routed_make_keeps_the_style_half_out_of_the_content_loss(tmp_path, rout
     model = ToyModel()
     content_sets, style_sets = toy_sets(model)
     make = {"steps": 2, "grad_accum": 1, "lr": 1e-2, "weight_decay": 0.0, "routing": routing}
-    config = method_config("b4m", {"adapter": {"rank": 4}, "train": FAST, "make": make, "make_style_weight": 0.0})
+    config = method_config("b4m", {"adapter": {"rank": 4}, "train": FAST, "make": {**make, "style_weight": 0.0}})
     result = run_method("b4m", content_sets, style_sets, model, config, out=tmp_path)
     fused = result.parts["fused"].tensors
     made = result.adapter.tensors

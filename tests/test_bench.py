@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +12,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import b4m.baselines.common as common
+import b4m.training.runs as runs_module
 from b4m import B4MError
 from b4m.baselines import method_config
-from b4m.bench import (
+from b4m.cli import app
+from b4m.metrics import evaluate_folder
+from b4m.models.base import Conditioning
+from b4m.training.sets import TrainSet
+from b4m.world.bench.run import run_bench
+from b4m.world.bench.variants import (
     ABLATIONS,
     DEFAULT_METHODS,
     METRICS,
@@ -24,14 +29,9 @@ from b4m.bench import (
     parse_pairs,
     quick_config,
     resolve_methods,
-    run_bench,
     variant_config,
     variant_sets,
 )
-from b4m.cli import app
-from b4m.metrics import evaluate_folder
-from b4m.models.base import Conditioning
-from b4m.train import TrainSet
 from tiny_metric_models import SIDE, save_tiny_metric_models
 
 runner = CliRunner()
@@ -49,7 +49,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world():
-    from b4m.models import load_model
+    from b4m.loading import load_model
     from b4m.world.weights import load_shipped_oracle
 
     return load_model("world"), load_shipped_oracle("a")
@@ -104,10 +104,11 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-make20", config).make.steps == 20
     routed = variant_config("b4m-make-routed", config)
     assert routed.make.routing == "clean" and routed.train == base.train and routed.make.steps == base.make.steps
-    with pytest.raises(B4MError, match="make_style_weight must be at least 0, got -1"):
-        method_config("b4m", {"make_style_weight": -1})
+    with pytest.raises(B4MError, match="style_weight must be at least 0, got -1"):
+        method_config("b4m", {"make": {"style_weight": -1}})
     equal = variant_config("b4m-make-style-equal", config)
-    assert equal.make_style_weight == 1.0 and equal.make == base.make and base.make_style_weight == 0.5
+    assert equal.make.style_weight == 1.0 and base.make.style_weight == 0.5
+    assert dataclasses.replace(equal.make, style_weight=0.5) == base.make and equal.train == base.train
     make0 = variant_config("b4m-make0", config)
     assert make0.make.steps == 0 and make0.train == base.train and make0.adapter == base.adapter
     bf16 = quick_config(mixed_precision="bf16")
@@ -199,13 +200,13 @@ def test_stage1_runs_are_reused_and_resumed(tmp_path, world, monkeypatch):
     across commands (--resume reads finished units and stage-1 runs back)."""
     model, oracle = world
     calls = []
-    real_train = common.train
+    real_train = runs_module.train
 
     def counting_train(model, plp, sets, config, out, **kwargs):
         calls.append(kwargs.get("role"))
         return real_train(model, plp, sets, config, out, **kwargs)
 
-    monkeypatch.setattr(common, "train", counting_train)
+    monkeypatch.setattr(runs_module, "train", counting_train)
     pairs = [("teapot", "sunburst"), ("teapot", "vortex"), ("dog", "sunburst")]
     first = run_bench(tmp_path, quick_config(pairs=pairs, methods=["b4m"]), model=model, oracle=oracle)
     # 4 concepts (teapot, dog, sunburst, vortex) over 6 stage-1 slots: 4 trained, 2 reused; then 3 makes
@@ -250,7 +251,7 @@ def test_a_diverged_method_is_recorded_not_scored(tmp_path, world, monkeypatch):
     def diverging(*args, **kwargs):
         raise DivergedError("loss became NaN/Inf between steps 1 and 2; no checkpoint was written")
 
-    monkeypatch.setattr(common, "train", diverging)
+    monkeypatch.setattr(runs_module, "train", diverging)
     config = quick_config(methods=["renderer", "b4m"])
     results = run_bench(tmp_path, config, model=model, oracle=oracle)
     assert list(results["summary"]) == ["renderer"]
@@ -314,22 +315,27 @@ def test_eval_command_errors_in_one_line(tmp_path, metric_models):
 
 
 def test_commit_is_the_code_that_runs(monkeypatch, tmp_path):
+    """Results record the commit of the code that runs: git's HEAD where the file is tracked, B4M_COMMIT for a copy
+    without history, and no commit (rather than a wrong one) for a file git does not track."""
     import subprocess
 
-    import b4m.bench as bench
+    from b4m.environment import git_commit
 
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(bench.__file__).parent, capture_output=True, text=True
-    ).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    head = git("rev-parse", "--short", "HEAD").strip()
     monkeypatch.delenv("B4M_COMMIT", raising=False)
-    if head:  # a checkout (CI clones one): this file is tracked, so git's HEAD describes it
-        assert bench._commit()[0] == head
+    assert git_commit(code) == (head, False)
+    code.write_text("x = 2\n")
+    assert git_commit(code) == (head, True)  # uncommitted changes
+    untracked = tmp_path / "snapshot.py"  # e.g. a copy in an ignored snapshot folder
+    untracked.write_text("x = 1\n")
+    assert git_commit(untracked) == (None, None)
     monkeypatch.setenv("B4M_COMMIT", "abc1234")  # a snapshot says what it is; whether it is dirty is unknown
-    assert bench._commit() == ("abc1234", None)
-    monkeypatch.delenv("B4M_COMMIT")
-    # a copy of the module where git does not track it (e.g. an ignored snapshot folder): no commit, not a wrong one
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    copy = tmp_path / "bench.py"
-    copy.write_text(Path(bench.__file__).read_text())
-    monkeypatch.setattr(bench, "__file__", str(copy))
-    assert bench._commit() == (None, None)
+    assert git_commit(code) == ("abc1234", None)

@@ -5,15 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-from b4m import plp
-
 ROOT = Path(__file__).resolve().parents[1]
-# One or more rows of every case (the whole --tiny run, compile rows aside, takes about 35 s on two cores).
-ROWS = (
-    "naive/loop,naive/batched,stage1/default,stage1/low-memory,stage1/1024-low-memory,make/default,"
-    "stage1/graphs-1x16-legacy,make/graphs-1x8-legacy,gen/none,gen/unmerged,gen/unmerged-legacy,"
-    "gen/unmerged-graphs-legacy,gen/merged,gen/vae-decode"
-)
+# One row of every case (naive, stage1, make, gen), at 32 px: the whole --tiny run (64 px), compile rows aside, takes
+# about 70 s on two cores, these rows a few seconds.
+ROWS = "naive/batched,stage1/low-memory,make/fast,gen/none"
+SMALL = ["--tiny", "--device", "cpu", "--resolution", "32", "--gen-resolution", "32"]
 
 
 def load_bench():
@@ -26,7 +22,7 @@ def load_bench():
 
 def test_speed_tiny_on_cpu(tmp_path):
     bench = load_bench()
-    path = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", ROWS, "--commit", "test"])
+    path = bench.main([*SMALL, "--out", str(tmp_path), "--cases", ROWS, "--commit", "test"])
     data = json.loads(path.read_text())
     assert path.parent == tmp_path and path.name.startswith("speed-cpu")
     assert data["device"].startswith("cpu") and data["runs"][0]["commit"] == "test"
@@ -38,28 +34,17 @@ def test_speed_tiny_on_cpu(tmp_path):
         for key in ("ms_per_step", "images_per_s", "peak_gib", "tflop_per_step", "fraction_of_matmul_rate"):
             assert r[key] > 0, (r["id"], key)
     assert rows["stage1/low-memory"]["settings"]["gradient_checkpointing"] is True
-    assert rows["stage1/1024-low-memory"]["resolution"] == 128  # the toy's "1024" rows: twice the training size
-    # The -legacy rows: their row's settings on the earlier PLP training path, which the run switches back after.
-    assert rows["stage1/graphs-1x16-legacy"]["settings"]["fused_train_path"] is False
-    assert rows["stage1/graphs-1x16-legacy"]["settings"]["grad_accum"] == 1  # graphs-1x16's: one micro-step
-    assert rows["make/graphs-1x8-legacy"]["settings"]["fused_train_path"] is False
-    assert rows["stage1/default"]["settings"]["fused_train_path"] is True
-    assert plp.FUSED_TRAIN_PATH is True
-    # The gen -legacy rows: the unmerged rows on the earlier no-grad path (no CUDA graphs on a CPU: eager).
-    assert rows["gen/unmerged-legacy"]["settings"]["stacked_infer"] is False
-    assert rows["gen/unmerged-graphs-legacy"]["settings"]["stacked_infer"] is False
-    assert rows["gen/unmerged-graphs-legacy"]["settings"]["cuda_graphs"] is True
-    assert rows["gen/unmerged"]["settings"]["stacked_infer"] is True
-    assert "stacked_infer" not in rows["gen/merged"]["settings"]
-    assert "STACKED_INFER off" in rows["gen/unmerged-legacy"]["description"]
-    assert plp.STACKED_INFER is True
-    # One GEMM of (m + r) rows instead of m and r: the same FLOPs.
-    stacked, earlier = (rows[f"gen/unmerged{s}"]["tflop_per_step"] for s in ("", "-legacy"))
-    assert abs(stacked - earlier) <= 1e-9 * earlier
+    assert rows["make/fast"]["settings"]["routing"] == "none" and rows["make/fast"]["settings"]["precondition"]
+    assert {r["resolution"] for r in rows.values()} == {32}
+    # The toy's "1024" rows: twice the training resolution (dropped where that is the training resolution).
+    args = bench.parse_args(["--tiny", "--resolution", "32"])
+    assert bench.high_resolution(args) == 64
+    assert bench.select_rows("stage1", False, 64, 64) == [
+        f"stage1/{v}" for v in bench.VARIANTS["stage1"] if v != "1024" and "compile" not in v
+    ]
+    assert not any("legacy" in r for r in bench.RUN_ORDER)  # gone with their paths (git tag legacy-speed-paths)
     # A second run of the same day merges into the same file, replacing the rows it measured again.
-    again = bench.main(
-        ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--cases", "gen/none", "--profile", "gen/none"]
-    )
+    again = bench.main([*SMALL, "--out", str(tmp_path), "--cases", "gen/none", "--profile", "gen/none"])
     profile = (tmp_path / "profile-gen-none.txt").read_text()
     assert profile.startswith("gen/none:") and "aten::" in profile  # the operators, ranked
     data = json.loads(again.read_text())

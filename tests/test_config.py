@@ -3,8 +3,8 @@ import tomllib
 import pytest
 
 from b4m import B4MError
-from b4m.config import load_config, to_toml
-from b4m.stages import STAGE_DEFAULTS
+from b4m.runs.config import STAGE_DEFAULTS, StageConfig, build_config, load_config, to_toml
+from b4m.training.config import TrainConfig
 
 
 def test_file_then_flags_override_defaults(tmp_path):
@@ -12,7 +12,7 @@ def test_file_then_flags_override_defaults(tmp_path):
     path.write_text(
         'model = "sdxl"\nprompt = "a photo of sks dog"\n[train]\nsteps = 300\nlr = 2e-4\n[adapter]\nrank = 16\n'
     )
-    cfg = load_config(path, {"train.steps": 500, "images": "dogs", "output": None}, STAGE_DEFAULTS["content"])
+    cfg = load_config(path, {"train.steps": 500, "images": "dogs"}, STAGE_DEFAULTS["content"])
     assert (cfg.model, cfg.images, cfg.prompt) == ("sdxl", "dogs", "a photo of sks dog")
     assert (cfg.train.steps, cfg.train.lr, cfg.adapter.rank) == (500, 2e-4, 16)
     assert cfg.train.grad_accum == 4 and cfg.adapter.ratio == 0.5  # untouched defaults
@@ -62,6 +62,7 @@ def test_overrides_never_change_the_stage_defaults():
         ("train.lr", 0.0, "lr must be > 0"),
         ("train.seed", -1, "seed must be a whole number from 0, got -1"),
         ("train.validate_every", -1, "validate_every must be at least 0"),
+        ("train.max_grad_norm", -1.0, "max_grad_norm must be at least 0 \\(0: no clipping\\), got -1.0"),
         ("resolution", 100, "resolution must be a multiple of 8 from 8 to 4096 pixels, got 100"),
         ("resolution", 100_000, "resolution must be a multiple of 8"),
     ],
@@ -75,3 +76,110 @@ def test_bad_settings_are_refused_when_the_config_is_built(key, value, message):
 def test_one_export_format_may_be_a_string():
     cfg = load_config(None, {"export.formats": "kohya"}, STAGE_DEFAULTS["content"])
     assert cfg.export.formats == ["kohya"]
+
+
+# Every setting changed from its default (the round trip below checks that the list stays complete).
+EVERY_SETTING_CHANGED = {
+    "preset": "fast",
+    "model": "m",
+    "images": "i",
+    "prompt": "p",
+    "output": "o",
+    "aux": "a",
+    "content": "c",
+    "style": "s",
+    "style_weight": 0.25,
+    "resolution": 64,
+    "placeholder": "sks",
+    "device": "cpu",
+    "adapter": {
+        "rank": 8,
+        "ratio": 0.25,
+        "init": "exact",
+        "seed": 3,
+        "assignment": "official",
+        "targets": ".*attn2.*",  # one regex
+        "exclude": ["to_k"],
+        "base_model": "sdxl",
+        "learned_init": "kaiming",
+    },
+    "train": {
+        "steps": 7,
+        "lr": 0.5,
+        "other_lr": 0.0,
+        "routing": "mixed",
+        "up_lr_ratio": 2.0,
+        "owned": "down",
+        "batch_size": 2,
+        "grad_accum": 3,
+        "optimizer": "sgd",
+        "weight_decay": 0.0,
+        "precondition": True,
+        "precond_reg": 0.5,
+        "precond_factors": "full",
+        "max_grad_norm": 2.5,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "fused_optimizer": True,
+        "cuda_graphs": True,
+        "fold_accumulation": True,
+        "checkpoint_every": 9,
+        "keep_checkpoints": 5,
+        "check_every": 2,
+        "validate_every": 4,
+        "tensorboard": True,
+        "seed": 11,
+    },
+    "validation": {"prompts": ["a sks"], "seeds": [5], "steps": 3, "guidance_scale": 2.0},
+    "auto_aux": {"sets": 1, "images": 2, "steps": 3, "guidance_scale": 4.0},
+    "export": {"formats": ["kohya"], "dtype": "bf16"},
+}
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        StageConfig(),
+        StageConfig(train=TrainConfig(max_grad_norm=0.0)),  # no clipping
+        build_config(EVERY_SETTING_CHANGED),
+    ],
+    ids=["defaults", "no-clipping", "every-setting-changed"],
+)
+def test_configs_round_trip_through_toml(config, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path, {}) == config
+
+
+def test_the_round_trip_changes_every_setting():
+    changed, defaults = _leaves(EVERY_SETTING_CHANGED), _leaves(StageConfig().to_dict())
+    assert set(changed) == set(defaults)  # a new setting belongs in EVERY_SETTING_CHANGED
+    assert [k for k in changed if changed[k] == defaults[k]] == []
+
+
+def test_none_is_refused_where_the_default_is_not_none(tmp_path):
+    """TOML has no null: a None where the default is not None would come back as the default (clipping off used to
+    come back as max_grad_norm = 1.0). None stays allowed where it is the default."""
+    message = r"command line: train\.max_grad_norm cannot be None \(Clip .*; 0 does not clip\)"
+    with pytest.raises(B4MError, match=message):
+        load_config(None, {"train.max_grad_norm": None})
+    with pytest.raises(B4MError, match="config: output cannot be None"):
+        build_config({"output": None})
+    with pytest.raises(B4MError, match="config: export.formats cannot be None"):
+        build_config({"export": {"formats": None}})
+    path = tmp_path / "run.toml"
+    path.write_text('aux = "sets"\n[validation]\nguidance_scale = 3.0\n')
+    cfg = load_config(path, {"aux": None, "validation.guidance_scale": None})
+    assert cfg.aux is None and cfg.validation.guidance_scale is None
+
+
+def test_max_grad_norm_zero_turns_clipping_off():
+    assert load_config(None, {"train.max_grad_norm": 0}).train.max_grad_norm == 0
+    assert TrainConfig(max_grad_norm=None).max_grad_norm == 0.0  # the Python API's older spelling

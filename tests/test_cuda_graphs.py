@@ -5,7 +5,9 @@ import torch
 
 from b4m import PLPConfig, add_plp, plp_layers
 from b4m.cuda_graphs import graphed_sampling
-from b4m.train import TrainConfig, TrainSet, draw_batch, graphed_micro_step, make_optimizer, scaled_loss, train
+from b4m.training.config import TrainConfig
+from b4m.training.loop import draw_batch, graphed_micro_step, make_optimizer, scaled_loss, train
+from b4m.training.sets import TrainSet
 from conftest import TINY_SDXL_UNET, make_unet, unet_inputs
 from test_train import adapter_state, attached, toy_sets
 

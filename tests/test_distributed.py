@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from b4m import B4MError, distributed
+from b4m import B4MError
 from b4m.baselines import run_method
-from b4m.distributed import Dist
-from b4m.train import TrainConfig, TrainSet, micro_step_loss, train
+from b4m.training import distributed
+from b4m.training.config import TrainConfig
+from b4m.training.distributed import Dist
+from b4m.training.loop import micro_step_loss, train
+from b4m.training.sets import TrainSet
 from test_train import adapter_state, attached, toy_sets
 from toy_model import ToyModel
 

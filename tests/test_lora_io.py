@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import b4m
-from b4m.lora_io import apply_factors, check_factors_fit, factors_from_model, load_lora, save_lora
+from b4m.adapter.file import model_factors
+from b4m.lora_files import apply_factors, check_factors_fit, load_lora, save_lora
 from conftest import TINY_SD_UNET, TINY_SDXL_UNET, make_unet, unet_inputs
 
 MODELS = {
@@ -93,7 +95,7 @@ def test_diffusers_format_loads_in_diffusers_with_same_outputs(kind, tmp_path):
     config, pipeline_cls = MODELS[kind]
     unet = plp_unet(config)
     expected = outputs(unet)
-    factors = factors_from_model(unet)
+    factors = model_factors(unet)
     path = tmp_path / "b4m.safetensors"
     save_lora(factors, path, format="diffusers")
 
@@ -124,7 +126,7 @@ def test_kohya_format_loads_in_diffusers_with_same_outputs(kind, key, tmp_path):
     unet = plp_unet(config)
     expected = outputs(unet)
     path = tmp_path / "b4m_kohya.safetensors"
-    save_lora(factors_from_model(unet), path, format="kohya", unet_config=unet.config)
+    save_lora(model_factors(unet), path, format="kohya", unet_config=unet.config)
 
     loaded = load_with_diffusers(path, config, pipeline_cls)
     torch.testing.assert_close(outputs(loaded), expected, **TOL)
@@ -148,7 +150,7 @@ def test_kohya_sgm_names_of_resnet_and_embedding_layers(tmp_path):
     """Every linear layer kind (attention, ff, proj, resnet time_emb_proj, time/added embeddings) in SGM naming."""
     unet = plp_unet(TINY_SDXL_UNET, targets=ALL_LINEAR)
     expected = outputs(unet)
-    factors = factors_from_model(unet)
+    factors = model_factors(unet)
     path = tmp_path / "all.safetensors"
     save_lora(factors, path, format="kohya", kohya_naming="sgm", unet_config=unet.config)
 
@@ -164,6 +166,108 @@ def test_kohya_sgm_names_of_resnet_and_embedding_layers(tmp_path):
     assert_factors_equal(load_lora(path, unet_config=unet.config)[0], factors)
 
 
+def pipeline_with(config: dict, pipeline_cls):
+    """A pipeline around a fresh base UNet (no VAE or text encoders: only the UNet takes the LoRA)."""
+    parts = dict(
+        vae=None, text_encoder=None, tokenizer=None, unet=make_unet(config), scheduler=EulerDiscreteScheduler()
+    )
+    if pipeline_cls is StableDiffusionXLPipeline:
+        return pipeline_cls(**parts, text_encoder_2=None, tokenizer_2=None)
+    return pipeline_cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def lora_wrapped(unet) -> set[str]:
+    return {name for name, module in unet.named_modules() if isinstance(module, LoraLayer)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt", "naming"),
+    [
+        ("sdxl", "kohya", "diffusers"),
+        ("sdxl", "kohya", "sgm"),
+        ("sdxl", "diffusers", None),
+        ("sd", "kohya", "diffusers"),
+        ("sd", "diffusers", None),
+    ],
+)
+def test_every_linear_layer_loads_through_load_lora_weights(kind, fmt, naming, tmp_path):
+    """Every nn.Linear adapted, written, and loaded by ``pipe.load_lora_weights``: no module is dropped (diffusers
+    only logs the keys it cannot place) and the pipeline's UNet computes what the adapter computes."""
+    config, pipeline_cls = MODELS[kind]
+    unet = plp_unet(config, targets=r".*")
+    expected = outputs(unet)
+    factors = model_factors(unet)
+    linear = {n for n, m in make_unet(config).named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(factors) == linear
+    path = tmp_path / f"{kind}_{fmt}_{naming}.safetensors"
+    used = save_lora(factors, path, format=fmt, kohya_naming=naming or "auto", unet_config=unet.config)
+
+    pipe = pipeline_with(config, pipeline_cls)
+    pipe.load_lora_weights(str(path))
+    assert lora_wrapped(pipe.unet) == set(factors)
+    assert set(peft_scalings(pipe.unet)) == {1.0}
+    torch.testing.assert_close(outputs(pipe.unet), expected, **TOL)
+    assert_factors_equal(load_lora(path, unet_config=unet.config)[0], factors)
+    assert used == naming
+
+
+def test_kohya_diffusers_naming_spells_added_embedding_as_sgm(tmp_path):
+    """SDXL's add_embedding.linear_1/_2 are written as label_emb_0_0/_0_2 (diffusers maps only that spelling back)."""
+    unet = plp_unet(TINY_SDXL_UNET, targets=r"(add|time)_embedding\.linear_[12]|.*attn1\.to_q")
+    path = tmp_path / "emb.safetensors"
+    assert save_lora(model_factors(unet), path, format="kohya", kohya_naming="diffusers") == "diffusers"
+    with safe_open(str(path), framework="pt") as f:
+        bases = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118
+    assert {"lora_unet_label_emb_0_0", "lora_unet_label_emb_0_2"} <= bases
+    assert {"lora_unet_time_embedding_linear_1", "lora_unet_time_embedding_linear_2"} <= bases
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in bases
+    assert not any("add_embedding" in b for b in bases)
+
+
+def test_old_added_embedding_spelling_still_reads(tmp_path):
+    """Files written before the fix (lora_unet_add_embedding_linear_1/_2) still import through b4m's reader."""
+    unet = make_unet(TINY_SDXL_UNET)
+    factors = random_factors(unet, ("add_embedding.linear_1", "add_embedding.linear_2", "attn2.to_k"), ranks=[4])
+    tensors = {}
+    for name, (up, down) in factors.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(4.0)}
+    path = tmp_path / "old_spelling.safetensors"
+    save_file(tensors, str(path))
+    assert_factors_equal(load_lora(path)[0], factors)
+
+
+def test_module_diffusers_cannot_read_as_kohya_is_refused(tmp_path):
+    """A class-conditioned UNet's class_embedding has no kohya spelling diffusers maps back (its SGM name label_emb
+    comes back as add_embedding): the kohya writer refuses it; the diffusers format carries it."""
+    config = {**TINY_SD_UNET, "class_embed_type": "timestep"}
+    unet = plp_unet(config, targets=r"class_embedding\.linear_[12]|.*attn1\.to_q")
+    factors = model_factors(unet)
+    assert "class_embedding.linear_1" in factors
+    for naming in ("diffusers", "sgm"):
+        path = tmp_path / f"class_{naming}.safetensors"
+        with pytest.raises(b4m.B4MError, match=r"class_embedding\.linear_1.*format='diffusers'") as info:
+            save_lora(factors, path, format="kohya", kohya_naming=naming, unet_config=unet.config)
+        assert path.name in str(info.value) and "\n" not in str(info.value)
+        assert not path.exists()
+    path = tmp_path / "class.safetensors"
+    assert save_lora(factors, path, unet_config=unet.config) is None
+    pipe = pipeline_with(config, StableDiffusionPipeline)
+    pipe.load_lora_weights(str(path))
+    assert lora_wrapped(pipe.unet) == set(factors)
+
+
+def test_save_lora_returns_the_kohya_naming(tmp_path):
+    """What the CLI reports: SGM for an SDXL config, diffusers naming for SD or when no config is given."""
+    factors = model_factors(plp_unet(TINY_SDXL_UNET))
+    path = tmp_path / "x.safetensors"
+    assert save_lora(factors, path, format="kohya", unet_config=make_unet(TINY_SDXL_UNET).config) == "sgm"
+    assert save_lora(factors, path, format="kohya") == "diffusers"
+    assert save_lora(factors, path, format="kohya", unet_config=TINY_SD_UNET) == "diffusers"
+    assert save_lora(factors, path, format="kohya", kohya_naming="sgm", unet_config=TINY_SDXL_UNET) == "sgm"
+    assert save_lora(factors, path, format="diffusers", unet_config=TINY_SDXL_UNET) is None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 3. Round trips and alpha folding
 
@@ -173,7 +277,7 @@ def test_kohya_sgm_names_of_resnet_and_embedding_layers(tmp_path):
 def test_round_trip_fp32_is_exact(kind, fmt, tmp_path):
     config, _ = MODELS[kind]
     unet = plp_unet(config)
-    factors = factors_from_model(unet)
+    factors = model_factors(unet)
     path = tmp_path / "rt.safetensors"
     save_lora(factors, path, format=fmt, unet_config=unet.config)
     assert file_dtypes(path) == {torch.float32}
@@ -185,7 +289,7 @@ def test_round_trip_fp32_is_exact(kind, fmt, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_round_trip_half_precision(fmt, dtype, tmp_path):
     unet = plp_unet(TINY_SDXL_UNET)
-    factors = factors_from_model(unet)
+    factors = model_factors(unet)
     path = tmp_path / "half.safetensors"
     save_lora(factors, path, format=fmt, dtype=dtype, unet_config=unet.config)
     assert file_dtypes(path) == {dtype}
@@ -201,7 +305,7 @@ def test_factors_fold_all_scales_and_apply_matches_adapter():
     unet = plp_unet(TINY_SD_UNET)
     config = b4m.PLPConfig(rank=4)
     b4m.set_scales(unet, config, scale=0.7, content_scale=1.5, style_scale=0.5)
-    factors = factors_from_model(unet)
+    factors = model_factors(unet)
     for name, layer in b4m.plp_layers(unet).items():
         up, down = factors[name]
         assert up.dtype == down.dtype == torch.float32
@@ -359,13 +463,13 @@ def test_up_without_down_and_rank_mismatch(tmp_path):
 def test_sgm_names_need_unet_config(tmp_path):
     unet = plp_unet(TINY_SDXL_UNET)
     path = tmp_path / "sgm.safetensors"
-    save_lora(factors_from_model(unet), path, format="kohya", unet_config=unet.config)
+    save_lora(model_factors(unet), path, format="kohya", unet_config=unet.config)
     _raises(path, "unet_config")
 
 
 def test_shape_mismatch_against_model(tmp_path):
     path = tmp_path / "sd_lora.safetensors"
-    save_lora(factors_from_model(plp_unet(TINY_SD_UNET)), path)
+    save_lora(model_factors(plp_unet(TINY_SD_UNET)), path)
     factors, _ = load_lora(path)
     sdxl = make_unet(TINY_SDXL_UNET)
     with pytest.raises(b4m.B4MError, match=r"sd_lora\.safetensors: module down_blocks\.0") as info:
@@ -387,7 +491,7 @@ def test_metadata_survives(fmt, tmp_path):
     unet = plp_unet(TINY_SDXL_UNET)
     extra = {"b4m_trigger_words": "sks dog, <wct> style", "b4m_steps": 500}
     path = tmp_path / "meta.safetensors"
-    save_lora(factors_from_model(unet), path, format=fmt, metadata=extra, unet_config=unet.config)
+    save_lora(model_factors(unet), path, format=fmt, metadata=extra, unet_config=unet.config)
     meta = file_metadata(path)
     assert meta["b4m_trigger_words"] == "sks dog, <wct> style" and meta["b4m_steps"] == "500"
     _, loaded = load_lora(path, unet_config=unet.config)
@@ -399,7 +503,7 @@ def test_reexport_to_kohya_drops_diffusers_adapter_metadata(tmp_path):
     unet = plp_unet(TINY_SDXL_UNET)
     expected = outputs(unet)
     first = tmp_path / "first.safetensors"
-    save_lora(factors_from_model(unet), first, metadata={"trigger": "sks"})
+    save_lora(model_factors(unet), first, metadata={"trigger": "sks"})
     factors, meta = load_lora(first)
     assert "lora_adapter_metadata" in meta
     second = tmp_path / "second.safetensors"
@@ -410,7 +514,7 @@ def test_reexport_to_kohya_drops_diffusers_adapter_metadata(tmp_path):
 
 
 def test_bad_save_arguments(tmp_path):
-    factors = factors_from_model(plp_unet(TINY_SD_UNET))
+    factors = model_factors(plp_unet(TINY_SD_UNET))
     with pytest.raises(b4m.B4MError, match="format must be"):
         save_lora(factors, tmp_path / "x.safetensors", format="webui")
     with pytest.raises(b4m.B4MError, match="dtype must be"):

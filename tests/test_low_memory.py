@@ -5,11 +5,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
-from b4m.config import PRESETS, load_config, preset_settings, to_toml
+from b4m.adapter.layer import PLPLinear
 from b4m.models.base import Conditioning
-from b4m.plp import PLPLinear
-from b4m.stages import STAGE_DEFAULTS
-from b4m.train import TrainConfig, TrainSet, enable_gradient_checkpointing, micro_step_loss, train
+from b4m.runs.config import PRESETS, STAGE_DEFAULTS, load_config, preset_settings, to_toml
+from b4m.training.config import TrainConfig
+from b4m.training.loop import enable_gradient_checkpointing, micro_step_loss, train
+from b4m.training.sets import TrainSet
 from conftest import TINY_SDXL_UNET
 from toy_model import ToyModel
 

@@ -166,7 +166,7 @@ def test_score_errors(encoders):
 
 
 def test_evaluate_folder_reads_b4m_pngs(encoders, tmp_path):
-    from b4m.stages import save_png
+    from b4m.images import save_png
 
     images, content, style = _images(3, seed=10), _images(2, seed=11), _images(2, seed=12)
     prompts = ["a sks dog", "a sks dog on a beach", "a sks cat"]

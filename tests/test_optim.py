@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.layer import PLPLinear
+from b4m.adapter.optim import create_optimizer, precondition_
+from b4m.adapter.walker import add_plp, plp_layers
 from b4m.errors import B4MError
-from b4m.optim import create_optimizer, precondition_
-from b4m.plp import PLPConfig, PLPLinear, add_plp, plp_layers
 from conftest import unet_inputs
 
 REG = 0.05
@@ -98,7 +100,10 @@ def test_float32_and_bfloat16_grads_keep_their_dtype():
         net = Net().double()
         for p, g in zip(net.parameters(), ref_grads, strict=True):
             p.grad = g.clone()
-        net.to(dtype)  # params, buffers and grads in dtype
+        for t in [*net.parameters(), *net.buffers()]:  # params, buffers and grads in dtype (adapter halves included:
+            t.data = t.data.to(dtype)  # module.to would keep those at float32 or more)
+            if t.grad is not None:
+                t.grad = t.grad.to(dtype)
         precondition_(plp_layers(net), REG, "full")
         for p, q in zip(net.parameters(), ref.parameters(), strict=True):
             assert p.grad.dtype == dtype

@@ -9,12 +9,14 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from typer.testing import CliRunner
 
+import b4m.training.runs as runs_module
 from b4m import B4MError
-from b4m.adapter_file import load_adapter
+from b4m.adapter.file import load_adapter
 from b4m.cli import app
-from b4m.config import load_config
-from b4m.lora_io import load_lora
-from b4m.stages import STAGE_DEFAULTS, run_break, run_make
+from b4m.files import load_safetensors
+from b4m.lora_files import load_lora
+from b4m.runs.config import STAGE_DEFAULTS, load_config
+from b4m.runs.stages import run_break, run_make
 from tiny_pipelines import save_tiny_sd, save_tiny_sdxl
 
 runner = CliRunner()
@@ -63,8 +65,16 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_content_style_make_generate_end_to_end(world, tmp_path, kind):
+def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypatch):
     model = world[kind]
+    loop_sets = []
+    real_train = runs_module.train
+
+    def spy(model, plp, sets, config, out, **kwargs):
+        loop_sets.append([(s.name, s.weight, s.main) for s in sets])
+        return real_train(model, plp, sets, config, out, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train", spy)
     _cli(
         "content",
         "--model",
@@ -96,9 +106,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind):
     made_dir = tmp_path / "made"
     _cli("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", made_dir, "--steps", "2")
     # make's sets: content weight 1, style 0.5 (the default), both training both halves (routing none)
-    state = torch.load(made_dir / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
-    sets = json.loads(state["fingerprint"])["sets"]
-    assert [(n, w, main) for n, _, w, main in sets] == [("content", 1.0, True), ("style", 0.5, True)]
+    assert loop_sets[-1] == [("content", 1.0, True), ("style", 0.5, True)]
 
     content = load_adapter(tmp_path / "dog" / "content.b4m.safetensors")
     style = load_adapter(tmp_path / "yarn" / "style.b4m.safetensors")
@@ -112,12 +120,21 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind):
     assert run["stage"] == "content" and run["aux_sets"] == ["set0", "set1"] and run["versions"]["torch"]
     assert (tmp_path / "dog" / "checkpoints" / "step-000002").is_dir()
 
-    # The exported plain LoRA loads into the diffusers pipeline with no b4m code.
+    # The exported plain LoRAs: one for diffusers, one for ComfyUI/A1111 (kohya names; SGM blocks for SDXL, as
+    # kohya writes them), both with the made adapter's ΔW.
     pipe_cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     pipe = pipe_cls.from_pretrained(model)
-    pipe.load_lora_weights(str(tmp_path / "made" / "fused_lora.safetensors"))
-    factors, _ = load_lora(tmp_path / "made" / "fused_lora.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "made" / "fused_lora_diffusers.safetensors"))
+    factors, _ = load_lora(tmp_path / "made" / "fused_lora_diffusers.safetensors")
     assert sorted(factors) == made.modules
+    comfy = tmp_path / "made" / "fused_lora_comfyui.safetensors"
+    keys = list(load_safetensors(comfy)[0])
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(("_input_blocks_" if kind == "sdxl" else "_down_blocks_") in k for k in keys)
+    kohya, _ = load_lora(comfy, unet_config=pipe.unet.config)
+    assert sorted(kohya) == made.modules
+    for name, (up, down) in factors.items():
+        torch.testing.assert_close(kohya[name][0] @ kohya[name][1], up @ down)
 
     # generate: deterministic per seed, metadata in the PNG, grid written.
     out1, out2 = tmp_path / "g1", tmp_path / "g2"
@@ -273,8 +290,8 @@ class _Painter:
 
 
 def test_under_several_processes_only_rank_0_generates_the_auxiliary_sets(tmp_path, monkeypatch):
-    from b4m import stages
-    from b4m.config import AutoAuxConfig, StageConfig
+    from b4m.runs import aux as stages
+    from b4m.runs.config import AutoAuxConfig, StageConfig
 
     monkeypatch.setenv("B4M_CACHE", str(tmp_path / "cache"))
     cfg = StageConfig(auto_aux=AutoAuxConfig(sets=2, images=3, steps=1))
@@ -341,11 +358,11 @@ def test_progress_goes_to_log_files_as_lines(monkeypatch):
 
     from rich.console import Console
 
-    from b4m import stages
+    from b4m import progress
 
-    monkeypatch.setattr(stages, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     log = io.StringIO()
-    update = stages._progress_printer(Console(file=log, width=200), "content")
+    update = progress.progress_printer(Console(file=log, width=200), "content")
     update(11, 13, None)  # resumed after step 10; no loss read yet: no line
     update(12, 13, 0.5)
     update(13, 13, None)  # the last step always prints, with the last loss read
@@ -354,7 +371,7 @@ def test_progress_goes_to_log_files_as_lines(monkeypatch):
     assert lines[1].startswith("content step 12/13") and lines[1].endswith("loss 0.5000")
     assert lines[2].startswith("content step 13/13") and lines[2].endswith("loss 0.5000") and len(lines) == 3
     terminal = io.StringIO()
-    update = stages._progress_printer(Console(file=terminal, force_terminal=True, width=200), "style")
+    update = progress.progress_printer(Console(file=terminal, force_terminal=True, width=200), "style")
     for step in (1, 2):
         update(step, 2, 0.25)
     assert "style" in terminal.getvalue() and "0.2500" in terminal.getvalue()

@@ -11,10 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from b4m import B4MError
-from b4m.bench import quick_config, run_bench, waves
 from b4m.cli import app
-from b4m.models import load_model
+from b4m.loading import load_model
 from b4m.sweep import Job, load_jobs, make_slots, parse_jobs, read_metric, run_jobs
+from b4m.world.bench.run import run_bench
+from b4m.world.bench.variants import quick_config
+from b4m.world.bench.workers import waves
 from b4m.world.weights import load_shipped_oracle
 
 runner = CliRunner()
@@ -188,7 +190,7 @@ def test_an_interrupted_sweep_stops_its_jobs(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_sleep(seconds)
 
-    monkeypatch.setattr("b4m.sweep.time.sleep", interrupt)
+    monkeypatch.setattr("b4m.sweep.scheduler.time.sleep", interrupt)
     started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         run_jobs(jobs, tmp_path, slots=make_slots(workers=1, gpus=[]), poll=0.02)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
-from b4m.adapter_file import load_adapter
-from b4m.train import TrainConfig, TrainSet, folded, micro_step_loss, train
+from b4m.adapter.file import load_adapter
+from b4m.training.config import TrainConfig, folded
+from b4m.training.loop import micro_step_loss, train
+from b4m.training.sets import TrainSet
 from toy_model import ToyModel
 
 
@@ -114,13 +116,13 @@ def test_frozen_parts_do_not_move_and_mixed_routing_uses_a_lower_lr(tmp_path):
     train(model, plp, toy_sets(model), config, tmp_path)
     after = adapter_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("_frozen"))
-    from b4m.train import make_optimizer
+    from b4m.training.loop import make_optimizer
 
     assert [g["lr"] for g in make_optimizer(model, config).param_groups] == [1e-4, 1e-5]
 
 
 def test_up_lr_ratio_scales_the_up_half_in_every_routing():
-    from b4m.train import make_optimizer
+    from b4m.training.loop import make_optimizer
 
     model, _ = attached()
     ups = {id(l.up_learned) for l in plp_layers(model.denoiser).values()}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from b4m import B4MError
-from b4m.io_utils import save_safetensors
+from b4m.files import save_safetensors
 from b4m.world import default_catalog, random_scene, render_batch
 from b4m.world.catalog import Catalog
 from b4m.world.oracle import (
@@ -17,18 +17,15 @@ from b4m.world.oracle import (
     Oracle,
     OracleConfig,
     agreement,
-    augment,
     class_names,
     evaluate,
-    fresh_render_accuracy,
     load_oracle,
     logits,
     predict,
-    render_stream,
     save_oracle,
     similarity,
-    train_oracle,
 )
+from b4m.world.oracle_training import augment, fresh_render_accuracy, render_stream, train_oracle
 
 TINY = dict(width=8, embed_dim=16, resolution=32)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from b4m import B4MError
-from b4m.models import load_model
+from b4m.loading import load_model
 from b4m.world import default_catalog, render_batch
 from b4m.world.oracle import ATTRIBUTES
 from b4m.world.quality import QualityConfig, base_model_quality, held_out_pairs, prompt_scenes, score

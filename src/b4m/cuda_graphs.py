@@ -5,7 +5,7 @@ An SDXL training step in eager PyTorch is bound by the host, not the GPU: thousa
 and backward (the UNet's and 560 adapters') take longer to issue than the GPU takes to run them
 (docs/benchmarks.md). A CUDA graph issues the whole micro-step with one launch.
 
-What is captured: :func:`b4m.train.batch_loss` on static input tensors (noisy latents, timesteps, conditioning,
+What is captured: :func:`b4m.training.loop.batch_loss` on static input tensors (noisy latents, timesteps, conditioning,
 target, weights) and its ``backward()``, which adds into gradient tensors that exist before the capture, so every
 replay accumulates exactly like an eager backward does. What stays eager: drawing the batch (the CPU generator, so
 runs stay reproducible and resumable), copying it into the static tensors, and the optimizer's step.
@@ -13,7 +13,7 @@ runs stay reproducible and resumable), copying it into the static tensors, and t
 Rules that keep replays correct, enforced by the training loop: gradients are zeroed in place
 (``zero_grad(set_to_none=False)``), never replaced; parameters are updated in place (every torch optimizer does);
 shapes and routing do not change within a run. Used only on CUDA, without fp16 loss scaling, without gradient
-checkpointing and without an :class:`~b4m.train.Objective`; elsewhere the loop runs eagerly.
+checkpointing and without an :class:`~b4m.training.objective.Objective`; elsewhere the loop runs eagerly.
 """
 
 from __future__ import annotations

@@ -398,6 +398,21 @@ def _fit(im: Image.Image, resolution: int) -> Image.Image:
     return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=_REDUCING_GAP)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB by the training images' rules: 16-bit scaled (not clipped), transparency composited on
+    white, other modes converted.
+
+    Raises:
+        B4MError: A colour mode Pillow cannot convert.
+    """
+    if image.mode == "RGB":
+        return image
+    try:
+        return _flatten(_working_mode(image))
+    except _Skip as e:
+        raise B4MError(f"an image could not be converted to RGB: {e}") from None
+
+
 def _flatten(im: Image.Image) -> Image.Image:
     """``im`` as RGB, with any transparency composited on white."""
     if im.mode in ("LA", "RGBA"):

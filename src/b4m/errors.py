@@ -7,3 +7,10 @@ class B4MError(Exception):
 
 class DivergedError(B4MError):
     """A training run's loss became NaN or Inf (the settings, not the input, are usually to blame)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): what a one-line error quotes of a library's
+    multi-line one."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

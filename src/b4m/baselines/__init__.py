@@ -21,9 +21,11 @@ Usage::
     with applied(model.denoiser, result.factors):
         images = model.sample(request)
 
-``content_sets`` and ``style_sets`` are cached :class:`b4m.train.TrainSet` lists (:func:`b4m.stages.encode_set`):
-``main=True`` sets are the concept's images, ``main=False`` sets B4M's auxiliary sets (the baselines ignore them).
-Every method trains on the one loop of :mod:`b4m.train` and leaves the model as it found it.
+``content_sets`` and ``style_sets`` are cached :class:`~b4m.training.sets.TrainSet` lists
+(:func:`~b4m.training.sets.encode_sets`): ``main=True`` sets are the concept's images, ``main=False`` sets B4M's
+auxiliary sets (the baselines ignore them).
+Every method trains on the one loop of :mod:`b4m.training` and leaves the model as it found it; B4M is
+:mod:`b4m.method`, the code the commands run.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import B4MError
+from ..lora_files.factors import applied
+from ..method.config import B4MConfig
 from ..models.base import DiffusionModel
-from ..train import TrainSet
-from . import blora, break_make, direct_merge, jttrain, ziplora
+from ..training.sets import TrainSet
+from . import b4m, blora, direct_merge, jttrain, ziplora
 from .blora import BLoRAConfig, blora_blocks, blora_targets
-from .break_make import B4MConfig
-from .common import MethodResult, applied, main_sets, plain_lora
+from .common import MethodResult, main_sets, plain_lora
 from .common import method_config as _method_config
 from .direct_merge import DirectMergeConfig, concat_factors
 from .direct_merge import direct_merge as direct_merge_factors
@@ -64,7 +67,7 @@ METHODS: dict[str, Method] = {
         Method("direct_merge", DirectMergeConfig, direct_merge.run, "two LoRAs added with weights (eq. 3)"),
         Method("ziplora", ZipLoRAConfig, ziplora.run, "two LoRAs merged with learned per-column coefficients"),
         Method("blora", BLoRAConfig, blora.run, "content and style LoRAs in two decoder attention blocks"),
-        Method("b4m", B4MConfig, break_make.run, "B4M: break (content run, style run), fuse, make"),
+        Method("b4m", B4MConfig, b4m.run, "B4M: break (content run, style run), fuse, make"),
     )
 }
 

@@ -26,28 +26,20 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from ..adapter_file import AdapterFile
+from ..adapter.config import DEFAULT_TARGETS, PLPConfig
+from ..adapter.file import AdapterFile
 from ..errors import B4MError
-from ..lora_io import Factors
+from ..lora_files import Factors
 from ..models.base import DiffusionModel
-from ..plp import DEFAULT_TARGETS, PLPConfig
-from ..train import TrainConfig, TrainSet
-from .common import (
-    MethodResult,
-    Stage1,
-    cached_stage1,
-    lora_train_config,
-    main_sets,
-    plain_lora,
-    stage1_key,
-    train_info,
-    train_plp,
-)
+from ..training.config import TrainConfig
+from ..training.runs import RunRecord, memoized, pair_info, run_key, train_adapter
+from ..training.sets import TrainSet
+from .common import MethodResult, lora_train_config, main_sets, plain_lora
 
 _DECODER_ATTENTION = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)")
 
@@ -136,13 +128,13 @@ def blora_stage1(
     blocks: Sequence[str],
     out: str | Path,
     cache: dict | None,
-) -> tuple[Stage1, bool]:
+) -> tuple[RunRecord, bool]:
     """One concept's B-LoRA run (both blocks, its main sets), from ``cache`` when done before."""
     mains = main_sets(sets)
     lora = PLPConfig.from_dict({**config.lora.to_dict(), "targets": blora_targets(blocks), "exclude": []})
-    key = stage1_key("blora", role, mains, model.identity, lora, config.train)
+    key = run_key("blora", role, mains, model.identity, lora, config.train)
     folder = Path(out) / f"blora-{role}"
-    return cached_stage1(cache, key, lambda: train_plp(model, mains, lora, config.train, folder, role))
+    return memoized(cache, key, lambda: train_adapter(model, mains, config.train, folder, role, plp=lora))
 
 
 def run(
@@ -158,13 +150,7 @@ def run(
     content, c_reused = blora_stage1("content", content_sets, model, config, blocks, out, cache)
     style, s_reused = blora_stage1("style", style_sets, model, config, blocks, out, cache)
     adapter = compose(content.adapter, style.adapter, blocks)
-    info = {
-        "config": asdict(config),
-        "blocks": blocks,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "content": train_info(content, c_reused),
-        "style": train_info(style, s_reused),
-    }
+    info = pair_info(config, t0, (content, c_reused), (style, s_reused), blocks=blocks)
     factors = scaled_factors(adapter, blocks, config.content_scale, config.style_scale)
     parts = {"content": content.adapter, "style": style.adapter}
     return MethodResult("blora", factors, info, adapter=adapter, parts=parts)

@@ -1,28 +1,22 @@
-"""What every method shares: the result type, plain-LoRA configs, PLP runs on the one training loop, the stage-1
-cache, method configs from nested dicts, and a context manager that merges a result into a model and restores it.
-"""
+"""What every method shares: the result type, plain-LoRA configs, method configs from nested dicts, and the sets a
+baseline trains on (the concept's own images; B4M's auxiliary sets are not theirs)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..adapter_file import AdapterFile, adapter_from_model, apply_adapter
+from ..adapter.config import DEFAULT_TARGETS, PLPConfig
+from ..adapter.file import AdapterFile
 from ..errors import B4MError
-from ..lora_io import Factors, apply_factors, check_factors_fit, save_lora
-from ..models.base import DiffusionModel
-from ..plp import DEFAULT_TARGETS, PLPConfig, add_plp, remove_plp
-from ..train import TrainConfig, TrainResult, TrainSet, train
+from ..lora_files import Factors, save_lora
+from ..training.config import TrainConfig
+from ..training.sets import TrainSet
 
 
 @dataclass
@@ -30,7 +24,7 @@ class MethodResult:
     """One method's adapter for one content-style pair: a mergeable ΔW per module, as plain LoRA factors.
 
     ``factors`` is ``{module: (up m×r, down r×n)}`` with ``ΔW = up @ down`` and every scale folded in (the
-    :data:`b4m.lora_io.Factors` interchange type), so :meth:`save` writes a LoRA that diffusers, ComfyUI and A1111
+    :data:`b4m.lora_files.Factors` interchange type), so :meth:`save` writes a LoRA that diffusers, ComfyUI and A1111
     load with scale 1. ``adapter`` is the PLP adapter the factors come from when there is one (JTtrain, B-LoRA, B4M);
     ``parts`` holds what else the method made (stage-1 adapters, ZipLoRA's merger coefficients); ``info`` the
     settings, timings and losses.
@@ -63,7 +57,7 @@ class MethodResult:
         metadata: dict[str, Any] | None = None,
         unet_config: Any = None,
     ) -> Path:
-        """Write the result as a plain LoRA file (see :func:`b4m.lora_io.save_lora`)."""
+        """Write the result as a plain LoRA file (see :func:`b4m.lora_files.save_lora`)."""
         save_lora(
             self.factors,
             path,
@@ -73,25 +67,6 @@ class MethodResult:
             unet_config=unet_config,
         )
         return Path(path)
-
-
-@contextlib.contextmanager
-def applied(denoiser: nn.Module, factors: Factors, *, scale: float = 1.0) -> Iterator[nn.Module]:
-    """Merge ``factors`` into ``denoiser``'s weights for the duration of the block, then put the exact original
-    weights back (a copy of each touched weight is kept, so nothing drifts through rounding)."""
-    check_factors_fit(factors, denoiser, "<result>")
-    saved = {}
-    for name in factors:
-        module = denoiser.get_submodule(name)
-        weight = getattr(module, "base_layer", module).weight
-        saved[name] = (weight, weight.detach().clone())
-    try:
-        apply_factors(denoiser, factors, scale=scale)
-        yield denoiser
-    finally:
-        with torch.no_grad():
-            for weight, original in saved.values():
-                weight.copy_(original)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,91 +144,3 @@ def joint_sets(content_sets: Sequence[TrainSet], style_sets: Sequence[TrainSet])
     content = [TrainSet(f"content:{s.name}", s.latents, s.cond, s.weight, True) for s in main_sets(content_sets)]
     style = [TrainSet(f"style:{s.name}", s.latents, s.cond, s.weight, True) for s in main_sets(style_sets)]
     return content + style
-
-
-def _digest(sets: Sequence[TrainSet]) -> list:
-    out = []
-    for s in sets:
-        h = hashlib.sha256()
-        for t in (s.latents, s.cond.hidden, *(s.cond.extra[k] for k in sorted(s.cond.extra))):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        out.append([s.name, len(s.latents), s.weight, s.main, h.hexdigest()[:16]])
-    return out
-
-
-def stage1_key(kind: str, role: str, sets: Sequence[TrainSet], *configs: Any) -> str:
-    """The key of a stage-1 run in a cache: its kind, role, data (hashed) and settings (the base model's identity
-    among them). Two methods whose stage 1 is the same run (direct merge and ZipLoRA train the same plain LoRAs)
-    get the same key."""
-    settings = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in configs]
-    blob = json.dumps([kind, role, _digest(sets), settings], sort_keys=True, default=str)
-    return f"{kind}/{role}/" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Stage1:
-    """A finished stage-1 run: its adapter, the loop's result and its wall time."""
-
-    adapter: AdapterFile
-    result: TrainResult | None
-    seconds: float
-
-
-def cached_stage1(cache: dict | None, key: str, run) -> tuple[Stage1, bool]:
-    """``cache[key]`` if present (``True``: reused), else ``run()`` stored under ``key``."""
-    if cache is not None and key in cache:
-        return cache[key], True
-    done = run()
-    if cache is not None:
-        cache[key] = done
-    return done, False
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# PLP runs on the one loop
-
-
-def train_plp(
-    model: DiffusionModel,
-    sets: Sequence[TrainSet],
-    plp: PLPConfig | None,
-    config: TrainConfig,
-    out: str | Path,
-    role: str,
-    *,
-    start: AdapterFile | None = None,
-) -> Stage1:
-    """Attach a PLP adapter to ``model.denoiser`` (a new one from ``plp``, or ``start`` loaded), train it with
-    :func:`b4m.train.train`, snapshot it and take it off again: the model is left as it was given.
-
-    ``role`` is the adapter's role ("content", "style" or "fused"). With ``config.steps == 0`` nothing trains.
-    """
-    t0 = time.perf_counter()
-    if start is not None:
-        apply_adapter(model.denoiser, start)
-        plp = start.config
-    else:
-        plp = dataclasses.replace(plp, base_model=plp.base_model or model.identity)
-        add_plp(model.denoiser, plp)
-    try:
-        result = train(model, plp, list(sets), config, Path(out), role=role) if config.steps > 0 else None
-        adapter = adapter_from_model(model.denoiser, plp, role)
-    finally:
-        remove_plp(model.denoiser)
-    return Stage1(adapter, result, time.perf_counter() - t0)
-
-
-def train_info(stage: Stage1 | None, reused: bool = False) -> dict[str, Any] | None:
-    """What a result records of one run: ``seconds`` spent in this call (0 when reused from the cache), the run's own
-    ``run_seconds``, steps and the loss curve."""
-    if stage is None:
-        return None
-    r = stage.result
-    return {
-        "seconds": 0.0 if reused else round(stage.seconds, 3),
-        "run_seconds": round(stage.seconds, 3),
-        "reused": reused,
-        "steps": r.steps if r else 0,
-        "final_loss": r.final_loss if r else None,
-        "losses": r.losses if r else [],
-    }

@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..adapter.config import PLPConfig
 from ..errors import B4MError
-from ..lora_io import Factors
+from ..lora_files import Factors
 from ..models.base import DiffusionModel
-from ..plp import PLPConfig
-from ..train import TrainConfig, TrainSet
-from .common import (
-    MethodResult,
-    Stage1,
-    cached_stage1,
-    lora_train_config,
-    main_sets,
-    plain_lora,
-    stage1_key,
-    train_info,
-    train_plp,
-)
+from ..training.config import TrainConfig
+from ..training.runs import RunRecord, memoized, pair_info, run_key, train_adapter
+from ..training.sets import TrainSet
+from .common import MethodResult, lora_train_config, main_sets, plain_lora
 
 
 @dataclass
@@ -77,12 +69,12 @@ def lora_stage1(
     train: TrainConfig,
     out: str | Path,
     cache: dict | None,
-) -> tuple[Stage1, bool]:
+) -> tuple[RunRecord, bool]:
     """One concept's plain LoRA on its main sets, from ``cache`` when the same run was done before."""
     mains = main_sets(sets)
-    key = stage1_key("lora", role, mains, model.identity, lora, train)
+    key = run_key("lora", role, mains, model.identity, lora, train)
     folder = Path(out) / f"lora-{role}"
-    return cached_stage1(cache, key, lambda: train_plp(model, mains, lora, train, folder, role))
+    return memoized(cache, key, lambda: train_adapter(model, mains, train, folder, role, plp=lora))
 
 
 def run(
@@ -98,10 +90,5 @@ def run(
     style, s_reused = lora_stage1("style", style_sets, model, config.lora, config.train, out, cache)
     c_factors, s_factors = content.adapter.factors(), style.adapter.factors()
     factors = direct_merge(c_factors, s_factors, config.content_scale, config.style_scale)
-    info = {
-        "config": asdict(config),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "content": train_info(content, c_reused),
-        "style": train_info(style, s_reused),
-    }
+    info = pair_info(config, t0, (content, c_reused), (style, s_reused))
     return MethodResult("direct_merge", factors, info, parts={"content": content.adapter, "style": style.adapter})

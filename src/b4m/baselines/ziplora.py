@@ -11,9 +11,9 @@ fitted so that the merged model reproduces each LoRA on its own data, while the 
 
 ``x_c``, ``x_s`` are noisy latents of the content and style images, ``ε_content`` / ``ε_style`` the predictions of
 the base model with only that LoRA (the teachers, no gradient). Both LoRA factors stay as they are (buffers); only
-the mergers train, on the one loop of :mod:`b4m.train` through its :class:`~b4m.train.Objective` hook. Because
-``ΔWc · diag(m_c) = Uc · (Dc · diag(m_c))``, the result is exported exactly as a plain LoRA of rank ``rc + rs``:
-``up = [Uc, Us]``, ``down = [Dc·diag(m_c); Ds·diag(m_s)]``.
+the mergers train, on the one loop of :mod:`b4m.training` through its :class:`~b4m.training.objective.Objective`
+hook. Because ``ΔWc · diag(m_c) = Uc · (Dc · diag(m_c))``, the result is exported exactly as a plain LoRA of rank
+``rc + rs``: ``up = [Uc, Us]``, ``down = [Dc·diag(m_c); Ds·diag(m_s)]``.
 
 The similarity term ``sim`` (``ZipLoRAConfig.similarity``): the paper's text calls it a cosine similarity, its
 eq. 3 writes the absolute dot product ``|m_c · m_s|``.
@@ -24,7 +24,7 @@ eq. 3 writes the absolute dot product ``|m_c · m_s|``.
 - ``cosine``: ``|cos(m_c, m_s)|``, what it computed before. Its gradient is zero whenever ``m_c ∥ m_s``, so from the
   all-ones init the term never acts (issues #9/#10 there); kept only to reproduce that behaviour.
 
-Bugs of the public implementation (mkshing/ziplora-pytorch, see ../shared/reference/anchors.md) avoided here, and how:
+Bugs of the public implementation (mkshing/ziplora-pytorch) avoided here, and how:
 
 1. **Cosine similarity with a vanishing gradient** (issues #9, #10): the default is the dot product (above); a test
    checks that its gradient at the all-ones init is non-zero and the cosine's is zero.
@@ -34,8 +34,8 @@ Bugs of the public implementation (mkshing/ziplora-pytorch, see ../shared/refere
    100 · 5e-5 = 0.005 in its 100 Adam steps, and AdamW's default decay would pull the coefficients towards 0, which
    is not neutral for a coefficient whose neutral value is 1).
 3. **Format lock-in** (KeyError on LoRAs that do not adapt exactly q/k/v/out of every attention, hard-coded
-   ``unet.unet.`` keys, the LoRA's ``alpha/rank`` ignored when densifying): any :data:`~b4m.lora_io.Factors` merge,
-   e.g. from :func:`b4m.lora_io.load_lora` (which folds alpha/rank into ``up``) of diffusers, peft or kohya files; a
+   ``unet.unet.`` keys, the LoRA's ``alpha/rank`` ignored when densifying): any :data:`~b4m.lora_files.Factors` merge,
+   e.g. from :func:`b4m.lora_files.load_lora` (which folds alpha/rank into ``up``) of diffusers, peft or kohya files; a
    module that only one LoRA adapts keeps that LoRA with its own merger and no similarity term.
 4. **Dense ΔW and a custom loader** (the public output is ``unet.*.lora.weight`` dense matrices, ~3.8 GB for SDXL in
    fp32, loadable only with its ``insert_ziplora_to_unet``): the result is exported as a plain rank ``rc + rs`` LoRA
@@ -55,19 +55,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter.config import PLPConfig
+from ..adapter.layer import LinearAdapter
+from ..adapter.walker import set_submodule, wrap_linears
 from ..errors import B4MError
-from ..lora_io import Factors
+from ..lora_files import Factors
 from ..models.base import Conditioning, DiffusionModel
-from ..plp import PLPConfig, _set_submodule
-from ..train import TrainConfig, TrainSet, train
-from .common import MethodResult, joint_sets, lora_train_config, plain_lora, train_info
+from ..training.config import TrainConfig
+from ..training.loop import train
+from ..training.runs import pair_info
+from ..training.sets import TrainSet
+from .common import MethodResult, joint_sets, lora_train_config, main_sets, plain_lora
 from .direct_merge import lora_stage1
 
 SIMILARITIES = ("dot", "elementwise", "cosine")
@@ -105,7 +110,7 @@ class ZipLoRAConfig:
 # The layer
 
 
-class ZipLoRALinear(nn.Module):
+class ZipLoRALinear(LinearAdapter):
     """Two LoRAs on one ``nn.Linear`` (kept as ``base_layer``) with per-column merger coefficients.
 
     ``y = W0·x + Uc·(Dc·diag(m_c))·x + Us·(Ds·diag(m_s))·x``. The factors are buffers; ``merger_content`` and
@@ -121,11 +126,7 @@ class ZipLoRALinear(nn.Module):
         init_content: float = 1.0,
         init_style: float = 1.0,
     ) -> None:
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise B4MError(f"{name}: ZipLoRA merges LoRAs of nn.Linear layers, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.name = name
+        super().__init__(base_layer, name)
         m, n = base_layer.out_features, base_layer.in_features
         device = base_layer.weight.device
         for role, pair in (("content", content), ("style", style)):
@@ -142,14 +143,6 @@ class ZipLoRALinear(nn.Module):
         self.has_both = content is not None and style is not None
         # Set by `teacher_mode`: a bool per batch row, True = the content LoRA alone, False = the style LoRA alone.
         self.teacher: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def _lora(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, down), up)
@@ -199,23 +192,11 @@ def add_ziplora(
     names = sorted(set(content) | set(style))
     if not names:
         raise B4MError("ZipLoRA needs two LoRAs; both are empty")
-    for name in names:
-        try:
-            module = denoiser.get_submodule(name)
-        except AttributeError:
-            raise B4MError(f"module {name} of the LoRAs does not exist in the model") from None
-        if not isinstance(module, nn.Linear):
-            raise B4MError(f"module {name} is a {type(module).__name__} in the model, not nn.Linear")
-    for p in denoiser.parameters():
-        p.requires_grad_(False)
-    layers = {}
-    for name in names:
-        layer = ZipLoRALinear(
-            denoiser.get_submodule(name), name, content.get(name), style.get(name), init_content, init_style
-        )
-        _set_submodule(denoiser, name, layer)
-        layers[name] = layer
-    return layers
+
+    def make(linear: nn.Linear, name: str) -> ZipLoRALinear:
+        return ZipLoRALinear(linear, name, content.get(name), style.get(name), init_content, init_style)
+
+    return wrap_linears(denoiser, names, make)
 
 
 def ziplora_layers(denoiser: nn.Module) -> dict[str, ZipLoRALinear]:
@@ -225,7 +206,7 @@ def ziplora_layers(denoiser: nn.Module) -> dict[str, ZipLoRALinear]:
 def remove_ziplora(denoiser: nn.Module) -> None:
     """Put the original linear layers back."""
     for name, layer in ziplora_layers(denoiser).items():
-        _set_submodule(denoiser, name, layer.base_layer)
+        set_submodule(denoiser, name, layer.base_layer)
 
 
 def merged_factors(layers: dict[str, ZipLoRALinear]) -> Factors:
@@ -283,7 +264,8 @@ def similarity(layers: dict[str, ZipLoRALinear], kind: str = "dot") -> torch.Ten
 
 
 class ZipLoRAObjective:
-    """The merge as a :class:`b4m.train.Objective`: mergers train; each row's target is its teacher's prediction."""
+    """The merge as a :class:`~b4m.training.objective.Objective`: mergers train; each row's target is its teacher's
+    prediction."""
 
     def __init__(
         self, layers: dict[str, ZipLoRALinear], content_sources: set[int], kind: str = "dot", weight: float = 0.01
@@ -340,7 +322,7 @@ def ziplora_merge(
     )
     try:
         sets = joint_sets(content_sets, style_sets)
-        content_rows = {i for i, s in enumerate(sets) if s.name.startswith("content:")}
+        content_rows = set(range(len(main_sets(content_sets))))  # joint_sets: the content's sets come first
         objective = ZipLoRAObjective(layers, content_rows, config.similarity, config.similarity_weight)
         result = None
         if config.merge.steps > 0:
@@ -372,17 +354,12 @@ def run(
         config,
         Path(out) / "ziplora-merge",
     )
-    info = {
-        "config": asdict(config),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "content": train_info(content, c_reused),
-        "style": train_info(style, s_reused),
-        "merge": {
-            "seconds": round(time.perf_counter() - t1, 3),
-            "steps": result.steps if result else 0,
-            "final_loss": result.final_loss if result else None,
-            "losses": result.losses if result else [],
-        },
+    merge = {
+        "seconds": round(time.perf_counter() - t1, 3),
+        "steps": result.steps if result else 0,
+        "final_loss": result.final_loss if result else None,
+        "losses": result.losses if result else [],
     }
+    info = pair_info(config, t0, (content, c_reused), (style, s_reused), merge=merge)
     parts = {"content": content.adapter, "style": style.adapter, "mergers": merger_state}
     return MethodResult("ziplora", factors, info, parts=parts)

@@ -23,15 +23,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import B4MError
 from .real import DEFAULT_BATCH_SIZE, DEFAULT_CLIP, DEFAULT_DINO, ClipEncoder, DinoEncoder, Placeholders, score_images
+from .stats import bootstrap_mean
 
-__all__ = ["IMAGE_SUFFIXES", "evaluate_folder", "read_image_folder", "read_prompt_file", "stored_prompt"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "evaluate_folder",
+    "mean_intervals",
+    "read_image_folder",
+    "read_prompt_file",
+    "stored_prompt",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError)
 
 
 def _metadata(image: Image.Image) -> dict | None:
-    """The JSON that `b4m.stages.save_png` wrote in a PNG's ``b4m`` text chunk, if any."""
+    """The JSON that `b4m.images.save_png` wrote in a PNG's ``b4m`` text chunk, if any."""
     text = getattr(image, "text", {}).get("b4m") if image.format == "PNG" else None
     if not text:
         return None
@@ -214,3 +222,13 @@ def evaluate_folder(
     result["prompts"] = prompt_list
     result["prompt_source"] = source
     return result
+
+
+def mean_intervals(per_image: dict[str, Sequence[float]], seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per metric of ``evaluate_folder``'s ``per_image``: the mean and its 95% percentile-bootstrap interval, as
+    ``{"mean", "low", "high"}``."""
+    intervals = {}
+    for metric, scores in per_image.items():
+        interval = bootstrap_mean(scores, seed=seed)
+        intervals[metric] = {"mean": interval.estimate, "low": interval.low, "high": interval.high}
+    return intervals

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import _flatten, _Skip, _working_mode
-from ..errors import B4MError
+from ..data import to_rgb
+from ..device import default_device
+from ..errors import B4MError, first_line
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -61,15 +62,6 @@ Placeholders = Sequence[str] | Mapping[str, str]
 # Loading
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
-
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -90,7 +82,7 @@ def _resolve(source: str | os.PathLike, what: str) -> tuple[str, bool]:
 
 
 def _load_failed(name: str, local: bool, step: str, error: BaseException) -> B4MError:
-    reason = _first_line(error)
+    reason = first_line(error)[:300]
     if local:
         return B4MError(f"{name}: could not load the {step} ({reason})")
     if step == "model config":
@@ -147,12 +139,7 @@ def _rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB by the training images' rules (`b4m.data`): 16-bit scaled, transparency composited on white."""
     if not isinstance(image, Image.Image):
         raise B4MError(f"expected a PIL image, got {type(image).__name__}")
-    if image.mode == "RGB":
-        return image
-    try:
-        return _flatten(_working_mode(image))
-    except _Skip as e:
-        raise B4MError(f"an image could not be converted to RGB: {e}") from None
+    return to_rgb(image)
 
 
 def _batches(items: Sequence, size: int):

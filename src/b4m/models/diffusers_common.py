@@ -21,7 +21,6 @@ from torch import nn
 
 from ..cuda_graphs import graphed_sampling
 from ..errors import B4MError
-from ..plp import PLPLinear
 from .base import Conditioning, DiffusionModel, SampleRequest
 from .schedulers import make_scheduler
 
@@ -46,31 +45,6 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """How many pixels one latent pixel covers along each side (8 for SD and SDXL)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def move_keeping_adapters(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-    """Move ``module`` to ``device`` and cast its floating weights to ``dtype``, except PLP adapter tensors.
-
-    The learned and frozen halves of every :class:`~b4m.plp.PLPLinear` keep their own dtype (the wrapped base layer
-    is cast like any other layer). Parameters are changed in place (``.data``), so optimizers keep their references.
-
-    Args:
-        module: The module to move (typically the denoiser).
-        device: Target device.
-        dtype: Target dtype of the base weights; None keeps the current dtypes.
-    """
-    module.to(device)
-    if dtype is None:
-        return
-    for sub in module.modules():
-        if isinstance(sub, PLPLinear):
-            continue
-        for param in sub.parameters(recurse=False):
-            if param.is_floating_point():
-                param.data = param.data.to(dtype)
-        for name, buf in sub.named_buffers(recurse=False):
-            if buf.is_floating_point():
-                sub._buffers[name] = buf.to(dtype)
 
 
 def _to_float32(module: nn.Module) -> nn.Module:
@@ -214,9 +188,9 @@ class DiffusersModel(DiffusionModel):
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersModel:
         """Move every component to ``device``; denoiser and text encoders in ``dtype`` if given, the VAE in float32.
 
-        PLP adapters attached to the denoiser keep their own dtype.
+        Adapters attached to the denoiser keep their own dtype (:meth:`b4m.adapter.layer.PLPLinear._apply`).
         """
-        move_keeping_adapters(self.denoiser, device, dtype)
+        self.denoiser.to(device=device, dtype=dtype)
         for encoder in self.text_encoders():
             encoder.to(device=device, dtype=dtype)
         _to_float32(self.vae).to(device)

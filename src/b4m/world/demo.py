@@ -19,20 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..baselines import applied, run_method
-from ..baselines.break_make import B4MConfig, make_train_config
+from ..adapter.config import PLPConfig
 from ..errors import B4MError
-from ..io_utils import atomic_path, check_output
+from ..files import atomic_path, check_output
+from ..lora_files.factors import applied
+from ..method.config import B4MConfig, MakeConfig
+from ..method.stages import run as run_b4m
 from ..models.base import SampleRequest
-from ..plp import PLPConfig
 from ..report import interval_text, summarize
 from ..report import png_data_url as _png
-from ..stages import encode_sets
-from ..train import TrainConfig
+from ..training.config import TrainConfig
+from ..training.sets import encode_sets
 from .catalog import default_catalog
 from .tasks import METRICS, TaskConfig, make_task, score_images
 
-#: The demo's pass marks (issue 4): B4M's images must reach these accuracies.
+#: The demo's pass marks: B4M's images must reach these accuracies.
 BARS = {"content": 0.60, "style": 0.60, "prompt": 0.80}
 BINARY = {"content", "style", "content_leak", "style_leak"}
 
@@ -66,7 +67,7 @@ class DemoConfig:
             checkpoint_every=10**9,
             seed=self.seed,
         )
-        make = make_train_config(
+        make = MakeConfig(
             steps=self.make_steps,
             lr=self.lr / 2,
             batch_size=self.batch_size,
@@ -132,8 +133,8 @@ def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
 
 def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=None, model=None, oracle=None) -> dict:
     """Run the demo; returns the report (also written to ``out/report.json`` and ``out/report.html``)."""
-    from ..models import load_model
-    from ..stages import default_device
+    from ..device import default_device
+    from ..loading import load_model
     from .weights import load_shipped_oracle
 
     config = config or DemoConfig()
@@ -166,14 +167,14 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
         style_sets = encode_sets(model, task.style_refs, task.style_aux)
     t_data = time.perf_counter()
     say(f"content run and style run: {config.steps} steps each; make: {config.make_steps} steps")
-    result = run_method("b4m", content_sets, style_sets, model, b4m_config, out=out / "runs")
+    result = run_b4m(content_sets, style_sets, model, b4m_config, out / "runs")
     t_train = time.perf_counter()
 
     guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
     request = SampleRequest(task.prompts, list(config.seeds), steps=config.sample_steps, guidance_scale=guidance)
     scenes = [s for s in task.scenes for _ in config.seeds]
     generated: dict[str, np.ndarray] = {}
-    with applied(model.denoiser, result.factors):
+    with applied(model.denoiser, result.made.adapter.factors()):
         generated["B4M"] = model.sample_arrays(request)
     if config.baseline:
         generated["base model, no adapter"] = model.sample_arrays(request)

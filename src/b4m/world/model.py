@@ -8,6 +8,8 @@ works in pixel space (no VAE): at 32–64 px a latent space buys little, and gro
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import load_torch_model, save_torch_state_dict
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..errors import B4MError
-from ..io_utils import load_sharded, save_sharded
+from ..errors import B4MError, first_line
 from ..models.base import Conditioning, DiffusionModel, SampleRequest
 from ..models.schedulers import make_scheduler
 from .catalog import PLACEHOLDERS, default_catalog
@@ -214,17 +217,37 @@ class WorldModel(DiffusionModel):
     # -- files ------------------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        """``world_model.json``, ``unet*.safetensors``, ``text_encoder*.safetensors``, ``vocab.json`` (atomic each).
+        """``world_model.json``, ``vocab.json`` and the weights, written by ``huggingface_hub.save_torch_state_dict``.
 
-        Weights are fp16 and sharded into files under 16 MiB (``unet-00001-of-00002.safetensors``, ...).
+        Weights are fp16, sharded into files under 16 MiB: ``unet.safetensors``, or ``unet-00001-of-00002.safetensors``
+        ... and ``unet.safetensors.index.json``; the same for ``text_encoder``. Everything is written to a temporary
+        folder beside ``folder`` that then takes its place (files of an earlier ``folder`` that are not the model's,
+        e.g. ``holdout.json``, are carried over): a crash never leaves a half-written model or a mix of layouts.
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         meta = {"b4m_world_model": json.dumps(asdict(self.config))}
         for name, module in (("unet", self.denoiser), ("text_encoder", self.text_encoder)):
-            save_sharded(_half(module.state_dict()), folder, name, meta, MAX_FILE_BYTES)
-        self.vocab.save(folder / "vocab.json")
-        (folder / "world_model.json").write_text(json.dumps(asdict(self.config), indent=2))
+            save_torch_state_dict(
+                _half(module.state_dict()),
+                tmp,
+                filename_pattern=f"{name}{{suffix}}.safetensors",
+                max_shard_size=MAX_FILE_BYTES,
+                metadata=meta,
+            )
+        self.vocab.save(tmp / "vocab.json")
+        (tmp / "world_model.json").write_text(json.dumps(asdict(self.config), indent=2))
+        if folder.is_dir():
+            ours = re.compile(r"(unet|text_encoder)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+            for f in folder.iterdir():
+                if f.is_file() and not (tmp / f.name).exists() and not ours.fullmatch(f.name):
+                    shutil.copy2(f, tmp / f.name)
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
         return folder
 
 
@@ -241,16 +264,48 @@ def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "w
     config = WorldModelConfig(**json.loads(config_file.read_text()))
     model = WorldModel(config, Vocab.load(folder / "vocab.json"), identity)
     for module, name in ((model.denoiser, "unet"), (model.text_encoder, "text_encoder")):
-        tensors = load_sharded(folder, name)
-        missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-        if missing or unexpected:
-            raise B4MError(
-                f"{folder / name}*.safetensors: does not fit the config ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected tensors)"
-            )
+        _load_weights(module, folder, name)
     holdout = folder / "holdout.json"
     if holdout.exists():  # the combinations pretraining never showed together (the quality bar's prompts)
         model.held_out = [tuple(p) for p in json.loads(holdout.read_text())["held_out"]]
     model.denoiser.eval()
     model.text_encoder.eval().requires_grad_(False)  # a base model: its text encoder is never trained
     return model.to(device)
+
+
+def _load_weights(module: nn.Module, folder: Path, name: str) -> None:
+    """Load ``name.safetensors`` or, when sharded, the shards listed in ``name.safetensors.index.json`` into
+    ``module`` (fp16 files into fp32 parameters) through ``huggingface_hub.load_torch_model``; one-line errors."""
+    index, single = folder / f"{name}.safetensors.index.json", folder / f"{name}.safetensors"
+    try:
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            present = [s for s in shards if (folder / s).is_file()]
+            if len(present) < len(shards):
+                raise B4MError(f"{folder}: {len(present)} of {len(shards)} {name} shards present ({index.name})")
+            load_torch_model(module, folder, strict=True, filename_pattern=f"{name}{{suffix}}.safetensors")
+        elif single.is_file():
+            load_torch_model(module, single, strict=True)
+        else:
+            raise B4MError(f"{folder}: no {name}.safetensors (or {index.name} and its shards)")
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors (the library's and torch's strict errors)
+        expected, stored = set(module.state_dict()), _stored_names(folder, name)
+        missing, unexpected = len(expected - stored), len(stored - expected)
+        detail = f"{missing} missing, {unexpected} unexpected tensors"
+        if not missing and not unexpected:
+            detail = "tensors of other shapes"
+        raise B4MError(f"{folder / name}*.safetensors: does not fit the config ({detail})") from e
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise B4MError(f"{folder / name}*.safetensors: not readable ({first_line(e)})") from e
+    for key, value in module.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise B4MError(f"{folder / name}*.safetensors: tensor {key} holds NaN or Inf values")
+
+
+def _stored_names(folder: Path, name: str) -> set[str]:
+    """The tensor names the files of ``name`` hold (for the error message)."""
+    index = folder / f"{name}.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
+        return set(f.keys())

@@ -4,6 +4,10 @@ Novel contents and styles are never rendered, and a fixed fraction of the known 
 out (never shown together), so the quality bar can be measured on combinations the model composes itself. The
 renders are made once (deterministic, in parallel) and kept on the device as uint8; every step draws a batch, noise
 and timesteps from one seeded generator whose state is checkpointed, so ``--resume`` continues exactly.
+
+The training pieces are diffusers': the lr schedule (``get_cosine_schedule_with_warmup``), the EMA of the weights
+(``EMAModel``) and the min-SNR-γ loss weights (``compute_snr``, weighted as diffusers' ``train_text_to_image.py``
+does). Their states go into the checkpoint with the optimizer's.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import B4MError
-from ..io_utils import atomic_path
-from ..train import resolve_precision
+from ..files import atomic_path
+from ..training.config import resolve_precision
 from .captions import caption
 from .catalog import Catalog, default_catalog
 from .model import WorldModel, WorldModelConfig
@@ -36,8 +44,7 @@ class PretrainConfig:
     steps: int = 20_000
     batch_size: int = 256
     lr: float = 5e-4
-    warmup: int = 500
-    decay_fraction: float = 0.25  # the last quarter of the steps decays the lr linearly to 10% of its peak
+    warmup: int = 500  # linear warm-up, then a cosine decay to 0 at ``steps``
     snr_gamma: float = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off
     ema: float = 0.999
     caption_dropout: float = 0.1  # share of captions replaced by "" (teaches the unconditional model for CFG)
@@ -97,22 +104,27 @@ def render_dataset(
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
-def _lr(step: int, config: PretrainConfig) -> float:
-    """Linear warm-up, constant, then a linear decay to 10% over the last ``decay_fraction`` of the steps."""
-    warm = min(1.0, step / max(config.warmup, 1))
-    decay_start = config.steps * (1 - config.decay_fraction)
-    if config.decay_fraction <= 0 or step <= decay_start:
-        return config.lr * warm
-    return config.lr * warm * (1 - 0.9 * (step - decay_start) / (config.steps - decay_start))
+def lr_schedule(optimizer: torch.optim.Optimizer, config: PretrainConfig) -> LambdaLR:
+    """Linear warm-up over ``config.warmup`` steps, then a cosine decay to 0 at ``config.steps`` (diffusers').
+
+    Stepped after each optimizer step, as diffusers' training scripts do: optimizer step k (from 1) uses the factor
+    of k - 1, so the first step has lr 0 when there is a warm-up.
+    """
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.warmup, num_training_steps=config.steps)
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample min-SNR-γ loss weights: min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v."""
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR-γ loss weights (Hang et al. 2023) exactly as diffusers' ``train_text_to_image.py`` computes
+    them: min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction; all ones when γ is 0."""
     if gamma <= 0:
-        return torch.ones(len(t), device=t.device)
-    ac = alphas_cumprod.to(t.device)[t]
-    snr = ac / (1 - ac)
-    return snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        return torch.ones(len(timesteps), device=timesteps.device)
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        weights = weights / snr
+    elif scheduler.config.prediction_type == "v_prediction":
+        weights = weights / (snr + 1)
+    return weights
 
 
 def cached_dataset(
@@ -155,8 +167,13 @@ def pretrain(
     empty = model.tokens([""]).to(device)
     data = torch.from_numpy(images).to(device)  # uint8 (N, H, W, 3), on the device once
     params = [*model.denoiser.parameters(), *model.text_encoder.parameters()]
-    ema = [p.detach().clone() for p in params]
+    # EMA with warm-up (a fixed 0.999 would keep 0.999^N of the random init: 16% after 1,800 steps). diffusers' decay
+    # min(ema, (1 + k)/(10 + k)) counts optimizer steps from k = 0 (the first step copies the weights): one step
+    # later than the hand-written min(ema, (1 + step)/(10 + step)), step from 1, that it replaces. The shipped
+    # weights (b4m/world/weights) were trained with that older formula (and a linear lr decay, not the cosine).
+    ema = EMAModel(params, decay=config.ema, foreach=True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, fused=device == "cuda")
+    schedule = lr_schedule(opt, config)
     g = torch.Generator().manual_seed(config.seed)
     start = 0
     ckpt = out / "checkpoint.pt"
@@ -167,10 +184,11 @@ def pretrain(
         if state["config"] != _resume_key(config):
             raise B4MError(f"{ckpt}: written with other pretraining settings; not resumed")
         with torch.no_grad():
-            for p, e, sp, se in zip(params, ema, state["params"], state["ema"], strict=True):
+            for p, sp in zip(params, state["params"], strict=True):
                 p.copy_(sp)
-                e.copy_(se)
+        ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["lr_schedule"])  # its step count; the curve is rebuilt from --steps
         g.set_state(state["generator"].cpu())  # map_location moved it to the device
         start = state["step"]
 
@@ -178,7 +196,6 @@ def pretrain(
     amp = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     denoiser = torch.compile(model.denoiser) if config.compile else model.denoiser
     compiled = config.compile
-    alphas_cumprod = model.train_scheduler.alphas_cumprod.to(device)
     model.denoiser.train()
     model.text_encoder.train()
     log = _previous_log(out) if start else []
@@ -193,8 +210,6 @@ def pretrain(
         idx, drop, t, noise = idx.to(device), drop.to(device), t.to(device), noise.to(device)
         x0 = data[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         tok = torch.where(drop[:, None], empty, ids[idx])
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, config)
         with torch.autocast(**amp):
             ctx = model.text_encoder(tok)
             noisy = model.add_noise(x0, noise, t)
@@ -207,16 +222,14 @@ def pretrain(
                 denoiser, compiled = model.denoiser, False
                 pred = denoiser(noisy, t, encoder_hidden_states=ctx).sample
             per_sample = (pred.float() - model.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
-            weights = snr_weights(alphas_cumprod, t, config.snr_gamma, model.config.prediction_type)
+            weights = min_snr_weights(model.train_scheduler, t, config.snr_gamma)
             loss = (per_sample * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            # EMA with warm-up: a fixed 0.999 would keep 0.999^N of the random init (16% after 1,800 steps).
-            decay = min(config.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, params, 1 - decay)
+        schedule.step()
+        ema.step(params)
         running += loss.detach()
         counted += 1
         if step % config.log_every == 0 or step == config.steps:
@@ -232,15 +245,13 @@ def pretrain(
             step == config.stop_at
         )
         if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
-            _save_checkpoint(ckpt, params, ema, opt, g, step, config)
+            _save_checkpoint(ckpt, params, ema, opt, schedule, g, step, config)
         if out_of_time:
             break
 
     seconds = time.perf_counter() - t_train
     steps_per_s = (step - start) / max(seconds, 1e-9)
-    with torch.no_grad():  # the shipped weights are the EMA
-        for p, e in zip(params, ema, strict=True):
-            p.copy_(e)
+    ema.copy_to(params)  # the shipped weights are the EMA
     model.denoiser.eval()
     model.text_encoder.eval()
     model.save(out / "model")
@@ -293,12 +304,15 @@ def _resume_key(config: PretrainConfig) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
-def _save_checkpoint(path: Path, params, ema, opt, g, step: int, config: PretrainConfig) -> None:
+def _save_checkpoint(
+    path: Path, params, ema: EMAModel, opt, schedule: LambdaLR, g, step: int, config: PretrainConfig
+) -> None:
     tmp = path.with_suffix(".tmp")
     state = {
         "params": [p.detach() for p in params],
-        "ema": ema,
+        "ema": ema.state_dict(),
         "optimizer": opt.state_dict(),
+        "lr_schedule": schedule.state_dict(),
         "generator": g.get_state(),
         "step": step,
         "config": _resume_key(config),

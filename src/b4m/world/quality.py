@@ -9,12 +9,16 @@ of images on which the two agree says how far the scores can be trusted on gener
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import B4MError
+from ..images import save_grid
 from ..metrics.stats import wilson_interval
 from ..models.base import SampleRequest
 from .captions import caption
@@ -92,3 +96,16 @@ def base_model_quality(
     result = score(oracle, images, scenes, second)
     result["config"] = {k: getattr(config, k) for k in config.__dataclass_fields__}
     return result, images, scenes
+
+
+def save_samples(images: np.ndarray, path: str | Path, info: dict | None = None, limit: int = 64) -> Path:
+    """The first ``limit`` images (uint8, ``(N, H, W, 3)``) as a PNG grid of 16 a row, ``info`` in its metadata."""
+    tiles = [Image.fromarray(im) for im in images[:limit]]
+    return save_grid(tiles, min(16, len(tiles)), Path(path), info or {})
+
+
+def save_quality(folder: str | Path, pairs: Sequence[tuple[str, str]], results: list[dict[str, object]]) -> Path:
+    """``folder/quality.json``: the number of held-out pairs and the scores (one result per guidance scale)."""
+    path = Path(folder) / "quality.json"
+    path.write_text(json.dumps({"pairs": len(pairs), "results": results}, indent=1))
+    return path

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .catalog import NATURAL, OUTLINE_WIDTHS, PATTERNS, Catalog, Content, Style
+from .catalog import Catalog
+from .entries import NATURAL, OUTLINE_WIDTHS, PATTERNS, Content, Style
 
 ROTATION_JITTER = 10.0  # degrees, uniform in +-
 OFFSET_JITTER = 0.03  # image fractions, uniform in +- for x and y

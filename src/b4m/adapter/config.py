@@ -1,0 +1,98 @@
+"""``PLPConfig``: everything that defines a PLP adapter's structure (two adapters fuse only if these agree)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import B4MError
+from ..settings import setting
+
+FROZEN_INITS = ("approx", "exact", "random")
+LEARNED_INITS = ("zero", "kaiming", "gaussian")
+ASSIGNMENTS = ("paper", "official")
+ROLES = ("content", "style")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_BREAK = ("content", "style")  # the b4m commands whose --rank and --seed set a field (b4m.cli reads the metadata)
+
+
+@dataclass
+class PLPConfig:
+    """Everything that defines a PLP adapter's structure. Two adapters can be fused only if these agree.
+
+    Each field's ``metadata["help"]`` says what it does; ``flag`` and ``commands`` name its command-line option and
+    the ``b4m`` commands that offer it.
+    """
+
+    rank: int = setting(64, "LoRA rank r.", flag="--rank", commands=_BREAK)
+    ratio: float = setting(0.5, "Frozen fraction d of each factor's feature dimension (paper 5.7), in [0, 1).")
+    init: str = setting(
+        "approx", "Frozen-part init: approx (paper/official), exact (A·C = 0), random (w/o Orth ablation)."
+    )
+    seed: int = setting(
+        0,
+        "Seed of the frozen parts A and C (and of a non-zero D init); runs to fuse must share it.",
+        flag="--seed",
+        commands=_BREAK,
+    )
+    assignment: str = setting("paper", "paper: content = B (up), style = D (down); official: the swap.")
+    targets: list[str] | str = setting(
+        help="Module names: a list of exact names or dotted suffixes, or one full-match regex.",
+        factory=lambda: list(DEFAULT_TARGETS),
+    )
+    exclude: list[str] | str = setting(help="Same rule as targets; wins.", factory=list)
+    base_model: str = setting("", "Identity of the base model the adapter belongs to.")
+    learned_init: str = setting(
+        "zero",
+        "Init of the learned down half D (B is always zero): zero (B4M), kaiming (peft's LoRA default, "
+        "U(±1/√n)) or gaussian (N(0, 1/r²), diffusers' DreamBooth-LoRA). ratio 0 needs a non-zero one.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise B4MError(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise B4MError(f"ratio must be in [0, 1), got {self.ratio} (1 would leave nothing to learn)")
+        if self.learned_init not in LEARNED_INITS:
+            raise B4MError(f"learned_init must be one of {LEARNED_INITS}, got {self.learned_init!r}")
+        if self.ratio == 0.0 and self.learned_init == "zero":
+            raise B4MError(
+                "ratio 0 leaves no frozen part: with B = D = 0 nothing would ever receive a gradient; use ratio > 0 "
+                "or a non-zero learned_init ('kaiming' or 'gaussian')"
+            )
+        if self.init not in FROZEN_INITS:
+            raise B4MError(f"init must be one of {FROZEN_INITS}, got {self.init!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise B4MError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+
+    def frozen_dims(self, m: int, n: int) -> tuple[int, int]:
+        """``(d_out, d_in)``: the frozen rows of ``W_up`` and columns of ``W_down`` of an ``m × n`` layer."""
+        return int(self.ratio * m), int(self.ratio * n)
+
+    def half_of(self, role: str) -> str:
+        """``"up"`` (B) or ``"down"`` (D): the learned half that holds ``role`` ("content" or "style")."""
+        if role not in ROLES:
+            raise B4MError(f"role must be one of {ROLES}, got {role!r}")
+        content = "up" if self.assignment == "paper" else "down"
+        if role == "content":
+            return content
+        return "down" if content == "up" else "up"
+
+    def half_scales(self, content_scale: float, style_scale: float) -> tuple[float, float]:
+        """(up_scale, down_scale): the content and style multipliers placed on the halves that hold them."""
+        if self.half_of("content") == "up":
+            return content_scale, style_scale
+        return style_scale, content_scale
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PLPConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise B4MError(f"unknown PLP config keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,124 @@
+"""The stages: ``content`` and ``style`` (break), ``make``, and ``generate``.
+
+A stage's settings come, lowest first, from the stage's defaults, a preset, the ``--config`` file and the flags
+given; its options are generated from the config dataclasses (:mod:`b4m.cli.options`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .console import console
+from .options import with_settings
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with any of the settings.")]
+PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the merged config as TOML and exit.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the run already in the output folder (its checkpoints go).")
+]
+
+
+def run_stage(
+    stage: str, settings: dict[str, Any], config: Path | None, print_config: bool, resume: bool, overwrite: bool
+) -> None:
+    """Run ``stage`` with ``settings`` (``{config key: value}``) over the ``config`` file, or print the result."""
+    from ..runs.config import STAGE_DEFAULTS, load_config, to_toml
+    from ..runs.stages import run_break, run_make
+    from ..training.config import folded
+    from ..training.distributed import current
+
+    cfg = load_config(config, settings, STAGE_DEFAULTS[stage])
+    if print_config:
+        typer.echo(to_toml(cfg), nl=False)
+        return
+    # Under accelerate launch: the process group, each rank's own GPU as the current device before the model loads,
+    # a batch that splits over the ranks, and output from rank 0 only (one process: none of this does anything).
+    dist = current()
+    dist.check_batch(folded(cfg.train).batch_size)  # the batch the loop runs (fold_accumulation multiplies it)
+    out = console if dist.is_main else None
+    if stage == "make":
+        run_make(cfg, resume=resume, overwrite=overwrite, console=out)
+    else:
+        run_break(stage, cfg, resume=resume, overwrite=overwrite, console=out)
+
+
+def _stage_command(stage: str, doc: str):
+    def command(
+        settings: dict[str, Any],
+        config: ConfigOpt = None,
+        print_config: PrintOpt = False,
+        resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
+    ) -> None:
+        run_stage(stage, settings, config, print_config, resume, overwrite)
+
+    command.__name__, command.__doc__ = stage, doc
+    return with_settings(stage, command)
+
+
+content = _stage_command(
+    "content",
+    "Break: learn a content in its half of the adapter, the other half learning auxiliary styles "
+    "(multi-correspondence).",
+)
+style = _stage_command(
+    "style",
+    "Break: learn a style in its half of the adapter, the other half learning auxiliary contents "
+    "(multi-correspondence).",
+)
+make = _stage_command(
+    "make", "Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner."
+)
+
+
+def generate(
+    run: Annotated[str, typer.Argument(help="A run folder (fused, content or style) or a .b4m.safetensors file.")],
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the images and the grid.")] = "out",
+    n: Annotated[int, typer.Option("-n", help="Images per prompt (seeds seed … seed+n-1).")] = 4,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Diffusers folder, single file, Hub id, a world model folder, or world (default: the run's).",
+        ),
+    ] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 5 for SD/SDXL).")
+    ] = None,
+    scheduler: Annotated[str | None, typer.Option(help="euler, euler_a, dpm++, ddim, pndm, unipc.")] = None,
+    scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter.")] = 1.0,
+    content_scale: Annotated[float, typer.Option(help="Multiplier of the content half.")] = 1.0,
+    style_scale: Annotated[float, typer.Option(help="Multiplier of the style half.")] = 1.0,
+    merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (faster sampling).")] = False,
+    resolution: Annotated[int | None, typer.Option(help="Image size (default: the model's).")] = None,
+) -> None:
+    """Generate images with a made (or content/style) adapter; PNG metadata holds prompt, seed and settings."""
+    from ..runs.generate import generate as run_generate
+
+    run_generate(
+        run,
+        prompts,
+        output=output,
+        model=model,
+        n=n,
+        seed=seed,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        scale=scale,
+        content_scale=content_scale,
+        style_scale=style_scale,
+        merge=merge,
+        resolution=resolution,
+        console=console,
+    )

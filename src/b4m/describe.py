@@ -1,0 +1,76 @@
+"""What a file holds, for ``b4m inspect``: b4m adapter files and plain LoRAs alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapter.file import is_adapter_file, load_adapter
+from .files import load_safetensors
+
+
+def describe(path: str | Path) -> dict:
+    """A flat summary of a b4m adapter file or a plain LoRA file (keys in display order)."""
+    path = Path(path)
+    _, metadata = load_safetensors(path, check_finite=False)
+    if is_adapter_file(metadata):
+        return _describe_adapter(path)
+    return _describe_lora(path)
+
+
+def _describe_adapter(path: Path) -> dict:
+    adapter = load_adapter(path)
+    c = adapter.config
+    learned, frozen = adapter.num_parameters()
+    info = {
+        "file": str(path),
+        "kind": "b4m adapter (" + adapter.role + (" run)" if adapter.role != "fused" else ")"),
+        "base model": c.base_model or "(not recorded)",
+        "targets": f"{len(adapter.modules)} modules ({_target_summary(adapter.modules)})",
+        "rank": c.rank,
+        "ratio": c.ratio,
+        "frozen init": c.init,
+        "seed": c.seed,
+        "assignment": f"{c.assignment} (content = {c.half_of('content')}, style = {c.half_of('style')})",
+        "parameters": f"{learned:,} learned, {frozen:,} frozen",
+        "fingerprint": adapter.fingerprint(),
+    }
+    for key, value in adapter.metadata.items():
+        info[key] = ", ".join(json.loads(value)) if key == "trigger_words" else value
+    info["modules"] = adapter.modules
+    return info
+
+
+def _describe_lora(path: Path) -> dict:
+    """From the raw keys, so a kohya SDXL file needs no model config to be inspected."""
+    from .lora_files import detect_format
+
+    tensors, metadata = load_safetensors(path)
+    fmt = detect_format(tensors, path)
+    downs = {
+        k.rsplit(".", 2)[0]: t
+        for k, t in tensors.items()
+        if k.endswith((".lora_A.weight", ".lora_down.weight", ".lora.down.weight", "_lora.down.weight"))
+    }
+    ranks = sorted({t.shape[0] for t in downs.values()})
+    n_params = sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha"))
+    info = {
+        "file": str(path),
+        "kind": f"plain LoRA ({fmt} format)",
+        "targets": f"{len(downs)} modules ({_target_summary(sorted(downs))})",
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "dtype": str(next(iter(downs.values())).dtype).removeprefix("torch."),
+        "parameters": f"{n_params:,}",
+    }
+    for key in ("b4m_role", "b4m_fingerprint", "trigger_words"):
+        if key in metadata:
+            info[key.removeprefix("b4m_")] = metadata[key]
+    info["modules"] = sorted(downs)
+    return info
+
+
+def _target_summary(modules: list[str]) -> str:
+    """Which projection types are adapted, e.g. 'to_k, to_out.0, to_q, to_v'."""
+    kinds = sorted({m.rsplit(".", 2)[-2] + ".0" if m.endswith(".0") else m.rsplit(".", 1)[-1] for m in modules})
+    kinds = sorted({k.removeprefix("lora_unet_").rsplit("_", 1)[-1] if k.startswith("lora_") else k for k in kinds})
+    return ", ".join(kinds)

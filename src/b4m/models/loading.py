@@ -1,0 +1,217 @@
+"""Loading diffusers base models (SD 1.x/2.x, SDXL): :func:`load_diffusers_model` finds the right class.
+
+``model`` may be, in this order:
+
+1. a local diffusers pipeline folder (one with ``model_index.json``);
+2. a single-file ``.safetensors`` checkpoint (SD 1.x/2.x or SDXL, told apart by its keys);
+3. a Hugging Face Hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
+
+A model's :attr:`~b4m.models.base.DiffusionModel.identity` is ``"{family}:{name}"`` (``sdxl:`` or ``sd:`` followed by
+the folder's name, the Hub id or the checkpoint's file name). Adapter files record it and fusing refuses files of
+different identities, so the same weights reached two ways (a Hub id and a local copy) get different identities:
+pass ``identity=`` to :func:`b4m.loading.load_model` (or set ``model.identity``) to pin one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._quiet import quiet_torchvision_notice
+
+quiet_torchvision_notice()  # before diffusers' pipelines import transformers' image processors
+
+from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from ..errors import B4MError, first_line  # noqa: E402
+from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
+from .sd import StableDiffusionModel  # noqa: E402
+from .sdxl import StableDiffusionXLModel  # noqa: E402
+
+#: Pipeline ``_class_name`` values of model_index.json, per model class.
+PIPELINE_CLASSES: dict[str, type[DiffusersModel]] = {
+    "StableDiffusionXLPipeline": StableDiffusionXLModel,
+    "StableDiffusionPipeline": StableDiffusionModel,
+}
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# Newer diffusers call the loading dtype ``dtype`` and warn about ``torch_dtype``; older ones only know the latter.
+_DTYPE_KEY = (
+    "dtype"
+    if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype")
+    else "torch_dtype"
+)
+
+
+def load_diffusers_model(
+    model: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    resolution: int | None = None,
+) -> DiffusersModel:
+    """Load a diffusers base model (see the module docstring for what ``model`` may be).
+
+    Args:
+        model: A diffusers folder, a ``.safetensors`` checkpoint or a Hub id.
+        device: Where to put every component.
+        dtype: Weights of the denoiser and text encoders (default: float32 on the CPU, bfloat16 or float16 on CUDA).
+            The VAE always stays in float32.
+        variant: Weight file variant of a folder or Hub repo (e.g. ``"fp16"``).
+        resolution: Default training/sampling resolution; None: the model's native one (UNet sample size times the
+            VAE factor: 1024 SDXL, 512 SD 1.x, 768 SD 2.x-v).
+
+    Returns:
+        The model, on ``device``.
+
+    Raises:
+        B4MError: The path does not exist, is not a supported model, or loading failed.
+    """
+    dtype = dtype or default_dtype(device)
+    cls, pipe, name = _load_pipeline(model, dtype, variant)
+    loaded = cls.from_pipeline(pipe, identity=f"{cls.family}:{name}", resolution=resolution)
+    loaded.to(device, dtype)
+    return loaded
+
+
+def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple[type[DiffusersModel], Any, str]:
+    """The model class, the loaded diffusers pipeline and the name part of the identity."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        cls = folder_model_class(path)
+        return cls, _from_pretrained(cls, str(path), dtype, variant, where=model), path.resolve().name
+    if path.is_file():
+        cls = detect_checkpoint(path)
+        return cls, _from_single_file(cls, path, dtype), path.name
+    if _looks_like_hub_id(model):
+        cls = hub_model_class(model)
+        return cls, _from_pretrained(cls, model, dtype, variant, where=model), model
+    raise B4MError(f"{model}: no such file or folder")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """``owner/name`` without a checkpoint suffix (a missing local path like ``a/b/c`` or ``x.safetensors`` isn't)."""
+    return _HUB_ID.fullmatch(model) is not None and not model.endswith((".safetensors", *PICKLE_SUFFIXES))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Which model class
+
+
+def model_class_from_index(index: dict, unet_config: Callable[[], dict | None], where: str) -> type[DiffusersModel]:
+    """The model class for a pipeline's model_index.json contents.
+
+    Args:
+        index: The parsed model_index.json.
+        unet_config: Returns the UNet's config (or None); only called when the class name does not decide.
+        where: The folder or Hub id, for error messages.
+
+    Raises:
+        B4MError: Neither an SD nor an SDXL pipeline.
+    """
+    name = index.get("_class_name")
+    if name in PIPELINE_CLASSES:
+        return PIPELINE_CLASSES[name]
+    unet = unet_config() or {}
+    if unet.get("addition_embed_type") == "text_time":
+        return StableDiffusionXLModel
+    expected = " or ".join(PIPELINE_CLASSES)
+    raise B4MError(f"{where}: unsupported pipeline {name!r} (expected {expected})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise B4MError(f"{path}: cannot read JSON ({first_line(e)})") from e
+
+
+def folder_model_class(path: Path) -> type[DiffusersModel]:
+    """The model class of a local diffusers pipeline folder."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise B4MError(f"{path}: not a diffusers model folder (no model_index.json)")
+    unet_file = path / "unet" / "config.json"
+    return model_class_from_index(
+        _read_json(index_file), lambda: _read_json(unet_file) if unet_file.is_file() else None, str(path)
+    )
+
+
+def hub_model_class(repo_id: str) -> type[DiffusersModel]:
+    """The model class of a Hub repository (fetches its model_index.json, and the UNet config if needed)."""
+
+    def unet_config() -> dict | None:
+        try:
+            return UNet2DConditionModel.load_config(repo_id, subfolder="unet")
+        except OSError:
+            return None
+
+    try:
+        index = DiffusionPipeline.load_config(repo_id)
+    except OSError as e:
+        raise B4MError(f"{repo_id}: no such local path, and not loadable from the Hub ({first_line(e)})") from e
+    return model_class_from_index(index, unet_config, repo_id)
+
+
+def detect_checkpoint(path: str | Path) -> type[DiffusersModel]:
+    """SDXL or SD for a single-file checkpoint, from its tensor names (nothing is loaded).
+
+    SDXL checkpoints hold the second text encoder under ``conditioner.embedders.1.``; SD 1.x/2.x ones hold the UNet
+    under ``model.diffusion_model.`` and no such key.
+
+    Raises:
+        B4MError: A pickle checkpoint (``.ckpt``/``.pt``...), an unreadable file, or unknown tensor names.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise B4MError(
+            f"{path}: {suffix} checkpoints are pickles that can run code when loaded; convert it to .safetensors"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for malformed files
+        raise B4MError(f"{path}: not a readable .safetensors file ({first_line(e)})") from e
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return StableDiffusionXLModel
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return StableDiffusionModel
+    raise B4MError(f"{path}: not an SD or SDXL checkpoint (no model.diffusion_model.* tensors)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _from_pretrained(
+    cls: type[DiffusersModel], source: str, dtype: torch.dtype, variant: str | None, where: str
+) -> DiffusionPipeline:
+    """``from_pretrained`` with the VAE in float32 and everything else in ``dtype``."""
+    kwargs: dict[str, Any] = {**cls.load_kwargs(), _DTYPE_KEY: {"default": dtype, "vae": torch.float32}}
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        return cls.pipeline_class.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise B4MError(f"{where}: cannot load the model ({first_line(e)})") from e
+
+
+def _from_single_file(cls: type[DiffusersModel], path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    """``from_single_file`` (diffusers fetches the matching configs from the Hub the first time).
+
+    The whole file is loaded in ``dtype`` and the VAE is upcast to float32 afterwards.
+    """
+    try:
+        return cls.pipeline_class.from_single_file(str(path), torch_dtype=dtype, **cls.load_kwargs())
+    except OSError as e:
+        raise B4MError(f"{path}: cannot load the checkpoint ({first_line(e)})") from e

@@ -1,0 +1,26 @@
+"""Run folders: the B4M stages as the commands run them (``b4m content``, ``style``, ``make``, ``generate``), each a
+thin layer over :mod:`b4m.method`: check the inputs, load the model, call the method, write the folder.
+
+=================  ==========================================================================================
+module             job
+=================  ==========================================================================================
+``config``         :class:`StageConfig`: the TOML file < flags, presets, each stage's defaults
+``stages``         :func:`run_break` (content, style) and :func:`run_make`
+``generate``       :func:`generate`
+``folder``         one run per folder, run.json, plain LoRA exports, reading a run back
+``aux``            auxiliary sets generated with the base model, cached
+=================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_names
+
+__all__, __getattr__ = lazy_names(
+    __name__,
+    {
+        "config": "StageConfig load_config",
+        "generate": "generate",
+        "stages": "run_break run_make",
+    },
+)

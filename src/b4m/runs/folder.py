@@ -1,0 +1,129 @@
+"""Run folders: one run per folder, what a finished run leaves in it (adapter, plain LoRA files, ``run.json``), and
+reading a run back (its adapter file and record)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..adapter.file import AdapterFile
+from ..environment import device_name, versions
+from ..errors import B4MError
+from ..files import atomic_path, check_output
+from ..lora_files import dtype_from_name, save_lora
+from ..models.base import DiffusionModel
+from ..progress import say
+from ..training import distributed
+from ..training.loop import TrainResult
+from .config import StageConfig
+
+ADAPTER_NAMES = {
+    "content": "content.b4m.safetensors",
+    "style": "style.b4m.safetensors",
+    "fused": "fused.b4m.safetensors",
+}
+
+#: The plain LoRA file of each export format, and the tools that load it.
+EXPORT_FILES = {
+    "diffusers": ("{name}_lora_diffusers.safetensors", "diffusers and peft (pipe.load_lora_weights)"),
+    "kohya": ("{name}_lora_comfyui.safetensors", "ComfyUI, A1111 and Forge (kohya format)"),
+}
+
+
+def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse, before any work, a run folder that would mix two runs: one that holds another stage's run, or a
+    finished or interrupted run of this stage when neither ``resume`` nor ``overwrite`` says what to do with it.
+    ``overwrite`` removes the old run's checkpoints (a later ``--resume`` must not find them)."""
+    check_output(out, *inputs, folder=True)
+    if not out.is_dir():
+        return
+    info = out / "run.json"
+    try:
+        previous = json.loads(info.read_text()).get("stage")
+    except FileNotFoundError:  # none (or another process of this run deleted it under --overwrite)
+        previous = None
+    except (OSError, ValueError, AttributeError):
+        raise B4MError(f"{info}: unreadable, so the folder's run is unknown; choose another -o") from None
+    if previous is not None and previous != stage:
+        raise B4MError(f"{out}: holds a {previous} run (run.json); write the {stage} run to another folder")
+    checkpoints = out / "checkpoints"
+    unfinished = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if resume or not (previous or unfinished):
+        return
+    if not overwrite:
+        what = f"a finished {stage} run" if previous else "checkpoints of an unfinished run"
+        raise B4MError(f"{out}: holds {what}; --resume continues it, --overwrite starts again, or choose another -o")
+    if distributed.current().is_main:  # one process deletes (the others see the folder as rank 0 leaves it)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        info.unlink(missing_ok=True)
+
+
+def write_run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, timings: dict, extra: dict) -> None:
+    """``run.json``: the stage, versions, device, base model, the whole config, timings and the run's summary."""
+    info = {
+        "stage": stage,
+        "b4m": versions()["b4m"],
+        "versions": {k: v for k, v in versions().items() if k != "b4m"},
+        "device": device_name(model.device),
+        "base_model": model.identity,
+        "config": cfg.to_dict(),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        **extra,
+    }
+    with atomic_path(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+
+
+def export_loras(
+    out: Path, name: str, adapter: AdapterFile, cfg: StageConfig, model: DiffusionModel, console=None
+) -> list[Path]:
+    """The run's plain LoRA files, one per export format (:data:`EXPORT_FILES`); kohya names follow the model (SGM
+    block names for SDXL, as kohya sd-scripts writes them)."""
+    dtype = dtype_from_name(cfg.export.dtype)
+    paths = []
+    meta = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
+    for fmt in cfg.export.formats:
+        pattern, tools = EXPORT_FILES[fmt]
+        path = out / pattern.format(name=name)
+        save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, unet_config=model.denoiser)
+        paths.append(path)
+        say(console, f"LoRA for {tools}: {path}")
+    return paths
+
+
+def train_stats(result: TrainResult) -> dict:
+    steady = (result.seconds - result.first_step_seconds) / max(result.steps - 1, 1)
+    return {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "first_step_seconds": round(result.first_step_seconds, 2),
+        "steady_seconds_per_step": round(steady, 4),
+    }
+
+
+def durations(t: dict[str, float]) -> dict[str, float]:
+    """Seconds between consecutive time stamps (keyed by the later one's name) and the total."""
+    keys = list(t)
+    out = {f"{b}": t[b] - t[a] for a, b in itertools.pairwise(keys)}
+    out["total"] = t[keys[-1]] - t[keys[0]]
+    return out
+
+
+def run_source(path_or_dir: str, role: str) -> tuple[Path, dict]:
+    """The adapter file of a run folder (or the file itself) and the run's run.json (empty if absent)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        run = json.loads((p / "run.json").read_text()) if (p / "run.json").exists() else {}
+        file = p / ADAPTER_NAMES[role]
+        if not file.exists():
+            raise B4MError(f"{p}: no {ADAPTER_NAMES[role]} in this folder; is it a finished {role} run?")
+        return file, run
+    if not p.exists():
+        raise B4MError(f"{p}: no such file or folder")
+    run_file = p.parent / "run.json"
+    return p, json.loads(run_file.read_text()) if run_file.exists() else {}

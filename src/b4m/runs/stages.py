@@ -1,0 +1,258 @@
+"""The B4M stages on run folders: ``b4m content`` / ``b4m style`` (:func:`run_break`) and ``b4m make``
+(:func:`run_make`). Each checks its inputs, loads the model, calls :mod:`b4m.method` (the one B4M) and writes the run
+folder; nothing here trains or merges by itself.
+
+Every stage checks its inputs (images, captions, files, settings) before the model is loaded, so bad input fails in
+seconds with a one-line error, and writes its outputs under temporary names first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from ..adapter.config import PLPConfig
+from ..adapter.file import attached, fuse, load_adapter, save_adapter
+from ..data import ImageSet, load_aux_sets, load_image_set
+from ..device import default_device
+from ..errors import B4MError
+from ..images import save_grid
+from ..loading import load_model
+from ..method.config import MakeConfig
+from ..method.stages import break_run, make
+from ..models.base import DiffusionModel, SampleRequest
+from ..progress import progress_printer, say
+from ..training import distributed
+from ..training.sets import encode_set, encode_sets
+from .aux import generated_aux_sets
+from .config import StageConfig
+from .folder import (
+    ADAPTER_NAMES,
+    check_run_folder,
+    durations,
+    export_loras,
+    run_source,
+    train_stats,
+    write_run_json,
+)
+
+#: Training resolution when none is given: the official B4M scripts train SDXL at 512 px.
+DEFAULT_TRAIN_RESOLUTION = 512
+
+
+def train_resolution(model: DiffusionModel) -> int:
+    """512 px as in the official code, or the model's own resolution if that is smaller (the built-in world)."""
+    return min(model.resolution, DEFAULT_TRAIN_RESOLUTION)
+
+
+def _warn_once() -> Callable[[str], None]:
+    seen: set[str] = set()
+
+    def warn(message: str, *args, **kwargs) -> None:
+        if message not in seen:
+            seen.add(message)
+            warnings.warn(message, stacklevel=2)
+
+    return warn
+
+
+def check_words(model: DiffusionModel, placeholder: str | None, sets: list[ImageSet], warn) -> None:
+    """Refuse a placeholder the model's text encoder cannot represent (it would share one unknown token with every
+    other unknown word: a content and a style run would learn the same token), and warn once about the captions'
+    unknown words. Only the built-in world has a closed vocabulary; SD and SDXL know every word."""
+    if placeholder and model.unknown_words(placeholder):
+        hint = f"; its placeholders: {', '.join(model.placeholders)}" if model.placeholders else ""
+        raise B4MError(f"placeholder {placeholder!r}: not a word of {model.identity}'s vocabulary{hint}")
+    for image_set in sets:
+        unknown = list(dict.fromkeys(w for c in image_set.captions for w in model.unknown_words(c)))
+        if unknown:
+            warn(
+                f"{image_set.name}: the captions use words {model.identity} does not know, all read as one unknown "
+                f"token: {', '.join(unknown[:12])}{' …' if len(unknown) > 12 else ''}"
+            )
+
+
+def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None) -> Callable[[int], None]:
+    prompts = cfg.validation.prompts or [cfg.prompt]
+
+    def validate(step: int) -> None:
+        request = SampleRequest(
+            prompts, cfg.validation.seeds, steps=cfg.validation.steps, guidance_scale=cfg.validation.guidance_scale
+        )
+        images = model.sample(request)
+        path = out / "samples" / f"step-{step:06d}.png"
+        save_grid(images, len(cfg.validation.seeds), path, {"prompts": prompts, "seeds": cfg.validation.seeds})
+        say(console, f"validation images: {path}")
+
+    return validate
+
+
+def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    """A content run (``role="content"``) or a style run (``role="style"``) into the folder ``cfg.output``:
+    :func:`b4m.method.stages.break_run` on the images of ``cfg.images`` and the auxiliary sets of ``cfg.aux``
+    (generated with the base model when not given). Returns a summary dict (also written as ``run.json``)."""
+    if role not in ("content", "style"):
+        raise B4MError(f"role must be content or style, got {role!r}")
+    t = {"start": time.perf_counter()}
+    if not cfg.images:
+        raise B4MError("no --images folder given")
+    if not cfg.prompt:
+        raise B4MError("no --prompt given (it names the concept, e.g. 'a photo of sks dog')")
+    if not cfg.output:
+        raise B4MError("no --output folder given")
+    out = Path(cfg.output)
+    check_run_folder(out, role, resume=resume, overwrite=overwrite, inputs=(cfg.images,))
+    # Everything that can fail on bad input happens before the model loads (at a small size when the model's
+    # default resolution is not known yet; the same warning is never shown twice).
+    warn = _warn_once()
+    check_res = cfg.resolution or 16
+    main_set = load_image_set(cfg.images, cfg.prompt, check_res, name=role, placeholder=cfg.placeholder, warn=warn)
+    aux_sets = load_aux_sets(cfg.aux, check_res, warn=warn) if cfg.aux else None
+
+    cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
+    model = load_model(cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution)
+    res = cfg.resolution or train_resolution(model)
+    if cfg.resolution is None:  # load again at the model's resolution, now that it is known
+        main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
+        aux_sets = load_aux_sets(cfg.aux, res, warn=warn) if cfg.aux else None
+    check_words(model, cfg.placeholder, [main_set, *(aux_sets or [])], warn)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
+    t["load"] = time.perf_counter()
+    if aux_sets is None:
+        aux_sets = generated_aux_sets(model, role, cfg, res, console)
+    t["aux"] = time.perf_counter()
+    sets = encode_sets(model, main_set, aux_sets)
+    if not cfg.validation.seeds or cfg.train.validate_every == 0:
+        model.offload_encoders()
+    t["cache"] = time.perf_counter()
+
+    plp = PLPConfig.from_dict({**cfg.adapter.to_dict(), "base_model": cfg.adapter.base_model or model.identity})
+    say(
+        console,
+        f"{role} run: {len(main_set.images)} images, {len(aux_sets)} auxiliary sets "
+        f"({', '.join(s.name for s in aux_sets)}); {cfg.train.steps} steps",
+    )
+    validate = _validator(model, cfg, out, console)
+    record = break_run(
+        role,
+        sets,
+        model,
+        plp,
+        cfg.train,
+        out,
+        resume=resume,
+        validate=validate,
+        progress=progress_printer(console, role),
+    )
+    t["train"] = time.perf_counter()
+
+    trigger = [cfg.placeholder] if cfg.placeholder else []
+    adapter = dataclasses.replace(
+        record.adapter, metadata={"prompt": cfg.prompt, "trigger_words": json.dumps(trigger)}
+    )
+    path, exports = out / ADAPTER_NAMES[role], []
+    writer = distributed.current().is_main  # with several processes rank 0 writes (every rank holds the adapter)
+    if writer:
+        path = save_adapter(adapter, path)
+        exports = export_loras(out, role, adapter, cfg, model, console)
+        if cfg.validation.seeds:
+            with attached(model.denoiser, adapter):
+                validate(cfg.train.steps)
+    t["end"] = time.perf_counter()
+    summary = {
+        "adapter": str(path),
+        "exports": [str(p) for p in exports],
+        "final_loss": record.result.final_loss if record.result else None,
+        "train": train_stats(record.result) if record.result else None,
+        "losses": record.result.losses if record.result else [],
+        "images": [str(f) for f in main_set.files],
+        "aux_sets": [s.name for s in aux_sets],
+    }
+    if writer:
+        write_run_json(out, cfg, role, model, durations(t), summary)
+        say(console, f"wrote {path}")
+    distributed.current().barrier()
+    return summary
+
+
+def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    """Make into the folder ``cfg.output``: fuse the content run ``cfg.content`` and the style run ``cfg.style``,
+    then :func:`b4m.method.stages.make` on the two runs' own images (named in their run.json). ``cfg.train.steps = 0``
+    fuses only (instant composition)."""
+    t = {"start": time.perf_counter()}
+    if not cfg.content or not cfg.style:
+        raise B4MError("make needs --content and --style (run folders or .b4m.safetensors files)")
+    if not cfg.output:
+        raise B4MError("no --output folder given")
+    make_cfg = MakeConfig(**dataclasses.asdict(cfg.train), style_weight=cfg.style_weight)
+    check_run_folder(Path(cfg.output), "make", resume=resume, overwrite=overwrite, inputs=(cfg.content, cfg.style))
+    c_file, c_run = run_source(cfg.content, "content")
+    s_file, s_run = run_source(cfg.style, "style")
+    content, style = load_adapter(c_file), load_adapter(s_file)
+    fused = fuse(content, style)  # names what differs when the runs don't match
+    out = Path(cfg.output)
+    model_name = cfg.model or c_run.get("config", {}).get("model") or ""
+    if not model_name:
+        raise B4MError(f"{c_file}: no run.json beside it says which base model to use; pass --model")
+    # The runs' own images, prompts and resolution (from their run.json), checked before the model loads.
+    resolution = cfg.resolution or c_run.get("config", {}).get("resolution")
+    sets_info = []
+    warn = _warn_once()
+    if make_cfg.steps > 0:
+        for run, file, adapter, role in ((c_run, c_file, content, "content"), (s_run, s_file, style, "style")):
+            images = run.get("config", {}).get("images")
+            prompt = run.get("config", {}).get("prompt") or adapter.metadata.get("prompt")
+            if not images or not prompt:
+                raise B4MError(f"{file}: no run.json beside it names the {role} images and prompt")
+            load_image_set(images, prompt, resolution or 16, name=role, warn=warn)
+            sets_info.append((role, images, prompt))
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = load_model(model_name, device=cfg.device or default_device(), resolution=resolution)
+    if fused.config.base_model and fused.config.base_model != model.identity:
+        raise B4MError(f"{c_file}: made with base model {fused.config.base_model!r}, not {model.identity!r}")
+    res = resolution or train_resolution(model)
+    t["load"] = time.perf_counter()
+    encoded = {}
+    for role, images, prompt in sets_info:
+        image_set = load_image_set(images, prompt, res, name=role, warn=warn)
+        encoded[role] = [encode_set(model, image_set, 1.0, True)]
+    model.offload_encoders()
+    t["cache"] = time.perf_counter()
+    record = make(
+        fused,
+        encoded.get("content", []),
+        encoded.get("style", []),
+        model,
+        make_cfg,
+        out,
+        resume=resume,
+        progress=progress_printer(console, "make"),
+    )
+    t["train"] = time.perf_counter()
+    meta = {**fused.metadata, "prompt": " / ".join(p for _, _, p in sets_info)}
+    made = dataclasses.replace(record.adapter, metadata=meta)
+    path, exports = out / ADAPTER_NAMES["fused"], []
+    writer = distributed.current().is_main  # with several processes rank 0 writes
+    if writer:
+        path = save_adapter(made, path)
+        exports = export_loras(out, "fused", made, cfg, model, console)
+    t["end"] = time.perf_counter()
+    summary = {
+        "adapter": str(path),
+        "exports": [str(p) for p in exports],
+        "content_run": str(c_file),
+        "style_run": str(s_file),
+        "final_loss": record.result.final_loss if record.result else None,
+        "train": train_stats(record.result) if record.result else None,
+    }
+    cfg = dataclasses.replace(cfg, model=model_name)
+    if writer:
+        write_run_json(out, cfg, "make", model, durations(t), summary)
+        say(console, f"wrote {path}")
+    distributed.current().barrier()
+    return summary

@@ -1,0 +1,204 @@
+"""The benchmark's results: per-method summaries with intervals, paired differences against B4M, per-pair means,
+costs; written as ``results.json`` (by :func:`~b4m.world.bench.run.run_bench`), ``results.csv`` and
+``report.html``."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ...files import atomic_path
+from ...metrics.stats import paired_bootstrap
+from ...report import html_page, html_table, interval_text, png_data_url, summarize
+from .units import PairData, Unit
+from .variants import BINARY, BOUNDS, LOWER_IS_BETTER, METRICS, REFERENCE, VARIANTS, BenchConfig, variant_config
+
+
+def make_results(
+    config: BenchConfig, model, data: list[PairData], units: dict[str, dict[str, Unit]], environment: dict
+) -> dict:
+    """results.json's contents: settings, ``environment`` (:func:`b4m.environment.record`), per-image scores,
+    summaries with intervals, paired differences against the reference, per-pair means, wall times and losses."""
+    seeds = list(range(config.seeds))
+    items = [
+        {"pair": d.label, "content": d.content, "style": d.style, "prompt_index": i, "prompt": p, "seed": s}
+        for d in data
+        for i, p in enumerate(d.task.prompts)
+        for s in seeds
+    ]
+    groups = [it["pair"] for it in items]
+    cluster = groups if len(data) >= 2 else None
+    methods = list(units)
+    per_image = {m: {k: [x for d in data for x in units[m][d.label].scores[k]] for k in METRICS} for m in methods}
+    reference = REFERENCE if REFERENCE in per_image else methods[0]
+    summary = {m: summarize(per_image[m], METRICS, BINARY, groups=cluster) for m in methods}
+    differences = {}
+    for m in methods:
+        differences[m] = {}
+        for k in METRICS:
+            iv = paired_bootstrap(per_image[m][k], per_image[reference][k], groups=cluster)
+            differences[m][k] = {"mean": iv.estimate, "low": iv.low, "high": iv.high}
+    per_pair = {
+        m: {d.label: {k: float(np.mean(units[m][d.label].scores[k])) for k in METRICS} for d in data} for m in methods
+    }
+    wall = {}
+    for m in methods:
+        parts = {k: sum(units[m][d.label].seconds[k] for d in data) for k in ("train", "sample", "score")}
+        wall[m] = {k: round(v, 2) for k, v in parts.items()}
+        wall[m]["total"] = round(sum(parts.values()), 2)
+        standalone = np.mean([units[m][d.label].seconds["standalone"] for d in data])
+        wall[m]["standalone_seconds_per_pair"] = round(float(standalone), 2)
+    stage1 = {m: {k: sum(units[m][d.label].stage1[k] for d in data) for k in ("trained", "reused")} for m in methods}
+    configs = {m: asdict(variant_config(m, config)) for m in methods if VARIANTS[m].method not in BOUNDS}
+    settings = asdict(config)
+    settings["pairs"] = [list(p) for p in config.pair_list()]
+    settings["guidance_scale_used"] = (
+        config.guidance_scale if config.guidance_scale is not None else model.default_guidance
+    )
+    return {
+        "benchmark": "b4m bench (built-in world)",
+        "settings": settings,
+        "model": model.identity,
+        **environment,
+        "metrics": list(METRICS),
+        "binary_metrics": sorted(BINARY),
+        "lower_is_better": sorted(LOWER_IS_BETTER),
+        "intervals": "cluster bootstrap over pairs" if cluster else "Wilson (0/1 metrics) / item bootstrap (one pair)",
+        "reference": reference,
+        "methods": {m: VARIANTS[m].summary for m in methods},
+        "method_configs": configs,
+        "summary": summary,
+        "differences": differences,
+        "per_pair": per_pair,
+        "wall_seconds": wall,
+        "stage1_runs": stage1,
+        "final_losses": {m: {d.label: units[m][d.label].losses for d in data} for m in methods},
+        "items": items,
+        "per_image": per_image,
+    }
+
+
+CSV_COLUMNS = (
+    "method",
+    "metric",
+    "mean",
+    "low",
+    "high",
+    "reference",
+    "diff",
+    "diff_low",
+    "diff_high",
+    "n_images",
+    "n_pairs",
+    "seconds",
+)
+
+
+def write_csv(results: dict, path: Path) -> None:
+    """One row per method × metric: mean with its interval, the paired difference against the reference."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    n_images = len(results["items"])
+    n_pairs = len(results["settings"]["pairs"])
+    for m, summary in results["summary"].items():
+        for k in results["metrics"]:
+            s, d = summary[k], results["differences"][m][k]
+            writer.writerow(
+                [
+                    m,
+                    k,
+                    f"{s['mean']:.6g}",
+                    f"{s['low']:.6g}",
+                    f"{s['high']:.6g}",
+                    results["reference"],
+                    f"{d['mean']:.6g}",
+                    f"{d['low']:.6g}",
+                    f"{d['high']:.6g}",
+                    n_images,
+                    n_pairs,
+                    results["wall_seconds"][m]["total"],
+                ]
+            )
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """``report.html``: settings, the summary table, a table per method, image grids per pair."""
+    esc = html.escape
+    st = results["settings"]
+    ref = results["reference"]
+    metrics = results["metrics"]
+    body = [
+        "<h1>b4m bench: built-in world</h1>",
+        f"<p>Model <code>{esc(results['model'])}</code>, {esc(results['device'])}, {esc(results['date'])}, commit "
+        f"<code>{esc(str(results['commit']))}</code>{' (with uncommitted changes)' if results['dirty'] else ''}; "
+        f"{sum(w['total'] for w in results['wall_seconds'].values()):.0f} s in the methods' runs over "
+        f"{len(results['commands'])} command(s).</p>",
+        f"<p>{len(st['pairs'])} pairs × {st['prompts']} prompts × {st['seeds']} seeds = {len(results['items'])} "
+        f"images per method. Stage-1 runs and JTtrain {st['steps']} steps, make {st['make_steps']}, ZipLoRA merge "
+        f"{st['merge_steps']}, rank {st['rank']}, lr {st['lr']}, batch {st['batch_size']} per set; sampler "
+        f"{st['sample_steps']} steps, guidance {st['guidance_scale_used']}.</p>",
+        "<p class='small'>Oracle accuracy (content, style; prompt = mean of position, size and background accuracy; "
+        "average = mean of the three), leakage (content leak: the image shows a content of the style references; "
+        "style leak: still in the references' plain look; lower is better) and cosines of the oracle's embeddings "
+        f"with the references. 95% intervals: {esc(results['intervals'])}. Δ is the paired difference to "
+        f"<code>{esc(ref)}</code> on the same items.</p>",
+        "<h2>Summary</h2>",
+        html_table(
+            ["method", *metrics, "seconds"],
+            [
+                [
+                    m,
+                    *(interval_text(results["summary"][m][k]) for k in metrics),
+                    f"{results['wall_seconds'][m]['total']:.0f}",
+                ]
+                for m in results["summary"]
+            ],
+        ),
+        *(
+            f"<p><b>{esc(m)}</b>: training diverged on {len(errs)} of {len(st['pairs'])} pairs "
+            f"({esc('; '.join(f'{k}: {v}' for k, v in errs.items()))}); not scored.</p>"
+            for m, errs in results.get("failed", {}).items()
+        ),
+        "<h2>Per method</h2>",
+    ]
+    for m, summary in results["summary"].items():
+        w = results["wall_seconds"][m]
+        runs = results["stage1_runs"][m]
+        body.append(
+            f"<h3>{esc(m)}</h3><p>{esc(results['methods'][m])}. Wall time {w['total']:.1f} s (train "
+            f"{w['train']:.1f}, sample {w['sample']:.1f}, score {w['score']:.1f}); one pair alone "
+            f"≈ {w['standalone_seconds_per_pair']:.1f} s; stage-1 runs trained {runs['trained']}, reused "
+            f"{runs['reused']}.</p>"
+        )
+        rows = []
+        for k in metrics:
+            diff = "" if m == ref else interval_text(results["differences"][m][k], signed=True)
+            rows.append([k, interval_text(summary[k]), diff])
+        body.append(html_table(["metric", "mean [95%]", f"Δ vs {ref} [95%]"], rows))
+    body.append("<h2>Images per pair</h2><p>One row per prompt, one column per seed.</p>")
+    for d in data:
+        body.append(f"<h3>{esc(d.content)} × {esc(d.style)}</h3>")
+        body.append(
+            f"<p>Content references <img src='{png_data_url(d.task.content_refs.images, 8)}'> "
+            f"style references <img src='{png_data_url(d.task.style_refs.images, 8)}'></p><ol class='small'>"
+        )
+        body += [
+            f"<li><code>{esc(p)}</code> (base: <code>{esc(w)}</code>)</li>"
+            for p, w in zip(d.task.prompts, d.task.word_prompts, strict=True)
+        ]
+        body.append("</ol><table>")
+        body += [
+            f"<tr><td>{esc(m)}</td><td><img src='{png_data_url(images[m][d.label], st['seeds'], 2)}'></td></tr>"
+            for m in images
+        ]
+        body.append("</table>")
+    with atomic_path(path) as tmp:
+        tmp.write_text(html_page("b4m bench", body))

@@ -1,9 +1,11 @@
+import dataclasses
+import os
 import tomllib
 
 import pytest
 
 from b4m import B4MError
-from b4m.runs.config import STAGE_DEFAULTS, StageConfig, build_config, load_config, to_toml
+from b4m.runs.config import PATH_KEYS, STAGE_DEFAULTS, StageConfig, build_config, load_config, stage_config, to_toml
 from b4m.training.config import TrainConfig
 
 
@@ -24,8 +26,10 @@ def test_make_defaults_and_print_config_round_trip(tmp_path):
     text = to_toml(cfg)
     path = tmp_path / "printed.toml"
     path.write_text(text)
-    assert load_config(path, {}) == cfg
-    assert tomllib.loads(text)["train"]["steps"] == 50
+    assert load_config(path, {}) == with_absolute_paths(cfg)  # a printed config means the same from any folder
+    assert tomllib.loads(text)["train"]["steps"] == 50 and tomllib.loads(text)["content"] == os.path.abspath(
+        "runs/dog"
+    )
 
 
 def test_bad_config_files(tmp_path):
@@ -65,6 +69,9 @@ def test_overrides_never_change_the_stage_defaults():
         ("train.max_grad_norm", -1.0, "max_grad_norm must be at least 0 \\(0: no clipping\\), got -1.0"),
         ("resolution", 100, "resolution must be a multiple of 8 from 8 to 4096 pixels, got 100"),
         ("resolution", 100_000, "resolution must be a multiple of 8"),
+        ("adapter.seed", -1, "adapter.seed|seed must be a whole number from 0 to 2\\*\\*32 - 1, got -1"),
+        ("train.lr", float("inf"), "train.lr must be a finite number, got inf"),
+        ("style_weight", float("nan"), "style_weight must be a finite number, got nan"),
     ],
 )
 def test_bad_settings_are_refused_when_the_config_is_built(key, value, message):
@@ -124,6 +131,7 @@ EVERY_SETTING_CHANGED = {
         "cuda_graphs": True,
         "fold_accumulation": True,
         "checkpoint_every": 9,
+        "checkpoint_minutes": 7.5,
         "keep_checkpoints": 5,
         "check_every": 2,
         "validate_every": 4,
@@ -155,7 +163,12 @@ def _leaves(data: dict, prefix: str = "") -> dict:
 def test_configs_round_trip_through_toml(config, tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
-    assert load_config(path, {}) == config
+    assert load_config(path, {}) == with_absolute_paths(config)
+
+
+def with_absolute_paths(config: StageConfig) -> StageConfig:
+    paths = {k: os.path.abspath(v) for k in PATH_KEYS if (v := getattr(config, k))}
+    return dataclasses.replace(config, **paths)
 
 
 def test_the_round_trip_changes_every_setting():
@@ -183,3 +196,76 @@ def test_none_is_refused_where_the_default_is_not_none(tmp_path):
 def test_max_grad_norm_zero_turns_clipping_off():
     assert load_config(None, {"train.max_grad_norm": 0}).train.max_grad_norm == 0
     assert TrainConfig(max_grad_norm=None).max_grad_norm == 0.0  # the Python API's older spelling
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[train]\ngradient_checkpointing = "no"\n', "train.gradient_checkpointing must be true or false, got 'no'"),
+        ('[train]\ntensorboard = "false"\n', "train.tensorboard must be true or false, got 'false'"),
+        ('[train]\nsteps = "five"\n', "train.steps must be a whole number, got 'five'"),
+        ("[train]\nsteps = 2.5\n", "train.steps must be a whole number, got 2.5"),
+        ('[train]\nlr = "1e-4"\n', "train.lr must be a number, got '1e-4'"),
+        ('images = ["data/dog"]\n', "images must be a string, got \\['data/dog'\\]"),
+        ("train = 5\n", "\\[train\\] must be a table"),
+        ('[validation]\nseeds = [0, "1"]\n', "validation.seeds must be a list of whole numbers"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_named_by_key(tmp_path, toml, message):
+    """TOML reads gradient_checkpointing = "no" as a string, which Python would take as true: every value must have
+    its setting's type, and the one-line error names the file, the key and the value."""
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    with pytest.raises(B4MError, match=f"{path}: {message}"):
+        load_config(path, {}, STAGE_DEFAULTS["content"])
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    """A config file names its data as seen from its own folder, wherever the command runs; flags keep the working
+    directory's meaning; a model name or Hub id that is no path there stays as it is."""
+    (tmp_path / "configs" / "models" / "mine").mkdir(parents=True)
+    path = tmp_path / "configs" / "dog.toml"
+    path.write_text(
+        'images = "../data/dog"\naux = "aux"\noutput = "/abs/runs/dog"\nmodel = "models/mine"\ncontent = "runs/c"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, {"style": "runs/s"}, STAGE_DEFAULTS["content"])
+    folder = tmp_path / "configs"
+    assert cfg.images == str(folder / "../data/dog") and cfg.aux == str(folder / "aux")
+    assert cfg.output == "/abs/runs/dog" and cfg.model == str(folder / "models/mine")
+    assert cfg.content == str(folder / "runs/c") and cfg.style == "runs/s"  # the flag: the working directory's
+    path.write_text('model = "stabilityai/stable-diffusion-xl-base-1.0"\n')
+    assert load_config(path, {}, STAGE_DEFAULTS["content"]).model == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_each_base_model_brings_its_own_defaults_and_print_config_says_where_each_value_came_from(tmp_path):
+    """The built-in world (the default model) learns in tens of steps: its runs default to the demo's settings,
+    while SD and SDXL keep the official ones; a preset, the file and the flags still win, and every printed value
+    names its source."""
+    world = stage_config("content")
+    assert (world.train.steps, world.train.lr, world.train.batch_size, world.train.grad_accum) == (60, 5e-3, 2, 1)
+    sdxl = stage_config("content", None, {"model": "stabilityai/stable-diffusion-xl-base-1.0"})
+    assert (sdxl.train.steps, sdxl.train.lr, sdxl.train.batch_size, sdxl.train.grad_accum) == (1000, 1e-4, 1, 4)
+    run = tmp_path / "dog"
+    run.mkdir()
+    (run / "run.json").write_text('{"config": {"model": "world"}}')
+    make = stage_config("make", None, {"content": str(run), "style": str(run)})  # the content run's model
+    assert (make.train.steps, make.train.lr, make.train.routing, make.train.precondition) == (40, 2.5e-3, "none", True)
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlr = 0.001\n")
+    sources: dict[str, str] = {}
+    cfg = stage_config("content", path, {"preset": "fast", "train.steps": 7}, sources)
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.batch_size, cfg.train.cuda_graphs) == (7, 1e-3, 2, True)
+    assert sources == sources | {
+        "train.steps": "flag",
+        "train.lr": str(path),
+        "train.batch_size": "world model",
+        "train.cuda_graphs": "preset fast",
+        "preset": "flag",
+    }
+    assert "train.ratio" not in sources  # the dataclasses' own defaults
+    text = to_toml(cfg, sources)
+    assert "# world model" in text and "# preset fast" in text and f"# {path}" in text and "# default" in text
+    printed = tmp_path / "printed.toml"
+    printed.write_text(text)
+    assert load_config(printed, {}) == with_absolute_paths(cfg)  # the comments do not change what it says

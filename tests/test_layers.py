@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "b4m._quiet",
         "b4m._lazy",
         "b4m.settings",
+        "b4m.hub",
         "b4m.files",
         "b4m.nested",
         "b4m.device",

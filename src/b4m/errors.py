@@ -5,6 +5,14 @@ class B4MError(Exception):
     """A problem with the user's input or files, reported as one line (the CLI prints it without a traceback)."""
 
 
+class Interrupted(B4MError):
+    """A run stopped by a signal (SIGINT, SIGTERM); ``signum`` says which (the CLI exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+
+
 class DivergedError(B4MError):
     """A training run's loss became NaN or Inf (the settings, not the input, are usually to blame)."""
 

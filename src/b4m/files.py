@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -13,19 +14,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import B4MError
+from .errors import B4MError, first_line
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed.
 
     A crash or a full disk therefore never leaves a half-written file under the final name, and an older file of
-    that name survives until the new one is complete.
+    that name survives until the new one is complete. ``durable``: the file is fsynced before the rename and its
+    folder after it, so a power cut cannot leave the new name pointing at unwritten blocks. A failure to write
+    (``OSError``: a full disk, a file-size limit, a read-only folder) is a one-line :class:`B4MError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise B4MError(f"{path}: could not write ({e.strerror or e})") from e
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -35,10 +41,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes 0600, and writers that recreate the file (safetensors' save_file) keep that: the final
         # file gets the usual permissions, set once the writer is done.
         os.chmod(tmp_path, 0o666 & ~umask)
+        if durable:
+            fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            fsync_path(path.parent)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise B4MError(f"{path}: could not write ({e.strerror or e})") from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to the disk (a folder: the names it holds). A file system that
+    cannot flush (some network and FUSE ones refuse it for folders) is left as it is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def check_output(output: str | os.PathLike, *inputs: str | os.PathLike, folder: bool = False) -> None:
@@ -60,8 +86,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     try:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
-    except OSError as e:
-        raise B4MError(f"{path}: could not write ({e.strerror or e})") from e
+    except SafetensorError as e:  # safetensors' own error for a failed write (a full disk, a file-size limit)
+        raise B4MError(f"{path}: could not write ({first_line(e)})") from e
 
 
 def load_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict]:

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .hub import looks_like_hub_id
 
-from .models.base import DiffusionModel
+if TYPE_CHECKING:  # light at import time: the command line asks is_world_model and training_defaults for its help
+    import torch
+
+    from .models.base import DiffusionModel
+
+#: A diffusers VAE's downsampling (SD and SDXL): a UNet's sample size times this is its native resolution.
+VAE_FACTOR = 8
 
 
 def _builtin_world(device="cpu", **_) -> DiffusionModel:
@@ -36,6 +43,60 @@ MODEL_LOADERS: dict[str, Callable[..., DiffusionModel]] = {"world": _builtin_wor
 def register_model(name: str, loader: Callable[..., DiffusionModel]) -> None:
     """Make ``load_model(name, ...)`` call ``loader(device=..., dtype=..., variant=..., resolution=...)``."""
     MODEL_LOADERS[name] = loader
+
+
+def is_world_model(model: str) -> bool:
+    """``model`` names the built-in world or a world model folder (empty: the built-in world, the default)."""
+    return model in ("", "world") or (Path(model) / "world_model.json").is_file()
+
+
+def model_of_identity(identity: str) -> str | None:
+    """What to load for an adapter file's recorded base model (:attr:`DiffusionModel.identity`), where the identity
+    says it: the built-in world, or a Hub id or an existing path after the family (``sdxl:owner/name``). None where
+    it does not (a local folder recorded by its name only): the caller asks for ``--model``."""
+    if identity == "world":
+        return "world"
+    family, _, name = identity.partition(":")
+    if family in ("sd", "sdxl") and name and (Path(name).exists() or looks_like_hub_id(name)):
+        return name
+    return None
+
+
+def training_defaults(model: str, stage: str) -> dict[str, Any]:
+    """The settings base model ``model`` brings to ``stage`` (TOML layout), under the preset, the config file and the
+    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); none for SDXL and SD, whose defaults are the
+    official ones of the config dataclasses."""
+    if is_world_model(model):
+        from .world.defaults import TRAINING_DEFAULTS
+
+        return TRAINING_DEFAULTS.get(stage, {})
+    return {}
+
+
+def denoiser_config(model: str) -> tuple[dict, int] | None:
+    """``(UNet config, native resolution)`` of ``model`` read from its small config files, no weights: the built-in
+    world, a world model folder, or a local diffusers folder. None where that would take the Hub or a whole
+    checkpoint (Hub ids, single-file checkpoints): those are checked once loaded."""
+    folder = None
+    if model == "world":
+        from .world.weights import model_folder
+
+        folder = model_folder()
+    elif (Path(model) / "world_model.json").is_file():
+        folder = Path(model)
+    if folder is not None:
+        from .world.model import read_world_config
+
+        config = read_world_config(folder)
+        return dict(config.unet), config.resolution
+    if (Path(model) / "unet" / "config.json").is_file():
+        from .unet_skeleton import read_unet_config
+
+        unet = read_unet_config(model)
+        size = unet.get("sample_size")
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return unet, int(size or 128) * VAE_FACTOR
+    return None
 
 
 def load_model(

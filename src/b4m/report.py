@@ -6,7 +6,9 @@ as inline PNGs, and the HTML page around them.
   every metric gets a cluster bootstrap that resamples whole groups (in the benchmark, the images of one
   content-style pair share that pair's adapters, so treating them as independent makes intervals too narrow).
 - :func:`png_data_url`: a grid of small uint8 images as a ``data:image/png`` URL, upscaled with nearest neighbours
-  so 32-px images stay visible in a browser.
+  (4× by default) so 32-px images stay visible in a browser.
+- :func:`image_table`: images as an HTML table (a row per prompt or method, a column per seed) with a small note
+  (a score) under each image.
 - :func:`html_page`: a self-contained page (title, one style sheet, the body parts given).
 """
 
@@ -63,7 +65,7 @@ def interval_text(summary: Mapping[str, float], digits: int = 2, *, signed: bool
     return f"{summary['mean']:{spec}} [{summary['low']:{spec}}, {summary['high']:{spec}}]"
 
 
-def png_data_url(images: np.ndarray | Sequence, columns: int, scale: int = 3) -> str:
+def png_data_url(images: np.ndarray | Sequence, columns: int, scale: int = 4) -> str:
     """A grid of equally sized uint8 images (``(N, H, W, 3)`` or PIL images), ``columns`` wide, as an inline data
     URL; each image upscaled ``scale`` times with nearest neighbours, 2-px white gutters."""
     arr = np.stack([np.asarray(im) for im in images])
@@ -78,6 +80,34 @@ def png_data_url(images: np.ndarray | Sequence, columns: int, scale: int = 3) ->
     buf = io.BytesIO()
     big.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_table(
+    images: np.ndarray | Sequence,
+    columns: int,
+    *,
+    row_labels: Sequence[str] = (),
+    column_labels: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    titles: Sequence[str] = (),
+    scale: int = 4,
+) -> str:
+    """Images (uint8 ``(N, H, W, 3)`` or PIL) as an HTML table ``columns`` wide, each upscaled ``scale`` times, with
+    its note (escaped) in small type under it and its title as a tooltip; row labels on the left, column labels on
+    top."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in column_labels)
+    parts = [f"<table class='cells'><tr><th></th>{head}</tr>" if column_labels else "<table class='cells'>"]
+    for r in range(-(-len(images) // columns)):
+        label = row_labels[r] if r < len(row_labels) else ""
+        parts.append(f"<tr><td class='small'>{esc(label)}</td>")
+        for i in range(r * columns, min(len(images), (r + 1) * columns)):
+            title = f" title='{esc(titles[i])}'" if i < len(titles) else ""
+            note = f"<br><span class='small'>{esc(notes[i])}</span>" if i < len(notes) else ""
+            parts.append(f"<td><img src='{png_data_url([images[i]], 1, scale)}'{title}>{note}</td>")
+        parts.append("</tr>")
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

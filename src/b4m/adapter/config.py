@@ -51,6 +51,8 @@ class PLPConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise B4MError(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= self.seed < 2**32:  # numpy's PCG64 seeds the frozen parts with it
+            raise B4MError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
         if not 0.0 <= self.ratio < 1.0:
             raise B4MError(f"ratio must be in [0, 1), got {self.ratio} (1 would leave nothing to learn)")
         if self.learned_init not in LEARNED_INITS:

@@ -139,8 +139,17 @@ def model_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def save_adapter(adapter: AdapterFile, path: str | Path) -> Path:
-    """Write ``adapter`` atomically (temp file, then rename). Returns the path."""
+    """Write ``adapter`` atomically (temp file, then rename). Returns the path.
+
+    Raises:
+        B4MError: A tensor holds NaN or Inf (named by module and part: such an adapter is never written), or the
+            file could not be written (a full disk).
+    """
     path = Path(path)
+    for name in adapter.modules:
+        for p in PARTS:
+            if not torch.isfinite(adapter.tensors[name][p]).all():
+                raise B4MError(f"{path}: not written, {name}.{p} holds NaN or Inf values (the training diverged)")
     flat = {f"{name}.{p}": adapter.tensors[name][p] for name in adapter.modules for p in PARTS}
     meta = {
         "b4m_format": FORMAT,

@@ -191,10 +191,11 @@ class PLPLinear(LinearAdapter):
         return z[..., :m]
 
     def _drop_stack(self) -> None:
-        """Free the stacked sampling weights. Not inside torch.compile, where a ``__dict__`` pop breaks the graph: a
-        stale stack only holds memory, since :meth:`_infer` checks its key before any use."""
+        """Free the sampling caches (the stacked weights, the cast factors). Not inside torch.compile, where a
+        ``__dict__`` pop breaks the graph: a stale cache only holds memory, since every use checks its key first."""
         if not torch.compiler.is_compiling():
             self.__dict__.pop("_stack_cache", None)
+            self.__dict__.pop("_factor_cache", None)
 
     def _stack_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype of ``self.base_layer(x)`` where the stacked GEMM computes exactly what that call would (a plain
@@ -234,7 +235,10 @@ class PLPLinear(LinearAdapter):
             self.scale,
             self.up_scale,
             self.down_scale,
-            *(t._version for t in (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)),
+            *(
+                (t.data_ptr(), t._version)
+                for t in (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)
+            ),
         )
         if getattr(self, "_factor_cache", (None,))[0] != key:
             up = self._scaled_up().to(y.dtype)

@@ -77,8 +77,8 @@ def precondition_(
     """
     _check(reg, factors)
     allowed = None if params is None else {id(p) for p in params}
-    # (side, factor shape, grad shape, dtypes, device) -> [(grad, factor)]. "left": grad_D <- (UᵀU + δI)⁻¹ grad_D
-    # with U the up factor; "right": grad_B <- grad_B (VVᵀ + δI)⁻¹ with V the down factor.
+    # (side, factor shape, grad shape, dtypes, device) -> [(grad, factor)]. "left": grad_D <- (NᵀN + δI)⁻¹ grad_D
+    # with N the up factor; "right": grad_B <- grad_B (MMᵀ + δI)⁻¹ with M the down factor (the module docstring's).
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for layer in layers.values():
         b, d = layer.up_learned, layer.down_learned

@@ -77,12 +77,33 @@ def wrap_linears(model: nn.Module, names: Sequence[str], make: Callable[[nn.Line
     return layers
 
 
+def check_rank(model: nn.Module, config: PLPConfig) -> list[str]:
+    """The names ``config`` targets in ``model`` (works on a meta-device skeleton too), after checking that its rank
+    fits every one of them: at most the narrower side of each layer (a larger rank adds nothing but memory).
+
+    Raises:
+        B4MError: The rank exceeds a targeted layer's width (the message names the narrowest layer).
+    """
+    names = find_targets(model, config)
+    widths = {
+        name: min(model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names
+    }
+    narrowest = min(widths, key=widths.get)
+    if config.rank > widths[narrowest]:
+        raise B4MError(
+            f"rank {config.rank} is larger than the narrowest adapted layer ({narrowest}: {widths[narrowest]} wide); "
+            f"use --rank {widths[narrowest]} or less"
+        )
+    return names
+
+
 def add_plp(model: nn.Module, config: PLPConfig) -> dict[str, PLPLinear]:
-    """Wrap every targeted linear layer of ``model`` in a :class:`PLPLinear`; returns them by module name.
+    """Wrap every targeted linear layer of ``model`` in a :class:`PLPLinear` (:func:`check_rank` first); returns
+    them by module name.
 
     The base model's own parameters are frozen (``requires_grad=False``); only the learned halves train.
     """
-    return wrap_linears(model, find_targets(model, config), lambda linear, name: PLPLinear(linear, config, name))
+    return wrap_linears(model, check_rank(model, config), lambda linear, name: PLPLinear(linear, config, name))
 
 
 def plp_layers(model: nn.Module) -> dict[str, PLPLinear]:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import B4MError
+from ..errors import B4MError, Interrupted
 from ..version import __version__
 from . import bench, files, stages, sweep, world
 from .console import console
@@ -54,9 +54,12 @@ app.command("eval")(bench.evaluate)
 app.command("sweep")(sweep.sweep)
 
 world_app = typer.Typer(
-    help="The built-in world: pretrain its base model, train oracles, measure the model's quality.",
+    help="The built-in world: render reference folders, score images, pretrain its base model, train oracles, "
+    "measure the model's quality.",
     no_args_is_help=True,
 )
+world_app.command("render")(world.render)
+world_app.command("score")(world.score)
 world_app.command("pretrain")(world.pretrain)
 world_app.command("oracle")(world.oracle)
 world_app.command("evaluate")(world.evaluate)
@@ -74,6 +77,21 @@ def main() -> None:
     warnings.showwarning = _show_warning  # one line per warning, no source excerpt
     try:
         app()
+    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written; 130 or 143, as shells do
+        again = resume_command(sys.argv[1:])
+        print(f"{e}; resume with: {again}" if again else str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
     except B4MError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         sys.exit(2)
+
+
+def resume_command(args: list[str]) -> str | None:
+    """The command line that continues an interrupted run: the same arguments, ``--resume`` instead of
+    ``--overwrite``; None for a command that cannot resume."""
+    import shlex
+
+    if not args or args[0] not in ("content", "style", "make", "bench"):
+        return None
+    kept = [a for a in args if a not in ("--resume", "--overwrite")]
+    return shlex.join(["b4m", *kept, "--resume"])

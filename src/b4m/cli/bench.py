@@ -85,6 +85,12 @@ def bench(
         lists = {"contents": _comma_list(contents), "styles": _comma_list(styles)}
         overrides.update({k: v for k, v in lists.items() if v})
     config = quick_config(**overrides) if quick else BenchConfig(**overrides)
+    if quick:
+        console.print(
+            "--quick is a smoke test (2 steps per run, rank 4, one pair): it checks that every method runs and is "
+            "recorded; its scores say nothing about the methods",
+            highlight=False,
+        )
     results = run_bench(
         output,
         config,

@@ -31,7 +31,9 @@ def inspect(
 
 
 def dry_run(
-    model: Annotated[str, typer.Option(help="Diffusers model folder, UNet config.json, or Hub id.")],
+    model: Annotated[
+        str, typer.Option(help="Diffusers model folder, UNet config.json, Hub id, world or a world model folder.")
+    ] = "world",
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 64,
     ratio: Annotated[float, typer.Option(help="Frozen fraction d of each factor.")] = 0.5,
     targets: Annotated[
@@ -43,10 +45,12 @@ def dry_run(
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
     from ..adapter import walker
     from ..adapter.config import PLPConfig
+    from ..loading import denoiser_config
     from ..unet_skeleton import unet_skeleton
 
     config = PLPConfig(rank=rank, ratio=ratio, targets=_patterns(targets), exclude=_patterns(exclude))
-    result = walker.dry_run(unet_skeleton(model), config)
+    found = denoiser_config(model)  # the world and local folders: their config files, no Hub
+    result = walker.dry_run(unet_skeleton(found[0] if found else model), config)
     lines = result.lines()
     if not all_modules and len(lines) > 12:
         lines = [*lines[:6], f"  … {len(result.modules) - 8} more (--modules lists all) …", *lines[-4:]]
@@ -95,6 +99,7 @@ def export(
     """Export a b4m adapter as a plain LoRA that diffusers, ComfyUI or A1111 load with no custom code."""
     from ..adapter.file import load_adapter
     from ..files import check_output
+    from ..loading import denoiser_config, model_of_identity
     from ..lora_files import dtype_from_name, save_lora
     from ..unet_skeleton import read_unet_config
 
@@ -103,11 +108,19 @@ def export(
     adapter = load_adapter(file)
     factors = adapter.factors(scale=scale, content_scale=content_scale, style_scale=style_scale)
     metadata = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
-    config = read_unet_config(unet_config) if unet_config else None
+    if unet_config:
+        config = read_unet_config(unet_config)
+    else:  # the adapter's base model, where its config files say it without the Hub (the world, a local folder)
+        found = denoiser_config(model_of_identity(adapter.config.base_model) or "")
+        config = found[0] if found else None
     naming = save_lora(factors, output, format=format, dtype=torch_dtype, metadata=metadata, unet_config=config)
     console.print(f"wrote {output} ({format}, {dtype}, {len(factors)} modules)", highlight=False)
     if naming == "sgm":
         console.print("kohya names in SDXL's SGM block layout (lora_unet_input_blocks_…), as kohya writes them")
     elif naming == "diffusers":
-        hint = "" if unet_config else "; for SDXL's SGM layout (what kohya's SDXL scripts write), pass --unet-config"
+        hint = (
+            ""
+            if config is not None
+            else "; for SDXL's SGM layout (what kohya's SDXL scripts write), pass --unet-config"
+        )
         console.print(f"kohya names in diffusers' block layout (lora_unet_down_blocks_…){hint}", highlight=False)

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..runs.config import STAGE_DEFAULTS, StageConfig, load_config
+from ..runs.config import STAGE_DEFAULTS, StageConfig, load_config, stage_config
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Setting:
 
 def settings_of(command: str) -> list[Setting]:
     """The options of stage ``command`` (``content``, ``style`` or ``make``), in the order of the config's fields."""
-    defaults = load_config(None, {}, STAGE_DEFAULTS[command])
+    defaults = load_config(None, {}, STAGE_DEFAULTS[command])  # SDXL's and SD's: the config dataclasses'
+    world = stage_config(command)  # no model named: the built-in world, which brings its own defaults
     settings = []
     for key, field, hint in _leaves(StageConfig):
         meta = field.metadata
@@ -56,7 +57,8 @@ def settings_of(command: str) -> list[Setting]:
         flag = meta["flag"]
         decls = [f"{flag}/--no-{flag.removeprefix('--')}"] if kind is bool else [flag]
         decls += [meta["short"]] if "short" in meta else []
-        option = typer.Option(*decls, help=_help(meta, command, _value(defaults, key)))
+        default, on_world = _value(defaults, key), _value(world, key)
+        option = typer.Option(*decls, help=_help(meta, command, default, None if on_world == default else on_world))
         name = flag.removeprefix("--").replace("-", "_")
         parameter = inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
@@ -118,18 +120,25 @@ def _for(text: str | dict[str, str] | None, command: str) -> str | None:
     return text.get(command) if isinstance(text, dict) else text
 
 
-def _help(meta: dict[str, Any], command: str, default: Any) -> str:
-    """``meta["help"]`` with the command's default and notes: ``Optimizer steps (default 50; 0 fuses only).``"""
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _help(meta: dict[str, Any], command: str, default: Any, on_world: Any = None) -> str:
+    """``meta["help"]`` with the command's default and notes: ``Optimizer steps (default 50; 0 fuses only).``; where
+    the built-in world brings its own default: ``(default 60 on the built-in world, 1000 on SD and SDXL)``."""
     if default is None or default == "" or default == []:
         unset = _for(meta.get("unset"), command)
         shown = f"default: {unset}" if unset else None
-    elif isinstance(default, bool):
-        shown = f"default {'on' if default else 'off'}"
-    elif isinstance(default, list):
-        shown = f"default {', '.join(map(str, default))}"
-    elif isinstance(default, float):
-        shown = f"default {default:g}"
     else:
-        shown = f"default {default}"
+        shown = f"default {_shown(default)}"
+    if on_world is not None:
+        shown = f"default {_shown(on_world)} on the built-in world, {_shown(default)} on SD and SDXL"
     extra = "; ".join(x for x in (shown, _for(meta.get("notes"), command)) if x)
     return f"{meta['help'].removesuffix('.')} ({extra})." if extra else meta["help"]

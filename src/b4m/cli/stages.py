@@ -26,14 +26,15 @@ def run_stage(
     stage: str, settings: dict[str, Any], config: Path | None, print_config: bool, resume: bool, overwrite: bool
 ) -> None:
     """Run ``stage`` with ``settings`` (``{config key: value}``) over the ``config`` file, or print the result."""
-    from ..runs.config import STAGE_DEFAULTS, load_config, to_toml
+    from ..runs.config import stage_config, to_toml
     from ..runs.stages import run_break, run_make
     from ..training.config import folded
     from ..training.distributed import current
 
-    cfg = load_config(config, settings, STAGE_DEFAULTS[stage])
-    if print_config:
-        typer.echo(to_toml(cfg), nl=False)
+    sources: dict[str, str] = {}
+    cfg = stage_config(stage, config, settings, sources)
+    if print_config:  # with where each value comes from: a default, the base model, a preset, the file, a flag
+        typer.echo(to_toml(cfg, sources), nl=False)
         return
     # Under accelerate launch: the process group, each rank's own GPU as the current device before the model loads,
     # a batch that splits over the ranks, and output from rank 0 only (one process: none of this does anything).
@@ -100,6 +101,12 @@ def generate(
     style_scale: Annotated[float, typer.Option(help="Multiplier of the style half.")] = 1.0,
     merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (faster sampling).")] = False,
     resolution: Annotated[int | None, typer.Option(help="Image size (default: the model's).")] = None,
+    upscale: Annotated[
+        int, typer.Option(help="Write the images this many times larger (nearest neighbour; e.g. 4 for 32-px ones).")
+    ] = 1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the images an earlier generate left in the output folder.")
+    ] = False,
 ) -> None:
     """Generate images with a made (or content/style) adapter; PNG metadata holds prompt, seed and settings."""
     from ..runs.generate import generate as run_generate
@@ -120,5 +127,7 @@ def generate(
         style_scale=style_scale,
         merge=merge,
         resolution=resolution,
+        upscale=upscale,
+        overwrite=overwrite,
         console=console,
     )

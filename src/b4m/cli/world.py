@@ -1,4 +1,5 @@
-"""The built-in world: ``world pretrain``, ``world oracle``, ``world evaluate``, and ``demo``."""
+"""The built-in world: ``world pretrain``, ``world oracle``, ``world evaluate``, ``world render``, ``world score``,
+and ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..errors import B4MError
 from .console import console
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the output folder's latest checkpoint.")]
@@ -163,7 +165,12 @@ def evaluate(
 
 def demo(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for report.html, report.json and runs.")
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Folder for report.html, report.json, the run folders and images (a rerun replaces them).",
+        ),
     ] = Path("demo"),
     content: Annotated[str, typer.Option(help="The content (a novel one stands for the user's subject).")] = "teapot",
     style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "brick",
@@ -206,3 +213,144 @@ def demo(
     bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in report["bars"].items())
     console.print(f"B4M {verdict} the bars ({bars}); {report['seconds']['total']:.0f} s", highlight=False)
     console.print(f"report: {output / 'report.html'}", highlight=False)
+    made, prompt = report["runs"]["make"], report["prompts"][0]
+    console.print(
+        f"run folders: {report['runs']['content']}, {report['runs']['style']}, {made}; next, e.g.:\n"
+        f'  b4m generate {made} "{prompt}" -n 4 --upscale 4 -o {output / "more"}',
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def render(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write (new or empty).")],
+    content: Annotated[str | None, typer.Option(help="A catalog content (in the plain look).")] = None,
+    style: Annotated[str | None, typer.Option(help="A catalog style (on known contents).")] = None,
+    aux: Annotated[
+        bool, typer.Option("--aux", help="The run's auxiliary sets instead (a folder of folders, for --aux).")
+    ] = False,
+    n: Annotated[int, typer.Option("--n", "-n", help="Images per set.")] = 4,
+    sets: Annotated[int, typer.Option(help="Auxiliary sets per run.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the scenes (the demo's and the benchmark's is 0).")] = 0,
+    placeholder: Annotated[
+        str | None, typer.Option(help="The word the captions use for the concept (default: sks, zwx for a style).")
+    ] = None,
+) -> None:
+    """Render reference folders of the built-in world: images with same-name .txt captions, as b4m content and
+    b4m style read them (the sets the demo and the benchmark train on, for the same seed and counts)."""
+    from ..world import default_catalog
+    from ..world.catalog import PLACEHOLDERS
+    from ..world.references import render_sets
+    from ..world.tasks import TaskConfig
+
+    if content and style and (aux or placeholder):
+        raise B4MError("--aux and --placeholder go with one concept: --content or --style, not both")
+    if n < 1 or sets < 1:
+        raise B4MError(f"--n and --sets must be at least 1, got {n} and {sets}")
+    words = {"content_word": PLACEHOLDERS[0], "style_word": PLACEHOLDERS[1]}
+    if placeholder:
+        words["content_word" if content else "style_word"] = placeholder
+    role = "content" if content else "style"
+    which = None if content and style else ((f"{role}-aux",) if aux else (role,))
+    config = TaskConfig(refs=n, aux_sets=sets, aux_size=n, seed=seed, **words)
+    task, folders = render_sets(default_catalog(), content, style, 32, config, output, which)
+    for name, folder in folders.items():
+        count = len(list(folder.rglob("*.png")))
+        console.print(f"wrote {count} images with captions ({name}) to {folder}", highlight=False)
+    _next_commands(task, folders, output, content, style)
+
+
+def _next_commands(task, folders: dict[str, Path], output: Path, content: str | None, style: str | None) -> None:
+    """What to run next, printed after world render (the runs read each image's own caption; --prompt is the
+    caption of images without one)."""
+    import re
+
+    cw, sw = task.config.content_word, task.config.style_word
+    shown = re.sub(r"^a (?=[aeiou])", "an ", f"a {task.style_ref_contents[0]}")
+    prompts = {"content": f"a {cw} in plain style", "style": f"{shown} in {sw} style"}
+    words = {"content": cw, "style": sw}
+    if content and style:
+        runs = {r: Path("runs") / getattr(task, r) for r in ("content", "style")}
+        made = Path("runs") / f"{task.content}_{task.style}"
+        lines = [
+            f'b4m {r} --images {folders[r]} --aux {folders[r + "-aux"]} --prompt "{prompts[r]}" '
+            f"--placeholder {words[r]} -o {runs[r]}"
+            for r in ("content", "style")
+        ]
+        lines += [
+            f"b4m make --content {runs['content']} --style {runs['style']} -o {made}",
+            f'b4m generate {made} "{task.prompts[0]}" -n 4 -o out/{made.name}   # prints the world scores',
+        ]
+    else:
+        role, concept = ("content", content) if content else ("style", style)
+        same = f"--n {task.config.refs} --seed {task.config.seed}"
+        if f"{role}-aux" in folders:
+            refs, aux = "REFS", output
+            lines = [f"b4m world render --{role} {concept} {same} -o REFS   # the references, if not rendered yet"]
+        else:
+            refs, aux = output, Path(f"{output}-aux")
+            lines = [f"b4m world render --{role} {concept} --aux {same} -o {aux}   # the run's auxiliary sets"]
+        lines.append(
+            f'b4m {role} --images {refs} --aux {aux} --prompt "{prompts[role]}" --placeholder {words[role]} '
+            f"-o runs/{concept}"
+        )
+    console.print("next:\n" + "\n".join(f"  {line}" for line in lines), highlight=False, markup=False, soft_wrap=True)
+
+
+def score(
+    folder: Annotated[Path, typer.Argument(help="A folder of world images (b4m generate writes the scene in each).")],
+    content: Annotated[str, typer.Option(help="The catalog content the content placeholder (sks) stands for.")],
+    style: Annotated[str, typer.Option(help="The catalog style the style placeholder (zwx) stands for.")],
+    content_refs: Annotated[
+        Path | None, typer.Option(help="Content references (default: rendered as world render does).")
+    ] = None,
+    style_refs: Annotated[
+        Path | None, typer.Option(help="Style references (default: rendered as world render does).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the rendered references.")] = 0,
+    n: Annotated[int, typer.Option("--n", "-n", help="Rendered references per set.")] = 4,
+    oracle: Annotated[str, typer.Option(help="The oracle: shipped a or b, or a file.")] = "a",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write every image's scores to this file.")
+    ] = None,
+) -> None:
+    """Score a folder of world images against ground truth: content, style, prompt (position, size, background),
+    leakage and cosines with the references, with 95% intervals (the demo's scores)."""
+    import json
+
+    from ..device import default_device
+    from ..files import atomic_path
+    from ..report import interval_text
+    from ..world import default_catalog
+    from ..world.oracle import load_oracle
+    from ..world.score import References, score_folder
+    from ..world.tasks import TaskConfig, make_task
+    from ..world.weights import ORACLES, oracle_file
+
+    cat = default_catalog()
+    cat.content(content)  # an unknown name fails here, with the catalog's list
+    cat.style(style)
+    if bool(content_refs) != bool(style_refs):
+        raise B4MError("give both --content-refs and --style-refs, or neither")
+    if content_refs and style_refs:
+        refs = References.from_folders(content_refs, style_refs, cat)
+    else:
+        refs = References.of_task(make_task(cat, content, style, 32, TaskConfig(refs=n, aux_size=n, seed=seed)))
+    scorer = load_oracle(oracle_file(oracle) if oracle in ORACLES else Path(oracle), cat, device=default_device())
+    result = score_folder(folder, content, style, scorer, refs, cat)
+    table = Table(title=f"{folder}: {len(result.files)} images scored, oracle {oracle}, 95% intervals")
+    for column in ("metric", "score", "images"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for k, v in result.summary().items():
+        table.add_row(k, interval_text(v), str(v["n"]))
+    console.print(table)
+    console.print(f"references: {refs.source}", highlight=False)
+    if result.not_scored:
+        console.print(f"not scored: {len(result.not_scored)} images", highlight=False)
+        for path, why in result.not_scored[:10]:
+            console.print(f"  {path.name}: {why}", highlight=False, markup=False)
+    if json_out:
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=1))
+        console.print(f"wrote {json_out}", highlight=False)

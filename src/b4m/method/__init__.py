@@ -16,6 +16,6 @@ __all__, __getattr__ = lazy_names(
     __name__,
     {
         "config": "B4MConfig MakeConfig",
-        "stages": "B4MResult applied_adapter break_run fuse generate make make_sets run",
+        "stages": "B4MResult applied_adapter break_run break_train_config fuse generate make make_sets run",
     },
 )

@@ -45,7 +45,17 @@ from ..training.runs import RunRecord, memoized, pair_info, run_info, run_key, t
 from ..training.sets import TrainSet
 from .config import B4MConfig, MakeConfig
 
-__all__ = ["B4MResult", "applied_adapter", "break_run", "fuse", "generate", "make", "make_sets", "run"]
+__all__ = [
+    "B4MResult",
+    "applied_adapter",
+    "break_run",
+    "break_train_config",
+    "fuse",
+    "generate",
+    "make",
+    "make_sets",
+    "run",
+]
 
 Progress = Callable[[int, int, float | None], None]
 
@@ -69,12 +79,17 @@ def break_run(
     other half learns only the auxiliary sets, in one forward and backward. Checkpoints go to ``out``; the model is
     left as it was given.
     """
-    if role not in ("content", "style"):
-        raise B4MError(f"role must be content or style, got {role!r}")
-    config = dataclasses.replace(train, owned=adapter.half_of(role))
+    config = break_train_config(role, adapter, train)
     return train_adapter(
         model, sets, config, out, role, plp=adapter, resume=resume, validate=validate, progress=progress
     )
+
+
+def break_train_config(role: str, adapter: PLPConfig, train: TrainConfig) -> TrainConfig:
+    """A break run's loop settings: ``train`` with the half that holds ``role`` as the one the main sets train."""
+    if role not in ("content", "style"):
+        raise B4MError(f"role must be content or style, got {role!r}")
+    return dataclasses.replace(train, owned=adapter.half_of(role))
 
 
 def make_sets(
@@ -149,7 +164,7 @@ def run(
     t0 = time.perf_counter()
     records = {}
     for role, sets in (("content", content_sets), ("style", style_sets)):
-        train = dataclasses.replace(config.train, owned=config.adapter.half_of(role))
+        train = break_train_config(role, config.adapter, config.train)
         key = run_key("b4m", role, sets, model.identity, config.adapter, train)
         folder = Path(out) / f"b4m-{role}"
         records[role] = memoized(

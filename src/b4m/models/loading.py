@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from ..errors import B4MError, first_line  # noqa: E402
+from ..hub import looks_like_hub_id  # noqa: E402
 from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
 from .sd import StableDiffusionModel  # noqa: E402
 from .sdxl import StableDiffusionXLModel  # noqa: E402
@@ -42,7 +42,6 @@ PIPELINE_CLASSES: dict[str, type[DiffusersModel]] = {
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # Newer diffusers call the loading dtype ``dtype`` and warn about ``torch_dtype``; older ones only know the latter.
 _DTYPE_KEY = (
     "dtype"
@@ -92,15 +91,10 @@ def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple
     if path.is_file():
         cls = detect_checkpoint(path)
         return cls, _from_single_file(cls, path, dtype), path.name
-    if _looks_like_hub_id(model):
+    if looks_like_hub_id(model):
         cls = hub_model_class(model)
         return cls, _from_pretrained(cls, model, dtype, variant, where=model), model
     raise B4MError(f"{model}: no such file or folder")
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    """``owner/name`` without a checkpoint suffix (a missing local path like ``a/b/c`` or ``x.safetensors`` isn't)."""
-    return _HUB_ID.fullmatch(model) is not None and not model.endswith((".safetensors", *PICKLE_SUFFIXES))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import os
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +211,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
         raise B4MError(f"{source}: unknown key(s) {', '.join(unknown)}")
     kwargs = {k: v for k, v in data.items() if k in top}
     _refuse_none(StageConfig, kwargs, source)
+    _check_types(StageConfig, kwargs, source)
     for name, cls in _TABLES.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
@@ -214,7 +220,10 @@ def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
         bad = sorted(set(table) - fields)
         if bad:
             raise B4MError(f"{source}: unknown key(s) in [{name}]: {', '.join(bad)}")
+        if name == "export" and isinstance(table.get("formats"), str):  # formats = "kohya": one format
+            table = {**table, "formats": [table["formats"]]}
         _refuse_none(cls, table, source, f"{name}.")
+        _check_types(cls, table, source, f"{name}.")
         try:
             kwargs[name] = cls(**table)
         except TypeError as e:
@@ -230,6 +239,50 @@ def _refuse_none(cls: type, values: dict[str, Any], source: str, prefix: str = "
             raise B4MError(f"{source}: {prefix}{f.name} cannot be None{meaning}")
 
 
+def _check_types(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Every value of the type its setting declares, named by key when not: TOML reads ``gradient_checkpointing =
+    "no"`` as a string, which Python would take as true; ``steps = "five"`` would fail deep inside training."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if value is None:
+            continue  # allowed only where the default is None (_refuse_none)
+        wanted = _kind(hints[name])
+        if wanted is not None and not _fits(value, hints[name]):
+            raise B4MError(f"{source}: {prefix}{name} must be {wanted}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise B4MError(f"{source}: {prefix}{name} must be a finite number, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as TOML or the command line gives it) is of the declared type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args if a is not type(None))
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _kind(hint: Any) -> str | None:
+    """How an error names the type ``hint``: "true or false", "a whole number", "a list of strings", …"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [k for a in args if a is not type(None) and (k := _kind(a))]
+        return " or ".join(kinds) if kinds else None
+    if origin is list:
+        inner = _kind(args[0])
+        return f"a list of {inner.removeprefix('a ').removeprefix('an ')}s" if inner else "a list"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint)
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -239,49 +292,140 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def load_config(
-    path: str | Path | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None
+    path: str | Path | None,
+    overrides: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    *,
+    model_defaults: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> StageConfig:
-    """Merge stage defaults < preset < the TOML file < command-line overrides (dotted keys such as ``train.steps``).
+    """Merge, lowest first: the stage's ``defaults``, the base model's defaults, the preset, the TOML file at
+    ``path`` and the command-line ``overrides`` (dotted keys such as ``train.steps``).
+
+    Args:
+        model_defaults: Called with the file's and the flags' settings (TOML layout); returns the base model's name
+            and the settings it brings (see :func:`stage_config`).
+        sources: Filled with the origin of every setting a layer set, by dotted key ("make", "world", "preset
+            fast", the file's name, "flag"); unset keys are the dataclasses' defaults.
 
     The preset is the ``preset`` key of the overrides if given, else of the file (see :data:`PRESETS`). An override
     of ``None`` sets ``None``, which only the settings whose default is ``None`` take (leave out what is not given).
     """
-    given: dict[str, Any] = {}
+    from_file: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            given = tomllib.loads(path.read_text())
+            from_file = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise B4MError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise B4MError(f"{path}: not valid TOML ({e})") from e
+        _paths_beside(from_file, path.parent)
+    flags: dict[str, Any] = {}
     for key, value in overrides.items():
         *tables, leaf = key.split(".")
-        node = given
+        node = flags
         for t in tables:
             node = node.setdefault(t, {})
         node[leaf] = value
+    given = deep_merge(from_file, flags)
     source = str(path) if path else "command line"
-    data = deep_merge({}, defaults or {})
+    layers: list[tuple[str, dict[str, Any]]] = [("default", defaults or {})]
+    if model_defaults is not None:
+        layers.append(model_defaults(given))
     preset = given.get("preset")
     if preset is not None:
         if not isinstance(preset, str):
             raise B4MError(f"{source}: preset must be a name ({', '.join(PRESETS)})")
         try:
-            data = deep_merge(data, preset_settings(preset))
+            layers.append((f"preset {preset}", preset_settings(preset)))
         except B4MError as e:
             raise B4MError(f"{source}: {e}") from None
-    return build_config(deep_merge(data, given), source)
+    layers += [(str(path), from_file), ("flag", flags)]
+    data: dict[str, Any] = {}
+    for name, layer in layers:
+        data = deep_merge(data, layer)
+        if sources is not None:
+            sources.update(dict.fromkeys(_dotted(layer), name))
+    return build_config(data, source)
 
 
-def to_toml(config: StageConfig) -> str:
+def stage_config(
+    stage: str, path: str | Path | None = None, overrides: dict[str, Any] | None = None, sources: dict | None = None
+) -> StageConfig:
+    """The settings of ``stage`` (``content``, ``style`` or ``make``) as the commands build them: the stage's
+    defaults (:data:`STAGE_DEFAULTS`), the defaults of the base model it runs on (the built-in world brings its own:
+    :func:`b4m.loading.training_defaults`), then the preset, the file and the flags (:func:`load_config`).
+
+    The base model is the one the file or the flags name; else, for make, the content run's (its run.json); else
+    the built-in world."""
+
+    def model_defaults(given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        from ..loading import is_world_model, training_defaults
+
+        model = given.get("model") or ""
+        if not model and stage == "make" and isinstance(given.get("content"), str):
+            model = recorded_model(given["content"]) or ""
+        name = "world" if is_world_model(model) else model
+        return f"{name} model", training_defaults(model, stage)
+
+    return load_config(path, overrides or {}, STAGE_DEFAULTS[stage], model_defaults=model_defaults, sources=sources)
+
+
+def recorded_model(run: str | Path) -> str | None:
+    """The base model a run folder's (or a run's adapter file's) ``run.json`` names, if any."""
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    try:
+        return json.loads((folder / "run.json").read_text()).get("config", {}).get("model") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+#: Settings that name files or folders: relative ones in a config file are relative to the file's folder.
+PATH_KEYS = ("images", "aux", "output", "content", "style")
+
+
+def _paths_beside(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of a config file's :data:`PATH_KEYS` relative to ``folder`` (the file's), as a user
+    reading the file expects; ``model`` too when it names a folder or file found there (else it is a name or a Hub
+    id). Flags keep the working directory's meaning."""
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[key] = str(folder / value)
+    model = data.get("model")
+    if isinstance(model, str) and model and not Path(model).is_absolute() and (folder / model).exists():
+        data["model"] = str(folder / model)
+
+
+def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
     """The config as TOML. ``None`` values are left out, as TOML has no null: only settings whose default is
-    ``None`` may hold it (:func:`build_config`), so :func:`load_config` reads the text back as the same config."""
+    ``None`` may hold it (:func:`build_config`), so :func:`load_config` reads the text back as the same config.
+    Relative paths are written absolute (as seen from the working directory), so the text means the same from any
+    folder it is saved in (a config file's paths are relative to the file). With ``sources`` (see
+    :func:`load_config`) every line says where its value came from, as a comment."""
     data = config.to_dict()
-    lines = [f"{k} = {_value(v)}" for k, v in data.items() if k not in _TABLES and v is not None]
+    for key in PATH_KEYS:
+        if data[key] and not Path(data[key]).expanduser().is_absolute():
+            data[key] = os.path.abspath(data[key])
+    if data["model"] and not Path(data["model"]).is_absolute() and Path(data["model"]).exists():
+        data["model"] = os.path.abspath(data["model"])
+
+    def line(key: str, value: Any, dotted: str) -> str:
+        text = f"{key} = {_value(value)}"
+        return text if sources is None else f"{text:<40}  # {sources.get(dotted, 'default')}"
+
+    lines = [line(k, v, k) for k, v in data.items() if k not in _TABLES and v is not None]
     for name in _TABLES:
         lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_value(v)}" for k, v in data[name].items() if v is not None]
+        lines += [line(k, v, f"{name}.{k}") for k, v in data[name].items() if v is not None]
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,14 @@ reading a run back (its adapter file and record)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import itertools
 import json
+import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,8 +23,15 @@ from ..lora_files import dtype_from_name, save_lora
 from ..models.base import DiffusionModel
 from ..progress import say
 from ..training import distributed
+from ..training.checkpoint import checkpoints as complete_checkpoints
+from ..training.checkpoint import clean_leftovers
 from ..training.loop import TrainResult
 from .config import StageConfig
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): runs are not locked
+    fcntl = None
 
 ADAPTER_NAMES = {
     "content": "content.b4m.safetensors",
@@ -51,7 +63,7 @@ def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, in
     if previous is not None and previous != stage:
         raise B4MError(f"{out}: holds a {previous} run (run.json); write the {stage} run to another folder")
     checkpoints = out / "checkpoints"
-    unfinished = checkpoints.is_dir() and any(checkpoints.iterdir())
+    unfinished = bool(complete_checkpoints(out))  # step-N.tmp leftovers of a killed write do not count
     if resume or not (previous or unfinished):
         return
     if not overwrite:
@@ -60,6 +72,82 @@ def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, in
     if distributed.current().is_main:  # one process deletes (the others see the folder as rank 0 leaves it)
         shutil.rmtree(checkpoints, ignore_errors=True)
         info.unlink(missing_ok=True)
+
+
+#: The lock file a run holds in its folder while it runs (:func:`run_folder_lock`).
+LOCK_FILE = ".b4m.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(output: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an OS lock (``flock`` on ``OUTPUT/.b4m.lock``) for a whole run: a second b4m process given the same run
+    folder is refused at once with a one-line error naming it, before it loads anything. Taken by rank 0 only (the
+    processes of one multi-GPU run share their folder); a crash or a kill releases it (the kernel drops the lock
+    with the process). Temporary files a killed write left in the folder are removed once the lock is held. A
+    folder made here is removed again when the run leaves nothing in it (a run refused on its input)."""
+    out = Path(output) if output else None
+    if out is None or fcntl is None or not distributed.current().is_main or (out.exists() and not out.is_dir()):
+        yield  # nothing to lock (check_run_folder names the problem), or not rank 0
+        return
+    created = not out.exists()
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path, out)
+    except OSError:  # a folder that cannot be written (the run's own checks say so) or a file system without locks
+        yield
+        return
+    try:
+        for leftover in out.glob(".*.tmp"):  # files a killed atomic write left (b4m.files.atomic_path)
+            leftover.unlink(missing_ok=True)
+        clean_leftovers(out)  # and checkpoint folders a kill left half-written (checkpoints/step-N.tmp)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a process that opened the old file then retries
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+
+
+def locks_run_folder(stage: Callable) -> Callable:
+    """Decorate a stage whose ``cfg`` argument names its run folder (``cfg.output``): it runs holding
+    :func:`run_folder_lock` on that folder."""
+    signature = inspect.signature(stage)
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        with run_folder_lock(signature.bind(*args, **kwargs).arguments["cfg"].output):
+            return stage(*args, **kwargs)
+
+    return run
+
+
+def _lock(path: Path, out: Path) -> int:
+    """Open and ``flock`` ``path`` (retrying when the holder removed it in between); writes this process's id."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise B4MError(
+                f"{out}: another b4m run ({who}) is using this folder; wait for it to end or choose another -o"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
 
 
 def write_run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, timings: dict, extra: dict) -> None:

@@ -1,20 +1,35 @@
 """``b4m generate``: images with a run's adapter (or any ``.b4m.safetensors`` file), written as PNGs whose metadata
-holds the prompt, the seed and every setting, plus a grid."""
+holds the prompt, the seed and every setting, plus a grid (a row per prompt, a column per seed, labelled).
+
+On the built-in world the metadata also holds the scene a prompt asks for when it parses into one
+(:func:`b4m.world.score.parse_prompt`), and when the run's content and style are catalog concepts (references
+rendered by ``b4m world render`` or the demo, found through the runs' ``run.json``) the images are scored against
+ground truth at the end, as ``b4m world score`` scores a folder."""
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from ..adapter.file import load_adapter
 from ..device import default_device
 from ..errors import B4MError
 from ..files import check_output
-from ..images import save_grid, save_png
-from ..loading import load_model
+from ..images import save_grid, save_png, upscaled
+from ..loading import load_model, model_of_identity
 from ..method.stages import generate as generate_images
 from ..models.base import SampleRequest
 from ..progress import say
 from .folder import ADAPTER_NAMES, run_source
+from .stages import check_before_loading
+
+#: The files a generate call writes: ``NN_seedS.png`` per image and the grid.
+GENERATED = re.compile(r"\d+_seed-?\d+\.png|grid\.png")
 
 
 def generate(
@@ -35,10 +50,18 @@ def generate(
     merge: bool = False,
     resolution: int | None = None,
     device: str | None = None,
+    upscale: int = 1,
+    score: bool = True,
+    overwrite: bool = False,
     console=None,
 ) -> list[Path]:
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter
-    (:func:`b4m.method.stages.generate`); writes PNGs and a grid to ``output``."""
+    (:func:`b4m.method.stages.generate`); writes PNGs and a grid to ``output``, every image ``upscale`` times larger
+    (nearest neighbours; the factor is in the metadata). On the world, ``score`` prints the images' scores when the
+    run's concepts are known (:func:`world_scores`). An ``output`` that holds images of an earlier call is refused
+    unless ``overwrite`` (then they are removed first, so two calls' images never mix)."""
+    if upscale < 1:
+        raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:
         raise B4MError(f"n (images per prompt) must be at least 1, got {n}")
     if steps < 1:
@@ -46,17 +69,36 @@ def generate(
     if not prompts:
         raise B4MError("no prompt given")
     check_output(output, folder=True)
+    out = Path(output)
+    earlier = sorted(f.name for f in out.glob("*.png") if GENERATED.fullmatch(f.name)) if out.is_dir() else []
+    if earlier and not overwrite:
+        raise B4MError(
+            f"{out}: holds {len(earlier)} images of an earlier generate (e.g. {earlier[0]}); --overwrite replaces "
+            "them, or choose another -o"
+        )
     p = Path(adapter_path)
     role = "fused"
     if p.is_dir():
         role = next((r for r in ("fused", "content", "style") if (p / ADAPTER_NAMES[r]).exists()), "fused")
     file, run = run_source(adapter_path, role)
     adapter = load_adapter(file)
-    model_name = model or run.get("config", {}).get("model")
+    model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
     if not model_name:
-        raise B4MError(f"{file}: no run.json beside it says which base model to use; pass --model")
-    out = Path(output)
+        raise B4MError(
+            f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
+            "run.json beside it says where it is; pass --model"
+        )
+    check_before_loading(model_name, resolution, out)
     base = load_model(model_name, device=device or default_device(), resolution=resolution)
+    unknown = list(dict.fromkeys(w for prompt in prompts for w in base.unknown_words(prompt)))
+    if unknown:
+        warnings.warn(
+            f"the prompts use words {base.identity} does not know, all read as one unknown token: "
+            f"{', '.join(unknown[:12])}",
+            stacklevel=2,
+        )
+    for name in earlier:  # --overwrite: no image of the earlier call stays beside the new ones
+        (out / name).unlink(missing_ok=True)
     seeds = list(range(seed, seed + n))
     request = SampleRequest(
         prompts,
@@ -83,14 +125,133 @@ def generate(
         "style_scale": style_scale,
         "merged": merge,
     }
-    paths = [
-        save_png(
-            image,
-            out / f"{i // n:02d}_seed{seeds[i % n]}.png",
-            {"prompt": prompts[i // n], "seed": seeds[i % n], **settings},
-        )
-        for i, image in enumerate(images)
-    ]
-    grid = save_grid(images, n, out / "grid.png", {"prompts": prompts, "seeds": seeds, **settings})
+    scenes = world_scenes(base, prompts)
+    paths, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
     say(console, f"wrote {len(paths)} images and {grid}")
+    if scenes is not None and score:
+        arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+        world_scores(arrays, [scenes[i // n] for i in range(len(images))], paths, file, run, console)
     return [*paths, grid]
+
+
+def world_scenes(model, prompts: Sequence[str]) -> list[dict | None] | None:
+    """On a world model, the scene each prompt asks for (None where it does not parse); None on other models."""
+    from ..world.model import WorldModel
+
+    if not isinstance(model, WorldModel):
+        return None
+    from ..world.catalog import default_catalog
+    from ..world.score import parse_prompt
+
+    catalog = default_catalog()
+    return [parse_prompt(p, catalog) for p in prompts]
+
+
+def save_generated(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    settings: dict,
+    *,
+    upscale: int = 1,
+    grid_upscale: int | None = None,
+    scenes: Sequence[dict | None] | None = None,
+) -> tuple[list[Path], Path]:
+    """Images prompt-major (one per prompt and seed) as ``PP_seedS.png`` with the prompt, seed, settings and (if
+    known) the scene in the metadata, each ``upscale`` times larger, and ``grid.png`` (``grid_upscale`` times,
+    default ``upscale``): a row per prompt, a column per seed, with gaps and labels."""
+    n = len(seeds)
+    extra = {"upscale": upscale} if upscale > 1 else {}
+    paths = []
+    for i, image in enumerate(images):
+        info = {"prompt": prompts[i // n], "seed": seeds[i % n], **settings, **extra}
+        if scenes is not None and scenes[i // n] is not None:
+            info["scene"] = scenes[i // n]
+        paths.append(save_png(upscaled(image, upscale), out / f"{i // n:02d}_seed{seeds[i % n]}.png", info))
+    grid = save_grid(
+        images,
+        n,
+        out / "grid.png",
+        {"prompts": list(prompts), "seeds": list(seeds), **settings},
+        gap=2,
+        upscale=grid_upscale or upscale,
+        row_labels=list(prompts),
+        column_labels=[f"seed {s}" for s in seeds],
+    )
+    return paths, grid
+
+
+def world_run_concepts(file: Path, run: dict) -> dict | str:
+    """The content and style of a made run on the world, and their reference folders (``content``, ``style``,
+    ``content_refs``, ``style_refs``): read from the rendered references that its content and style runs trained on
+    (their ``run.json`` names the folders; ``b4m world render`` and the demo write the concept into every image's
+    metadata). A sentence saying why not when they cannot be found."""
+    from ..metrics.evaluate import read_image_folder
+    from ..world.references import origin_of
+
+    if not (run.get("content_run") and run.get("style_run")):
+        return f"{file} is not a made run with a run.json naming its content and style runs"
+    found = {}
+    for role in ("content", "style"):
+        try:
+            _, sub = run_source(run[f"{role}_run"], role)
+            folder = sub.get("config", {}).get("images")
+            infos = read_image_folder(folder, f"{role} references")[2] if folder else []
+        except (B4MError, OSError) as e:
+            return f"the {role} run cannot be read ({e})"
+        origin = origin_of(infos[0] if infos else None)
+        if origin is None or origin["set"] != role:
+            return f"the {role} run's images ({folder}) were not rendered by b4m world render"
+        found[role], found[f"{role}_refs"] = origin[role], Path(folder)
+    return found
+
+
+def world_scores(
+    images: np.ndarray, scenes: Sequence[dict | None], files: Sequence[Path], file: Path, run: dict, console=None
+) -> dict | None:
+    """Score generated world images (uint8 (N, H, W, 3), image i asked for ``scenes[i]`` and written to
+    ``files[i]``) with the shipped oracle
+    against the references of the run's content and style (:func:`world_run_concepts`), print the scores and return
+    them (``{"summary", "per_image", "not_scored"}``); without known concepts, print how to score and return None."""
+    from ..report import interval_text
+    from ..world.catalog import default_catalog
+    from ..world.score import References, resolve, score_scenes, summary
+    from ..world.weights import load_shipped_oracle
+
+    out = Path(files[0]).parent
+    found = world_run_concepts(file, run)
+    if isinstance(found, str):
+        say(
+            console,
+            f"not scored: {found}. To score the images against ground truth: "
+            f"b4m world score {out} --content NAME --style NAME (the catalog concepts the placeholders stand for)",
+        )
+        return None
+    catalog = default_catalog()
+    keep, resolved, not_scored = [], [], []
+    for i, scene in enumerate(scenes):
+        done, why = resolve(scene, found["content"], found["style"], catalog) if scene else (None, "")
+        if done is None:
+            not_scored.append(
+                (Path(files[i]).name, why or "its prompt is no world caption (no scene to compare with)")
+            )
+        else:
+            keep.append(i)
+            resolved.append(done)
+    refs = References.from_folders(found["content_refs"], found["style_refs"], catalog)
+    per_image = score_scenes(load_shipped_oracle("a"), images[keep], resolved, refs) if keep else {}
+    scores = summary(per_image)
+    say(
+        console,
+        f"world scores of {len(keep)} images ({found['content']} × {found['style']}, oracle a, 95% intervals): "
+        + "  ".join(f"{k} {interval_text(v)}" for k, v in scores.items()),
+    )
+    if not_scored:
+        say(console, f"not scored: {len(not_scored)} images, e.g. {not_scored[0][0]}: {not_scored[0][1]}")
+    refs_flags = f"--content-refs {found['content_refs']} --style-refs {found['style_refs']}"
+    say(
+        console,
+        f"score again: b4m world score {out} --content {found['content']} --style {found['style']} {refs_flags}",
+    )
+    return {"summary": scores, "per_image": per_image, "not_scored": not_scored}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -17,17 +18,19 @@ from pathlib import Path
 
 from ..adapter.config import PLPConfig
 from ..adapter.file import attached, fuse, load_adapter, save_adapter
+from ..adapter.walker import check_rank
 from ..data import ImageSet, load_aux_sets, load_image_set
 from ..device import default_device
 from ..errors import B4MError
 from ..images import save_grid
-from ..loading import load_model
+from ..loading import denoiser_config, load_model, model_of_identity
 from ..method.config import MakeConfig
 from ..method.stages import break_run, make
 from ..models.base import DiffusionModel, SampleRequest
 from ..progress import progress_printer, say
 from ..training import distributed
 from ..training.sets import encode_set, encode_sets
+from ..unet_skeleton import unet_skeleton
 from .aux import generated_aux_sets
 from .config import StageConfig
 from .folder import (
@@ -35,6 +38,7 @@ from .folder import (
     check_run_folder,
     durations,
     export_loras,
+    locks_run_folder,
     run_source,
     train_stats,
     write_run_json,
@@ -76,6 +80,32 @@ def check_words(model: DiffusionModel, placeholder: str | None, sets: list[Image
             )
 
 
+#: The largest resolution a stage takes, in multiples of the model's native one (SDXL: 4096 px; the world: 128).
+MAX_RESOLUTION_FACTOR = 4
+
+
+def check_before_loading(model: str, resolution: int | None, out: Path, plp: PLPConfig | None = None) -> None:
+    """What can be checked of a command's settings against its model from the model's small config files alone (the
+    built-in world, world and diffusers folders; see :func:`b4m.loading.denoiser_config`), before any weights load:
+    the resolution against the model's and the rank against the adapted layers' widths. And whether the output
+    folder can be written."""
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(where, os.W_OK):
+        raise B4MError(f"{out}: cannot write there ({where} is read-only); choose another -o")
+    found = denoiser_config(model)
+    if found is None:
+        return
+    unet, native = found
+    limit = MAX_RESOLUTION_FACTOR * native
+    if resolution is not None and resolution > limit:
+        raise B4MError(
+            f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}× {model}'s native {native} px "
+            f"(at most {limit})"
+        )
+    if plp is not None:
+        check_rank(unet_skeleton(unet), plp)
+
+
 def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None) -> Callable[[int], None]:
     prompts = cfg.validation.prompts or [cfg.prompt]
 
@@ -91,6 +121,7 @@ def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None)
     return validate
 
 
+@locks_run_folder  # one process per run folder: a second one is refused before anything loads
 def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
     """A content run (``role="content"``) or a style run (``role="style"``) into the folder ``cfg.output``:
     :func:`b4m.method.stages.break_run` on the images of ``cfg.images`` and the auxiliary sets of ``cfg.aux``
@@ -114,12 +145,18 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     aux_sets = load_aux_sets(cfg.aux, check_res, warn=warn) if cfg.aux else None
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
+    check_before_loading(cfg.model, cfg.resolution, out, cfg.adapter)
     model = load_model(cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution)
     res = cfg.resolution or train_resolution(model)
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
         aux_sets = load_aux_sets(cfg.aux, res, warn=warn) if cfg.aux else None
     check_words(model, cfg.placeholder, [main_set, *(aux_sets or [])], warn)
+    if not cfg.placeholder:
+        warn(
+            f"no --placeholder given: the {role}'s token is not checked in the captions, and make cannot tell "
+            "whether a content run and a style run share one (e.g. --placeholder sks)"
+        )
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     t["load"] = time.perf_counter()
     if aux_sets is None:
@@ -130,7 +167,6 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         model.offload_encoders()
     t["cache"] = time.perf_counter()
 
-    plp = PLPConfig.from_dict({**cfg.adapter.to_dict(), "base_model": cfg.adapter.base_model or model.identity})
     say(
         console,
         f"{role} run: {len(main_set.images)} images, {len(aux_sets)} auxiliary sets "
@@ -141,7 +177,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         role,
         sets,
         model,
-        plp,
+        cfg.adapter,
         cfg.train,
         out,
         resume=resume,
@@ -169,16 +205,18 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         "final_loss": record.result.final_loss if record.result else None,
         "train": train_stats(record.result) if record.result else None,
         "losses": record.result.losses if record.result else [],
-        "images": [str(f) for f in main_set.files],
+        "images": [str(Path(f).resolve()) for f in main_set.files],
         "aux_sets": [s.name for s in aux_sets],
     }
-    if writer:
-        write_run_json(out, cfg, role, model, durations(t), summary)
+    if writer:  # paths as absolute ones: make, run from another folder, reads the images again
+        absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("images", "aux") if getattr(cfg, k)}
+        write_run_json(out, dataclasses.replace(cfg, **absolute), role, model, durations(t), summary)
         say(console, f"wrote {path}")
     distributed.current().barrier()
     return summary
 
 
+@locks_run_folder
 def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
     """Make into the folder ``cfg.output``: fuse the content run ``cfg.content`` and the style run ``cfg.style``,
     then :func:`b4m.method.stages.make` on the two runs' own images (named in their run.json). ``cfg.train.steps = 0``
@@ -194,12 +232,32 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     s_file, s_run = run_source(cfg.style, "style")
     content, style = load_adapter(c_file), load_adapter(s_file)
     fused = fuse(content, style)  # names what differs when the runs don't match
+    shared = sorted(
+        set(json.loads(content.metadata.get("trigger_words", "[]")))
+        & set(json.loads(style.metadata.get("trigger_words", "[]")))
+    )
+    if shared:
+        warnings.warn(
+            f"the content run and the style run both use the placeholder {', '.join(shared)}: a prompt cannot name "
+            "one without the other (train one of them again with another --placeholder)",
+            stacklevel=2,
+        )
     out = Path(cfg.output)
-    model_name = cfg.model or c_run.get("config", {}).get("model") or ""
+    model_name = cfg.model or c_run.get("config", {}).get("model") or model_of_identity(fused.config.base_model)
     if not model_name:
-        raise B4MError(f"{c_file}: no run.json beside it says which base model to use; pass --model")
+        raise B4MError(
+            f"{c_file}: made with base model {fused.config.base_model!r}, which names no folder or Hub id, and no "
+            "run.json beside it says where it is; pass --model"
+        )
     # The runs' own images, prompts and resolution (from their run.json), checked before the model loads.
     resolution = cfg.resolution or c_run.get("config", {}).get("resolution")
+    s_resolution = s_run.get("config", {}).get("resolution")
+    if cfg.resolution is None and s_resolution != resolution:
+        warnings.warn(
+            f"the content run trained at {resolution or 'the model'}'s resolution, the style run at "
+            f"{s_resolution or 'the model'}'s; make uses the content run's (--resolution sets it)",
+            stacklevel=2,
+        )
     sets_info = []
     warn = _warn_once()
     if make_cfg.steps > 0:
@@ -210,6 +268,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
                 raise B4MError(f"{file}: no run.json beside it names the {role} images and prompt")
             load_image_set(images, prompt, resolution or 16, name=role, warn=warn)
             sets_info.append((role, images, prompt))
+    check_before_loading(model_name, resolution, out)
     out.mkdir(parents=True, exist_ok=True)
 
     model = load_model(model_name, device=cfg.device or default_device(), resolution=resolution)
@@ -223,6 +282,12 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
         encoded[role] = [encode_set(model, image_set, 1.0, True)]
     model.offload_encoders()
     t["cache"] = time.perf_counter()
+    counts = ", ".join(f"{len(sets[0].latents)} {role} images" for role, sets in encoded.items())
+    say(
+        console,
+        f"make: {c_file.parent.name} × {s_file.parent.name}; {make_cfg.steps} steps"
+        + (f" on {counts}" if counts else " (fuse only)"),
+    )
     record = make(
         fused,
         encoded.get("content", []),
@@ -241,6 +306,14 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     if writer:
         path = save_adapter(made, path)
         exports = export_loras(out, "fused", made, cfg, model, console)
+        if cfg.validation.seeds:  # a sample of the made pair: the content's and the style's own prompts
+            prompts = cfg.validation.prompts or [
+                p for p in (c_run.get("config", {}).get("prompt"), s_run.get("config", {}).get("prompt")) if p
+            ]
+            if prompts:
+                validation = dataclasses.replace(cfg.validation, prompts=prompts)
+                with attached(model.denoiser, made):
+                    _validator(model, dataclasses.replace(cfg, validation=validation), out, console)(make_cfg.steps)
     t["end"] = time.perf_counter()
     summary = {
         "adapter": str(path),

@@ -81,6 +81,12 @@ class TrainConfig:
         "step's images), one forward and backward instead of grad_accum; activations of all of them at once.",
     )
     checkpoint_every: int = setting(100, "Checkpoint every N steps.", flag="--checkpoint-every", commands=_STAGES)
+    checkpoint_minutes: float = setting(
+        30.0,
+        "Also checkpoint every N minutes of training; 0 checkpoints by steps only.",
+        flag="--checkpoint-minutes",
+        commands=_STAGES,
+    )
     keep_checkpoints: int = setting(2, "Checkpoints kept, the newest.")
     check_every: int = setting(10, "Steps between loss reads (NaN check, progress bar); no .item() on every step.")
     validate_every: int = setting(
@@ -115,6 +121,8 @@ class TrainConfig:
             self.max_grad_norm = 0.0
         if not self.max_grad_norm >= 0:  # also catches NaN
             raise B4MError(f"max_grad_norm must be at least 0 (0: no clipping), got {self.max_grad_norm}")
+        if not 0 <= self.checkpoint_minutes < float("inf"):  # also catches NaN
+            raise B4MError(f"checkpoint_minutes must be at least 0 (0: by steps only), got {self.checkpoint_minutes}")
         if self.validate_every < 0:
             raise B4MError(f"validate_every must be at least 0 (0: no validation images), got {self.validate_every}")
         for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +40,19 @@ from ..adapter.config import PLPConfig
 from ..adapter.optim import create_optimizer
 from ..adapter.walker import plp_layers, routing
 from ..cuda_graphs import GraphedMicroStep
-from ..errors import B4MError, DivergedError
+from ..errors import B4MError, DivergedError, Interrupted
 from ..models.base import Conditioning, DiffusionModel
 from . import distributed
-from .checkpoint import checkpoint_dir, fingerprint, latest_checkpoint, prune, restore, save_checkpoint
+from .checkpoint import (
+    Stopper,
+    checkpoint_dir,
+    clean_leftovers,
+    fingerprint,
+    latest_checkpoint,
+    prune,
+    resume_from,
+    save_checkpoint,
+)
 from .config import TrainConfig, folded, resolve_precision
 from .objective import Objective
 from .sets import TrainSet
@@ -337,11 +347,10 @@ def train(
     start_step = 0
     run_fingerprint = fingerprint(config, sets, objective)
 
+    if dist.is_main:
+        clean_leftovers(out)  # what a killed checkpoint write left: never resumed from
     if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
-        if ckpt is None:
-            raise B4MError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}")
-        start_step = restore(ckpt, model, optimizer, g, run_fingerprint, objective)
+        start_step = resume_from(out, resume, model, optimizer, g, run_fingerprint, objective)
 
     precision = resolve_precision(config.mixed_precision, model.device)
     scaler = torch.amp.GradScaler(model.device.type) if precision == "fp16" else None
@@ -354,53 +363,84 @@ def train(
     last_good = latest_checkpoint(out)
     last_check = start_step
     first = 0.0
-    for step in range(start_step + 1, config.steps + 1):
-        running += train_step(
-            model, sets, config, optimizer, g, precision=precision, scaler=scaler, objective=objective, graphed=graphed
-        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stopper = Stopper(config.checkpoint_minutes, lambda: last_good)
+    with stopper:
+        for step in range(start_step + 1, config.steps + 1):
+            running += train_step(
+                model,
+                sets,
+                config,
+                optimizer,
+                g,
+                precision=precision,
+                scaler=scaler,
+                objective=objective,
+                graphed=graphed,
+            )
 
-        loss_value = None
-        if step % config.check_every == 0 or step == config.steps or step % config.checkpoint_every == 0:
-            loss_value = running.item() / (step - last_check)  # the one host sync of the loop
-            if not math.isfinite(loss_value):
+            regular = step % config.checkpoint_every == 0 or step == config.steps
+            read = regular or step % config.check_every == 0
+            stop, timed = stopper.poll(step, read, model.device)
+            checkpoint = regular or stop or timed
+            loss_value = None
+            if read or checkpoint:
+                loss_value = running.item() / (step - last_check)  # the one host sync of the loop
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise DivergedError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
-            losses.append((step, loss_value))
-            if writer is not None:
-                writer.add_scalar("loss", loss_value, step)
-                for i, group in enumerate(optimizer.param_groups):
-                    writer.add_scalar(f"lr/group{i}", group["lr"], step)
-            running.zero_()
-            last_check = step
-        checkpoint = step % config.checkpoint_every == 0 or step == config.steps
-        validating = validate is not None and config.validate_every and step % config.validate_every == 0
-        if checkpoint and dist.is_main:
-            state = {
-                "step": step,
-                "generator": g.get_state(),
-                "fingerprint": json.dumps(run_fingerprint, sort_keys=True),
-            }
-            save_checkpoint(out, step, model, plp, role, optimizer, state, objective)
-            prune(out, config.keep_checkpoints)
-        if checkpoint:
-            last_good = checkpoint_dir(out, step)
-        if validating and dist.is_main:
-            validate(step)
-            model.denoiser.train()
-        if checkpoint or validating:
-            dist.barrier()  # the other ranks wait for rank 0's files (a no-op with one process)
-        if step == start_step + 1:
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()  # once, so the warm-up step is timed apart from the steady state
-            first = time.perf_counter() - t0
-        if progress is not None and dist.is_main:
-            progress(step, config.steps, loss_value)
+                if not math.isfinite(loss_value):
+                    raise DivergedError(f"loss became NaN/Inf between steps {last_check + 1} and {step}; {where}")
+                if checkpoint and not all_finite(params):  # a finite loss, then a step to NaN (an lr far too high)
+                    raise DivergedError(f"the trained weights hold NaN/Inf after step {step}; {where}")
+                losses.append((step, loss_value))
+                if writer is not None:
+                    writer.add_scalar("loss", loss_value, step)
+                    for i, group in enumerate(optimizer.param_groups):
+                        writer.add_scalar(f"lr/group{i}", group["lr"], step)
+                running.zero_()
+                last_check = step
+            validating = validate is not None and config.validate_every and step % config.validate_every == 0
+            if checkpoint and dist.is_main:
+                state = {
+                    "step": step,
+                    "generator": g.get_state(),
+                    "fingerprint": json.dumps(run_fingerprint, sort_keys=True),
+                }
+                save_checkpoint(out, step, model, plp, role, optimizer, state, objective)
+                prune(out, config.keep_checkpoints)
+            if checkpoint:
+                last_good = checkpoint_dir(out, step)
+                stopper.checkpointed()
+                # a signal that came while the checkpoint was written: this one is the one to resume from
+                stop = stop or (not dist.enabled and stopper.signum is not None)
+            if validating and dist.is_main and not stop:
+                validate(step)
+                model.denoiser.train()
+            if checkpoint or validating:
+                dist.barrier()  # the other ranks wait for rank 0's files (a no-op with one process)
+            if step == start_step + 1:
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()  # once, so the warm-up step is timed apart from the steady state
+                first = time.perf_counter() - t0
+            if progress is not None and dist.is_main:
+                progress(step, config.steps, loss_value)
+            if stop:
+                if writer is not None:
+                    writer.close()
+                name = signal.Signals(stopper.signum).name
+                raise Interrupted(
+                    f"stopped by {name} after step {step} of {config.steps}; checkpoint {last_good}", stopper.signum
+                )
     if writer is not None:
         writer.close()
     model.denoiser.eval()
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step
     return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
+
+
+def all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every value of ``params`` is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
 def _tensorboard(out: Path):

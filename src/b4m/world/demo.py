@@ -1,53 +1,79 @@
 """``b4m demo``: B4M end to end on the built-in world, scored against ground truth, in a few minutes on a CPU.
 
-A novel content (never rendered in pretraining; default: a teapot) and a novel style (default: sunburst) stand for a
-user's own subject and an artist's style. The demo renders their reference sets and the auxiliary sets, runs the
-content run, the style run and make on the shipped world model, generates every evaluation prompt with several seeds,
-scores the images with the shipped oracle and writes ``report.json`` and ``report.html`` (references, the generated
-grid, the metric table with 95% intervals). For reference it also scores the base model prompted with the same
-placeholder prompts and no adapter (what a user gets without training).
+A novel content (never rendered in pretraining; default: a teapot) and a novel style (default: brick) stand for a
+user's own subject and an artist's style. The demo does what a user does with the commands, into one folder:
+
+- ``references/``: the reference and auxiliary sets rendered as ``b4m world render`` writes them
+  (``content``, ``content-aux``, ``style``, ``style-aux``);
+- ``content/``, ``style/``, ``made/``: the content run, the style run and make, as ``b4m content``, ``b4m style``
+  and ``b4m make`` leave them (adapters, plain LoRA exports, ``run.json``): ``b4m generate <demo>/made "…"`` and
+  every other command take them;
+- ``images/b4m/`` (and ``images/base/``, the base model prompted with the same placeholder prompts and no adapter:
+  what a user gets without training): every evaluation prompt with several seeds, as PNGs that ``b4m world score``
+  reads, and a labelled grid;
+- ``report.json`` (metrics with 95% intervals, per-image scores) and ``report.html`` (references, every image with
+  its scores, the table), scored by the shipped oracle.
+
+The runs are the run-folder stages (:func:`b4m.runs.stages.run_break`, :func:`~b4m.runs.stages.run_make`) with the
+demo's settings spelled out in full, so they train what :func:`b4m.method.stages.run` trains in memory with the same
+:class:`~b4m.method.config.B4MConfig` (``tests/test_method_parity.py``), and the images are sampled with the made
+adapter merged, as before the demo kept its runs.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..adapter.config import PLPConfig
+from ..adapter.file import load_adapter
 from ..errors import B4MError
 from ..files import atomic_path, check_output
 from ..lora_files.factors import applied
 from ..method.config import B4MConfig, MakeConfig
-from ..method.stages import run as run_b4m
 from ..models.base import SampleRequest
-from ..report import interval_text, summarize
+from ..progress import say
+from ..report import image_table, interval_text, summarize
 from ..report import png_data_url as _png
+from ..runs.config import StageConfig, ValidationConfig
+from ..runs.folder import ADAPTER_NAMES
+from ..runs.generate import save_generated
+from ..runs.stages import run_break, run_make
 from ..training.config import TrainConfig
-from ..training.sets import encode_sets
+from . import defaults
 from .catalog import default_catalog
+from .references import SETS, write_set
+from .score import parse_prompt
 from .tasks import METRICS, TaskConfig, make_task, score_images
 
 #: The demo's pass marks: B4M's images must reach these accuracies.
 BARS = {"content": 0.60, "style": 0.60, "prompt": 0.80}
 BINARY = {"content", "style", "content_leak", "style_leak"}
+#: Folder names of the generated images, by method.
+METHODS = {"B4M": "b4m", "base model, no adapter": "base"}
+#: How much larger world images are shown in the report and grids (nearest neighbours).
+UPSCALE = 4
 
 
 @dataclass
 class DemoConfig:
     content: str = "teapot"
     style: str = "brick"
-    steps: int = 60  # content run and style run, each
-    make_steps: int = 40
-    lr: float = 5e-3
+    # The world's training defaults (b4m.world.defaults: what b4m content/style/make use on the world by default).
+    steps: int = defaults.BREAK_STEPS  # content run and style run, each
+    make_steps: int = defaults.MAKE_STEPS
+    lr: float = defaults.LR  # make: half of it
     up_lr_ratio: float = 1.0  # lr of the up half (B: the content half) over the down half's, in the two runs
-    rank: int = 64  # the paper's; at 16 the content run barely learns (bench/results/demo-sweep-h100-2026-11-24.json)
-    batch_size: int = 2  # images per set per step
+    rank: int = defaults.RANK  # the paper's; at 16 the content run barely learns (bench/results/demo-sweep-…)
+    batch_size: int = defaults.BATCH_SIZE  # images per set per step
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     prompts: int = 4
     sample_steps: int = 25
@@ -78,52 +104,123 @@ class DemoConfig:
         return B4MConfig(adapter=PLPConfig(rank=self.rank, seed=self.seed), train=train, make=make)
 
 
+def stage_configs(config: B4MConfig, task, out: Path, device: str) -> dict[str, StageConfig]:
+    """The run folders' settings, every B4M setting given in full (none left to the stages' defaults): the content
+    run and the style run on ``out/references``, make on the two runs."""
+    refs = out / "references"
+    words = {"content": task.config.content_word, "style": task.config.style_word}
+    captions = {"content": task.content_refs.captions, "style": task.style_refs.captions}
+    cfgs = {
+        role: StageConfig(
+            model="world",
+            images=str(refs / role),
+            aux=str(refs / f"{role}-aux"),
+            prompt=captions[role][0],
+            placeholder=words[role],
+            output=str(out / role),
+            device=device,
+            adapter=config.adapter,
+            train=config.train,
+            validation=ValidationConfig(seeds=[]),
+        )
+        for role in ("content", "style")
+    }
+    cfgs["make"] = StageConfig(
+        model="world",
+        content=str(out / "content"),
+        style=str(out / "style"),
+        output=str(out / "made"),
+        device=device,
+        train=config.make.loop_config(),
+        style_weight=config.make.style_weight,
+    )
+    return cfgs
+
+
+class _Stages:
+    """A line per stage with the seconds since the demo started, and the seconds each stage took."""
+
+    def __init__(self, console) -> None:
+        self.console, self.t0, self.seconds, self._open = console, time.perf_counter(), {}, None
+
+    def start(self, name: str, text: str) -> None:
+        self.done()
+        now = time.perf_counter()
+        self._open = (name, now)
+        say(self.console, f"[{now - self.t0:5.0f} s] {text}")
+
+    def done(self) -> None:
+        if self._open:
+            name, started = self._open
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            self._open = None
+
+
 def _summary(scores: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return summarize(scores, METRICS, BINARY)
 
 
-def _table_rows(report: dict) -> list[tuple[str, str, list[str]]]:
-    rows = []
-    for method, summary in report["metrics"].items():
-        cells = [interval_text(summary[k]) for k in METRICS]
-        rows.append((method, method, cells))
-    return rows
+def _note(scores: dict[str, list[float]], i: int) -> tuple[str, str]:
+    """The short score under image ``i`` and its longer tooltip."""
+
+    def mark(k: str) -> str:
+        return "✓" if scores[k][i] else "✗"
+
+    note = f"content {mark('content')} style {mark('style')} layout {round(scores['prompt'][i] * 3)}/3"
+    title = (
+        f"content leak {scores['content_leak'][i]:.0f}, style leak {scores['style_leak'][i]:.0f}, "
+        f"content cos {scores['content_cos'][i]:.2f}, style cos {scores['style_cos'][i]:.2f}"
+    )
+    return note, title
 
 
 def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
-    """The report as one self-contained HTML page."""
+    """The report as one self-contained HTML page: references, every generated image with its scores, the table."""
     esc = html.escape
     cfg = report["config"]
-    seeds = len(cfg["seeds"])
+    seeds = cfg["seeds"]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>b4m demo</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:70em}td,th{padding:.3em .8em;text-align:right}"
         "th:first-child,td:first-child{text-align:left}table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}"
-        "img{image-rendering:pixelated}</style>",
+        "img{image-rendering:pixelated}.cells td{text-align:center;vertical-align:top}.small{color:#555;font-size:80%}"
+        "</style>",
         f"<h1>b4m demo: {esc(report['content'])} × {esc(report['style'])}</h1>",
         f"<p>Built-in world, base model <code>{esc(report['model'])}</code>, {esc(report['device'])}, "
         f"{report['seconds']['total']:.0f} s in all. Content and style are novel: pretraining never rendered "
-        "them.</p>",
+        "them. The run folders (<code>content</code>, <code>style</code>, <code>made</code>) and the images "
+        "(<code>images/</code>) are beside this page.</p>",
         "<h2>References</h2><p>Content (in the plain look, captioned with <code>sks</code>):</p>",
-        f"<img src='{_png(images['content_refs'], 8)}'>",
+        f"<img src='{_png(images['content_refs'], 8, UPSCALE)}'>",
         "<p>Style (on known contents, captioned with <code>zwx</code>):</p>",
-        f"<img src='{_png(images['style_refs'], 8)}'>",
-        "<h2>Generated</h2><p>One row per prompt, one column per seed.</p>",
+        f"<img src='{_png(images['style_refs'], 8, UPSCALE)}'>",
+        "<h2>Generated</h2><p>One row per prompt, one column per seed; under each image the oracle's reading "
+        "(content, style, and how many of position, size and background match the prompt; hover for leakage and "
+        "cosines).</p>",
     ]
-    for method, arr in images.items():
-        if method in ("content_refs", "style_refs"):
-            continue
-        parts.append(f"<h3>{esc(method)}</h3><img src='{_png(arr, seeds)}'><ol>")
-        parts += [f"<li><code>{esc(p)}</code></li>" for p in report["prompts"]]
-        parts.append("</ol>")
+    for method, per_image in report["per_image"].items():
+        notes = [_note(per_image, i) for i in range(len(per_image["content"]))]
+        parts.append(f"<h3>{esc(method)}</h3>")
+        parts.append(
+            image_table(
+                images[method],
+                len(seeds),
+                row_labels=report["prompts"],
+                column_labels=[f"seed {s}" for s in seeds],
+                notes=[n for n, _ in notes],
+                titles=[t for _, t in notes],
+                scale=UPSCALE,
+            )
+        )
     parts.append("<h2>Scores</h2><p>Oracle accuracy (content, style; prompt = mean of position, size, background), ")
     parts.append(
         "leakage, and cosine of oracle embeddings with the references; 95% intervals.</p><table><tr><th></th>"
     )
     parts += [f"<th>{esc(k)}</th>" for k in METRICS]
     parts.append("</tr>")
-    for _, method, cells in _table_rows(report):
-        parts.append(f"<tr><td>{esc(method)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    for method, summary in report["metrics"].items():
+        cells = "".join(f"<td>{interval_text(summary[k])}</td>" for k in METRICS)
+        parts.append(f"<tr><td>{esc(method)}</td>{cells}</tr>")
     verdict = "passed" if report["passed"] else "did not pass"
     bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in BARS.items())
     parts.append(f"</table><p>B4M {verdict} the bars ({bars}).</p>")
@@ -131,8 +228,14 @@ def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
         tmp.write_text("\n".join(parts))
 
 
-def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=None, model=None, oracle=None) -> dict:
-    """Run the demo; returns the report (also written to ``out/report.json`` and ``out/report.html``)."""
+def _run_info(summary: dict) -> dict:
+    train = summary.get("train") or {}
+    return {**train, "final_loss": summary.get("final_loss"), "adapter": summary["adapter"]}
+
+
+def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=None, oracle=None) -> dict:
+    """Run the demo into the folder ``out`` (its run folders and images are replaced); returns the report (also
+    written to ``out/report.json`` and ``out/report.html``)."""
     from ..device import default_device
     from ..loading import load_model
     from .weights import load_shipped_oracle
@@ -151,38 +254,64 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
     catalog.style(config.style)
     out = Path(out)
     check_output(out, folder=True)
-    out.mkdir(parents=True, exist_ok=True)
-    say = console.print if console else (lambda *a, **k: None)
-    t0 = time.perf_counter()
     device = default_device()
-    model = model or load_model("world", device=device)
-    oracle = oracle or load_shipped_oracle("a", device=device)
+    model = load_model("world", device=device)
     task = make_task(
         catalog, config.content, config.style, model.resolution, TaskConfig(prompts=config.prompts, seed=config.seed)
     )
-    say(f"[bold]b4m demo[/]: content {config.content}, style {config.style} (both novel), {device}")
+    cfgs = stage_configs(b4m_config, task, out.resolve(), device)  # run.json names folders from anywhere
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(console)
+    say(console, f"b4m demo: content {config.content}, style {config.style} (both novel), {device}, into {out}")
 
-    with torch.no_grad():
-        content_sets = encode_sets(model, task.content_refs, task.content_aux)
-        style_sets = encode_sets(model, task.style_refs, task.style_aux)
-    t_data = time.perf_counter()
-    say(f"content run and style run: {config.steps} steps each; make: {config.make_steps} steps")
-    result = run_b4m(content_sets, style_sets, model, b4m_config, out / "runs")
-    t_train = time.perf_counter()
+    stages.start("references", f"rendering references into {out / 'references'}")
+    shutil.rmtree(out / "references", ignore_errors=True)
+    for name in SETS:
+        write_set(task, name, out / "references" / name)
+    runs = {}
+    for role in ("content", "style"):
+        stages.start(role, f"{role} run: {config.steps} steps into {out / role}")
+        runs[role] = run_break(role, cfgs[role], overwrite=True, console=console)
+    stages.start("make", f"make: {config.make_steps} steps into {out / 'made'}")
+    runs["make"] = run_make(cfgs["make"], overwrite=True, console=console)
 
     guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
     request = SampleRequest(task.prompts, list(config.seeds), steps=config.sample_steps, guidance_scale=guidance)
-    scenes = [s for s in task.scenes for _ in config.seeds]
+    methods = [m for m in METHODS if config.baseline or m == "B4M"]
+    count = len(task.prompts) * len(config.seeds)
+    stages.start("generate", f"generating {count} images each ({', '.join(methods)}), {config.sample_steps} steps")
+    made_file = out / "made" / ADAPTER_NAMES["fused"]
+    made = load_adapter(made_file)
     generated: dict[str, np.ndarray] = {}
-    with applied(model.denoiser, result.made.adapter.factors()):
+    with applied(model.denoiser, made.factors()):
         generated["B4M"] = model.sample_arrays(request)
     if config.baseline:
         generated["base model, no adapter"] = model.sample_arrays(request)
-    t_gen = time.perf_counter()
+    scenes = [parse_prompt(p, catalog) for p in task.prompts]
+    for method, arrays in generated.items():
+        settings = {
+            "adapter": str(made_file) if method == "B4M" else None,
+            "model": model.identity,
+            "steps": config.sample_steps,
+            "guidance_scale": guidance,
+            "merged": True,
+        }
+        pictures = [Image.fromarray(a) for a in arrays]
+        folder = out / "images" / METHODS[method]
+        shutil.rmtree(folder, ignore_errors=True)
+        save_generated(
+            pictures, task.prompts, list(config.seeds), folder, settings, grid_upscale=UPSCALE, scenes=scenes
+        )
+        say(console, f"{method}: images and grid.png (a row per prompt, a column per seed) in {folder}")
 
-    scores = {m: score_images(oracle, imgs, scenes, task) for m, imgs in generated.items()}
+    stages.start("score", "scoring with the shipped oracle a")
+    oracle = oracle or load_shipped_oracle("a", device=device)
+    eval_scenes = [s for s in task.scenes for _ in config.seeds]
+    scores = {m: score_images(oracle, imgs, eval_scenes, task) for m, imgs in generated.items()}
     metrics = {m: _summary(s) for m, s in scores.items()}
     passed = all(metrics["B4M"][k]["mean"] >= v for k, v in BARS.items())
+    stages.done()
+    seconds = {**stages.seconds, "total": round(time.perf_counter() - stages.t0, 1)}
     report = {
         "content": config.content,
         "style": config.style,
@@ -194,16 +323,17 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
         "per_image": scores,
         "bars": BARS,
         "passed": passed,
-        "seconds": {
-            "data": round(t_data - t0, 1),
-            "train": round(t_train - t_data, 1),
-            "generate": round(t_gen - t_train, 1),
-            "total": round(time.perf_counter() - t0, 1),
+        "seconds": seconds,
+        "runs": {
+            "references": str(out / "references"),
+            **{k: str(Path(v["adapter"]).parent) for k, v in runs.items()},
         },
-        "train": result.info,
+        "images": {m: str(out / "images" / METHODS[m]) for m in generated},
+        "train": {k: _run_info(v) for k, v in runs.items()},
     }
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1, default=str))
     images = {"content_refs": task.content_refs.images, "style_refs": task.style_refs.images, **generated}
     write_html(report, images, out / "report.html")
+    say(console, f"[{seconds['total']:5.0f} s] wrote {out / 'report.html'}")
     return report

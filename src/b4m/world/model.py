@@ -256,12 +256,20 @@ def _half(state: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "world") -> WorldModel:
-    folder = Path(folder)
-    config_file = folder / "world_model.json"
+def read_world_config(folder: str | Path) -> WorldModelConfig:
+    """The config of the world model in ``folder`` (its ``world_model.json``; no weights are read)."""
+    config_file = Path(folder) / "world_model.json"
     if not config_file.exists():
         raise B4MError(f"{folder}: not a world model folder (no world_model.json)")
-    config = WorldModelConfig(**json.loads(config_file.read_text()))
+    try:
+        return WorldModelConfig(**json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise B4MError(f"{config_file}: not a world model config ({first_line(e)})") from None
+
+
+def load_world_model(folder: str | Path, device: str = "cpu", identity: str = "world") -> WorldModel:
+    folder = Path(folder)
+    config = read_world_config(folder)
     model = WorldModel(config, Vocab.load(folder / "vocab.json"), identity)
     for module, name in ((model.denoiser, "unet"), (model.text_encoder, "text_encoder")):
         _load_weights(module, folder, name)

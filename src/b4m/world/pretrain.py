@@ -319,7 +319,8 @@ def _save_checkpoint(
     }
     try:
         torch.save(state, tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's short write is a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise B4MError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is kept") from e
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise B4MError(f"{path}: could not write the checkpoint ({why}); the previous one is kept") from e
     shutil.move(tmp, path)

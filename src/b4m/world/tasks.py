@@ -62,6 +62,9 @@ class Task:
     scenes: list[Scene]  # evaluation scenes: the content in the style
     prompts: list[str]  # one per scene, with the placeholders
     style_ref_contents: list[str] = field(default_factory=list)  # the known contents the style references show
+    # The scenes of the rendered sets: "content" and "style" (the references), "content-aux" and "style-aux" (one
+    # list per auxiliary set), in the order of the images.
+    set_scenes: dict[str, list] = field(default_factory=dict)
 
     @property
     def word_prompts(self) -> list[str]:
@@ -96,16 +99,19 @@ def make_task(catalog: Catalog, content: str, style: str, resolution: int, confi
     s_caps = [caption(s, template=0, style_word=sw, catalog=catalog) for s in s_scenes]
 
     content_aux, style_aux = [], []
+    aux_scenes: dict[str, list[list[Scene]]] = {"content-aux": [], "style-aux": []}
     for i in range(config.aux_sets):
         # content run: other looks (one known style per set, over several known contents)
         look = known_s[int(rng.integers(len(known_s)))]
         scenes = [layout_scene(rng, catalog, str(rng.choice(known_c)), look, large) for _ in range(config.aux_size)]
+        aux_scenes["content-aux"].append(scenes)
         content_aux.append(
             _image_set(f"aux-style-{look}", scenes, [caption(s, template=0) for s in scenes], catalog, resolution)
         )
         # style run: other objects in the plain look (one known content per set)
         obj = known_c[int(rng.integers(len(known_c)))]
         scenes = [layout_scene(rng, catalog, obj, PLAIN, large) for _ in range(config.aux_size)]
+        aux_scenes["style-aux"].append(scenes)
         style_aux.append(
             _image_set(f"aux-content-{obj}-{i}", scenes, [caption(s, template=0) for s in scenes], catalog, resolution)
         )
@@ -125,6 +131,7 @@ def make_task(catalog: Catalog, content: str, style: str, resolution: int, confi
         scenes=eval_scenes,
         prompts=prompts,
         style_ref_contents=ref_contents,
+        set_scenes={"content": c_scenes, "style": s_scenes, **aux_scenes},
     )
 
 

@@ -109,7 +109,7 @@ def unit_done(out: Path, name: str, label: str) -> bool:
 
 
 def run_or_record(name: str, d: PairData, model, oracle, catalog, config, cache: dict, out: Path) -> Unit | str:
-    """:func:`_run_unit`, or, when a training run of the unit diverges, the error text, recorded in
+    """:func:`run_unit`, or, when a training run of the unit diverges, the error text, recorded in
     ``units/<method>/<pair>.failed.json`` (a diverged method is a result, not a crash: the other units go on, and
     ``--resume`` does not retry it; delete the file to)."""
     try:

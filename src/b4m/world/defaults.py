@@ -1,0 +1,30 @@
+"""The built-in world's training defaults: what ``b4m content``, ``style`` and ``make`` use on the world when no flag
+or file says otherwise (SDXL and SD keep the official B4M settings of the config dataclasses).
+
+The world's 32-px model learns a concept in tens of steps, not a thousand: these are the settings of ``b4m demo``
+(docs/world.md), 60 steps of two images per set at lr 5e-3 for each break run and 40 steps at half that lr for make,
+with every micro-step's images in one batch. Data only (no torch): the command line reads it for its help.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BREAK_STEPS = 60
+MAKE_STEPS = 40
+LR = 5e-3
+BATCH_SIZE = 2
+RANK = 64
+
+#: Per stage, in the TOML layout of :class:`b4m.runs.config.StageConfig`.
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "content": {
+        "adapter": {"rank": RANK},
+        "train": {"steps": BREAK_STEPS, "lr": LR, "batch_size": BATCH_SIZE, "grad_accum": 1},
+    },
+    "style": {
+        "adapter": {"rank": RANK},
+        "train": {"steps": BREAK_STEPS, "lr": LR, "batch_size": BATCH_SIZE, "grad_accum": 1},
+    },
+    "make": {"train": {"steps": MAKE_STEPS, "lr": LR / 2, "batch_size": BATCH_SIZE, "grad_accum": 1}},
+}

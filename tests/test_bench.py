@@ -84,6 +84,21 @@ def test_methods_and_pairs():
     assert quick_config().pair_list() == [("teapot", "sunburst")]
 
 
+def test_the_split_picks_the_pairs_and_refuses_the_other_splits_concepts():
+    dev, test = BenchConfig().pair_list(), BenchConfig(split="test").pair_list()
+    assert len(dev) == 16 and len(test) == 36
+    assert not {n for p in dev for n in p} & {n for p in test for n in p}  # no concept in both
+    with pytest.raises(B4MError, match="star is a test-split concept: the dev split never uses it"):
+        BenchConfig(pairs=[("star", "brick")])
+    with pytest.raises(B4MError, match="brick is a dev-split concept"):
+        BenchConfig(split="test", styles=["brick"])
+    with pytest.raises(B4MError, match="split must be one of dev, test"):
+        BenchConfig(split="val")
+    assert BenchConfig(pairs=[("cat", "zebra")]).pair_list() == [("cat", "zebra")]  # known concepts: any split
+    result = CliRunner().invoke(app, ["bench", "--split", "test", "--pairs", "dog:tartan", "-o", "unused"])
+    assert isinstance(result.exception, B4MError) and "dog is a dev-split concept" in str(result.exception)
+
+
 def test_ablations_change_one_setting():
     config = quick_config()
     base = variant_config("b4m", config)

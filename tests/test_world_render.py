@@ -54,8 +54,11 @@ def _erode(m: np.ndarray) -> np.ndarray:
 
 def test_shipped_catalog(cat):
     assert len(cat.contents) >= 28 and len(cat.styles) >= 28
-    assert len(cat.novel_contents) == 4 and len(cat.novel_styles) == 4
-    assert len(cat.known_contents) >= 24 and len(cat.known_styles) >= 24
+    # The dev split (every setting is chosen on it) and the test split (the reported table): docs/world.md.
+    assert [c.name for c in cat.novel_contents_of("dev")] == ["dog", "butterfly", "teapot", "snowman"]
+    assert [s.name for s in cat.novel_styles_of("dev")] == ["vortex", "brick", "sunburst", "mosaic"]
+    assert len(cat.novel_contents_of("test")) == 6 and len(cat.novel_styles_of("test")) == 6
+    assert len(cat.known_contents) >= 20 and len(cat.known_styles) >= 20
     plain = cat.style("plain")
     assert (plain.pattern.type, plain.effects, plain.novel) == ("flat", (), False)
     assert len(cat.positions) >= 5 and len(cat.sizes) >= 2 and len(cat.backgrounds) >= 6
@@ -321,3 +324,24 @@ def test_vocab(cat, tmp_path):
         assert not set(words) & set(PLACEHOLDERS), text
         assert vocab.unk_id not in vocab.encode(text), text
     assert all(set(controlled(t)) >= {"content", "style"} for t in TEMPLATES)
+
+
+def test_the_test_split_follows_its_written_rule(cat):
+    """docs/world.md: test contents are the first six of every fourth non-dev content from the fourth; test styles
+    are every non-dev style whose fill pattern no other style uses."""
+    others = [c.name for c in cat.contents if c.split != "dev"]
+    assert [c.name for c in cat.novel_contents_of("test")] == others[3::4][:6]
+    patterns = Counter(s.pattern.type for s in cat.styles)
+    unique = [s.name for s in cat.styles if s.split != "dev" and patterns[s.pattern.type] == 1]
+    assert [s.name for s in cat.novel_styles_of("test")] == unique
+
+
+def test_novel_accepts_a_split_and_refuses_others(tmp_path):
+    path = tmp_path / "mine.toml"
+    kite = '[[content]]\nname = "kite"\nparts = [{ type = "circle", center = [0, 0], radius = 0.5 }]\n'
+    for value, split in (('"test"', "test"), ("true", "dev"), ("false", "")):
+        path.write_text(f'extends = "builtin"\n{kite}novel = {value}\n')
+        assert load_catalog(path).content("kite").split == split
+    path.write_text(f'extends = "builtin"\n{kite}novel = "val"\n')
+    with pytest.raises(B4MError, match='novel must be true, false, "dev" or "test"'):
+        load_catalog(path)

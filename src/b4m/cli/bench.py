@@ -21,8 +21,16 @@ def bench(
     pairs: Annotated[
         str | None, typer.Option(help="Content-style pairs, e.g. teapot:sunburst,dog:brick (overrides the lists).")
     ] = None,
-    contents: Annotated[str | None, typer.Option(help="Comma-separated contents (default: the 4 novel ones).")] = None,
-    styles: Annotated[str | None, typer.Option(help="Comma-separated styles (default: the 4 novel ones).")] = None,
+    split: Annotated[
+        str,
+        typer.Option(help="dev: the pairs every setting is chosen on (4 × 4); test: the reported table's (6 × 6)."),
+    ] = "dev",
+    contents: Annotated[
+        str | None, typer.Option(help="Comma-separated contents (default: the split's novel ones).")
+    ] = None,
+    styles: Annotated[
+        str | None, typer.Option(help="Comma-separated styles (default: the split's novel ones).")
+    ] = None,
     prompts: Annotated[int | None, typer.Option(help="Evaluation prompts per pair (default 4).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Sampling seeds per prompt (default 4).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="The CI preset: 1 pair, 1 prompt, 1 seed, 2 steps.")] = False,
@@ -63,6 +71,7 @@ def bench(
             console.print(f"{name:22s} {variant.summary}", highlight=False, soft_wrap=True)
         return
     given = {
+        "split": split,
         "methods": methods,
         "prompts": prompts,
         "seeds": seeds,

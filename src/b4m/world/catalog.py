@@ -45,6 +45,7 @@ __all__ = [
     "PATTERNS",
     "PLACEHOLDERS",
     "PRIMITIVES",
+    "SPLITS",
     "Background",
     "Catalog",
     "Content",
@@ -122,6 +123,14 @@ class Catalog:
         """Contents held out of pretraining (stand-ins for the user's own subject)."""
         return [c for c in self.contents if c.novel]
 
+    def novel_contents_of(self, split: str) -> list[Content]:
+        """The novel contents of one split (``dev`` or ``test``), in catalog order."""
+        return [c for c in self.novel_contents if c.split == _check_split(split)]
+
+    def novel_styles_of(self, split: str) -> list[Style]:
+        """The novel styles of one split (``dev`` or ``test``), in catalog order."""
+        return [s for s in self.novel_styles if s.split == _check_split(split)]
+
     @property
     def known_styles(self) -> list[Style]:
         """Styles that pretraining renders."""
@@ -131,6 +140,12 @@ class Catalog:
     def novel_styles(self) -> list[Style]:
         """Styles held out of pretraining (stand-ins for an artist's own style)."""
         return [s for s in self.styles if s.novel]
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise B4MError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+    return split
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,6 +324,21 @@ def _bool(value: Any, what: str) -> bool:
     return value
 
 
+#: The splits of novel entries: ``dev`` (every setting is chosen on it) and ``test`` (only the reported table).
+SPLITS = ("dev", "test")
+
+
+def _split(value: Any) -> str:
+    """``novel = true | "dev" | "test" | false`` as the entry's split ("" for a known entry; true means dev)."""
+    if value is True:
+        return "dev"
+    if value is False:
+        return ""
+    if value in SPLITS:
+        return value
+    raise _Bad(f'novel must be true, false, "dev" or "test" (got {value!r})')
+
+
 def _num(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _Bad(f"{what} must be a number (got {value!r})")
@@ -371,7 +401,8 @@ def _content(entry: dict[str, Any], colors: dict[str, RGB]) -> Content:
     if parts[0].subtract:
         raise _Bad("the first part must add, not subtract")
     color = _color(entry.get("color", "#808080"), colors)
-    return Content(name, parts, color, _bool(entry.get("novel", False), "novel"))
+    split = _split(entry.get("novel", False))
+    return Content(name, parts, color, bool(split), split)
 
 
 def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tuple[RGB, ...]]) -> Style:
@@ -408,8 +439,8 @@ def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tu
             raise _Bad(f"unknown effect {got!r} (known: {', '.join(EFFECTS)})")
         given = {k: v for k, v in e.items() if k != "type"}
         effects.append(Effect(e["type"], _params(EFFECTS[e["type"]], given, f"effect {e['type']}", colors)))
-    novel = _bool(entry.get("novel", False), "novel")
-    return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), novel)
+    split = _split(entry.get("novel", False))
+    return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), bool(split), split)
 
 
 def _position(entry: dict[str, Any]) -> Position:

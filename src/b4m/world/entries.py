@@ -107,6 +107,7 @@ class Content:
     parts: list[Part]
     color: RGB
     novel: bool = False
+    split: str = ""  # a novel entry's split: "dev" or "test" (docs/world.md)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Style:
     outline_color: RGB
     effects: tuple[Effect, ...] = ()
     novel: bool = False
+    split: str = ""  # a novel entry's split: "dev" or "test" (docs/world.md)
 
 
 @dataclass(frozen=True)

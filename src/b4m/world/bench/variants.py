@@ -12,6 +12,7 @@ from ...errors import B4MError
 from ...nested import deep_merge
 from ...training.config import PRECISIONS
 from ...training.sets import TrainSet
+from ..catalog import SPLITS, default_catalog
 
 #: Oracle-scored metrics, in report order (b4m.world.tasks.METRICS plus the average of content, style and prompt).
 METRICS: tuple[str, ...] = (
@@ -145,11 +146,14 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 
 @dataclass
 class BenchConfig:
-    """The protocol. Defaults: 4 novel contents × 4 novel styles, 4 prompts, 4 seeds (see docs/benchmarks.md for the
-    step counts' cost and what they give up). ``pairs`` overrides ``contents`` × ``styles``."""
+    """The protocol. Defaults: the dev split's novel contents × novel styles (4 × 4), 4 prompts, 4 seeds (see
+    docs/benchmarks.md for the step counts' cost and what they give up). ``pairs`` overrides ``contents`` ×
+    ``styles``; ``split`` picks the default lists (``test``: 6 × 6, only for the reported table) and refuses a
+    concept of the other split (docs/world.md, "Dev and test split")."""
 
-    contents: list[str] = field(default_factory=lambda: ["dog", "butterfly", "teapot", "snowman"])
-    styles: list[str] = field(default_factory=lambda: ["vortex", "brick", "sunburst", "mosaic"])
+    split: str = "dev"
+    contents: list[str] | None = None  # None: the split's novel contents, in catalog order
+    styles: list[str] | None = None  # None: the split's novel styles
     pairs: list[tuple[str, str]] | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     prompts: int = 4  # evaluation scenes per pair
@@ -177,6 +181,7 @@ class BenchConfig:
         self.methods = resolve_methods(self.methods)
         if self.pairs is not None:
             self.pairs = [tuple(p) for p in self.pairs]
+        self._resolve_split()
         for name in ("prompts", "seeds", "rank", "batch_size", "sample_steps", "refs", "aux_sets", "aux_size"):
             if getattr(self, name) < 1:
                 raise B4MError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -185,6 +190,23 @@ class BenchConfig:
                 raise B4MError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.mixed_precision not in PRECISIONS:
             raise B4MError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+
+    def _resolve_split(self) -> None:
+        """Fill the default lists from the split; refuse a novel concept of the other split."""
+        if self.split not in SPLITS:
+            raise B4MError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        catalog = default_catalog()
+        if self.contents is None:
+            self.contents = [c.name for c in catalog.novel_contents_of(self.split)]
+        if self.styles is None:
+            self.styles = [s.name for s in catalog.novel_styles_of(self.split)]
+        other = {e.name: e.split for e in (*catalog.novel_contents, *catalog.novel_styles) if e.split != self.split}
+        for name in dict.fromkeys(n for pair in self.pair_list() for n in pair):
+            if name in other:
+                raise B4MError(
+                    f"{name} is a {other[name]}-split concept: the {self.split} split never uses it "
+                    f"(--split {other[name]})"
+                )
 
     def pair_list(self) -> list[tuple[str, str]]:
         return list(self.pairs) if self.pairs is not None else [(c, s) for c in self.contents for s in self.styles]

@@ -512,12 +512,15 @@ def test_every_method_runs_the_same_way_and_exports(tmp_path):
         "ziplora": {"lora": LORA, "train": FAST, "merge": {"steps": 2}},
         "blora": {"lora": LORA, "train": FAST},
         "b4m": {"adapter": {"rank": 4}, "train": FAST, "make": {"steps": 1, "grad_accum": 1}},
+        "klora": {"lora": LORA, "train": FAST},
     }
     assert sorted(configs) == sorted(METHODS)
     results = {}
     for name, config in configs.items():
         results[name] = run_method(name, content_sets, style_sets, model, config, out=tmp_path / name, cache=cache)
         assert_untouched(model, before)
+        if name == "klora":  # no single plain LoRA: its two LoRAs and settings (tests/test_klora.py)
+            continue
         path = results[name].save(tmp_path / f"{name}.safetensors")
         loaded = load_with_diffusers(path)
         reference = make_unet(TINY_SD_UNET)
@@ -525,12 +528,12 @@ def test_every_method_runs_the_same_way_and_exports(tmp_path):
         torch.testing.assert_close(outputs(loaded), outputs(reference), **TOL)
         assert results[name].method == name and results[name].info["seconds"] >= 0
 
-    # Stage 1 is shared: ZipLoRA reused direct merge's two LoRAs; B-LoRA and B4M trained their own.
-    assert results["ziplora"].info["content"]["reused"] and results["ziplora"].info["style"]["reused"]
+    # Stage 1 is shared: ZipLoRA and K-LoRA reused direct merge's two LoRAs; B-LoRA and B4M trained their own.
+    for name in ("ziplora", "klora"):
+        assert results[name].info["content"]["reused"] and results[name].info["style"]["reused"]
+        for role in ("content", "style"):
+            assert results[name].parts[role] is results["direct_merge"].parts[role]
     assert sorted(k.split("/")[0] for k in cache) == ["b4m", "b4m", "blora", "blora", "lora", "lora"]
-    for role in ("content", "style"):
-        zip_part, direct_part = results["ziplora"].parts[role], results["direct_merge"].parts[role]
-        assert zip_part is direct_part
 
     # B4M's result is its made adapter; its exported file is that adapter.
     b4m_result = results["b4m"]

@@ -1,4 +1,5 @@
-"""The comparison methods behind one interface, each result a plain LoRA.
+"""The comparison methods behind one interface, each result a plain LoRA (K-LoRA's: two, one chosen per layer and
+sampling step).
 
 ======================  ================================================================  ====================
 name                    method                                                            stage 1 (cacheable)
@@ -7,6 +8,7 @@ name                    method                                                  
 ``direct_merge``        two LoRAs added, ``λc·ΔWc + λs·ΔWs`` (B4M eq. 3)                   plain LoRA per concept
 ``ziplora``             two LoRAs merged with learned per-column coefficients (Shah 2024)  the same LoRAs
 ``blora``               content / style LoRA in two decoder attention blocks (Frenkel 2024) B-LoRA run per concept
+``klora``               content or style LoRA per layer and step by Top-K (Ouyang 2025)   direct merge's LoRAs
 ``b4m``                 break (content run, style run), fuse, make; and its ablations      B4M run per concept
 ======================  ================================================================  ====================
 
@@ -18,7 +20,7 @@ Usage::
     config = method_config("ziplora", {"train": {"steps": 500}, "merge": {"steps": 100}})
     result = run_method("ziplora", content_sets, style_sets, model, config, out="runs/zip", cache=cache)
     result.save("zip_lora.safetensors")          # plain LoRA: pipe.load_lora_weights(...)
-    with applied(model.denoiser, result.factors):
+    with result.applied(model.denoiser):         # factors merged; K-LoRA: its layers, choosing per step
         images = model.sample(request)
 
 ``content_sets`` and ``style_sets`` are cached :class:`~b4m.training.sets.TrainSet` lists
@@ -40,13 +42,14 @@ from ..lora_files.factors import applied
 from ..method.config import B4MConfig
 from ..models.base import DiffusionModel
 from ..training.sets import TrainSet
-from . import b4m, blora, direct_merge, jttrain, ziplora
+from . import b4m, blora, direct_merge, jttrain, klora, ziplora
 from .blora import BLoRAConfig, blora_blocks, blora_targets
 from .common import MethodResult, main_sets, plain_lora
 from .common import method_config as _method_config
 from .direct_merge import DirectMergeConfig, concat_factors
 from .direct_merge import direct_merge as direct_merge_factors
 from .jttrain import JTtrainConfig
+from .klora import KLoRAConfig, KLoRAResult, klora_applied
 from .ziplora import ZipLoRAConfig, ZipLoRALinear, add_ziplora, remove_ziplora, ziplora_merge
 
 
@@ -67,6 +70,7 @@ METHODS: dict[str, Method] = {
         Method("direct_merge", DirectMergeConfig, direct_merge.run, "two LoRAs added with weights (eq. 3)"),
         Method("ziplora", ZipLoRAConfig, ziplora.run, "two LoRAs merged with learned per-column coefficients"),
         Method("blora", BLoRAConfig, blora.run, "content and style LoRAs in two decoder attention blocks"),
+        Method("klora", KLoRAConfig, klora.run, "K-LoRA: the content or the style LoRA per layer and step (Top-K)"),
         Method("b4m", B4MConfig, b4m.run, "B4M: break (content run, style run), fuse, make"),
     )
 }
@@ -107,7 +111,9 @@ def run_method(
 
     Returns:
         A :class:`MethodResult`: ``factors`` (ΔW per module as plain LoRA factors, exportable with ``save``), the
-        PLP ``adapter`` where the result is one, ``parts`` and ``info`` (settings, seconds, losses).
+        PLP ``adapter`` where the result is one, ``parts`` and ``info`` (settings, seconds, losses); sample with it
+        inside ``with result.applied(model.denoiser):`` (K-LoRA, a :class:`KLoRAResult`, has no fixed ΔW: its
+        ``factors`` are empty and ``applied`` attaches its per-step layers).
     """
     method = _method(name)
     if config is None or isinstance(config, dict):
@@ -123,6 +129,8 @@ __all__ = [
     "BLoRAConfig",
     "DirectMergeConfig",
     "JTtrainConfig",
+    "KLoRAConfig",
+    "KLoRAResult",
     "Method",
     "MethodResult",
     "ZipLoRAConfig",
@@ -133,6 +141,7 @@ __all__ = [
     "blora_targets",
     "concat_factors",
     "direct_merge_factors",
+    "klora_applied",
     "main_sets",
     "method_config",
     "plain_lora",

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..adapter.config import DEFAULT_TARGETS, PLPConfig
 from ..adapter.file import AdapterFile
 from ..errors import B4MError
 from ..lora_files import Factors, save_lora
+from ..lora_files.factors import applied as merged
 from ..training.config import TrainConfig
 from ..training.sets import TrainSet
 
@@ -27,7 +30,8 @@ class MethodResult:
     :data:`b4m.lora_files.Factors` interchange type), so :meth:`save` writes a LoRA that diffusers, ComfyUI and A1111
     load with scale 1. ``adapter`` is the PLP adapter the factors come from when there is one (JTtrain, B-LoRA, B4M);
     ``parts`` holds what else the method made (stage-1 adapters, ZipLoRA's merger coefficients); ``info`` the
-    settings, timings and losses.
+    settings, timings and losses. Sampling with the result goes through :meth:`applied`, which a method whose ΔW is
+    not one fixed matrix overrides (K-LoRA: :class:`b4m.baselines.klora.KLoRAResult`).
     """
 
     method: str
@@ -47,6 +51,11 @@ class MethodResult:
 
     def ranks(self) -> dict[str, int]:
         return {name: int(down.shape[0]) for name, (_, down) in self.factors.items()}
+
+    def applied(self, denoiser: nn.Module) -> AbstractContextManager:
+        """The result on ``denoiser`` for sampling inside a ``with`` block, taken off after: ``factors`` merged into
+        the weights (:func:`b4m.lora_files.applied`: the exact original weights come back)."""
+        return merged(denoiser, self.factors)
 
     def save(
         self,

@@ -77,8 +77,15 @@ make = _stage_command(
 
 
 def generate(
-    run: Annotated[str, typer.Argument(help="A run folder (fused, content or style) or a .b4m.safetensors file.")],
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    run: Annotated[
+        str | None,
+        typer.Argument(
+            help="A run folder (fused, content or style) or a .b4m.safetensors file; with --content-lora and "
+            "--style-lora there is none and every argument is a prompt.",
+            show_default=False,
+        ),
+    ] = None,
+    prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for the images and the grid.")] = "out",
     n: Annotated[int, typer.Option("-n", help="Images per prompt (seeds seed … seed+n-1).")] = 4,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
@@ -96,10 +103,12 @@ def generate(
         float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 5 for SD/SDXL).")
     ] = None,
     scheduler: Annotated[str | None, typer.Option(help="euler, euler_a, dpm++, ddim, pndm, unipc.")] = None,
-    scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter.")] = 1.0,
-    content_scale: Annotated[float, typer.Option(help="Multiplier of the content half.")] = 1.0,
-    style_scale: Annotated[float, typer.Option(help="Multiplier of the style half.")] = 1.0,
-    merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (faster sampling).")] = False,
+    scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter (of both LoRAs).")] = 1.0,
+    content_scale: Annotated[float, typer.Option(help="Multiplier of the content half (of --content-lora).")] = 1.0,
+    style_scale: Annotated[float, typer.Option(help="Multiplier of the style half (of --style-lora).")] = 1.0,
+    merge: Annotated[
+        bool, typer.Option(help="Merge the adapter into the weights (faster sampling; --combine sum always does).")
+    ] = False,
     resolution: Annotated[int | None, typer.Option(help="Image size (default: the model's).")] = None,
     upscale: Annotated[
         int, typer.Option(help="Write the images this many times larger (nearest neighbour; e.g. 4 for 32-px ones).")
@@ -107,10 +116,34 @@ def generate(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the images an earlier generate left in the output folder.")
     ] = False,
+    content_lora: Annotated[
+        str | None,
+        typer.Option(
+            help="A plain LoRA file (diffusers/peft or kohya .safetensors) of a subject, combined with --style-lora "
+            "instead of a run; --model is its base model (default: world).",
+            show_default=False,
+        ),
+    ] = None,
+    style_lora: Annotated[
+        str | None,
+        typer.Option(help="A plain LoRA file of a style, combined with --content-lora.", show_default=False),
+    ] = None,
+    combine: Annotated[
+        str,
+        typer.Option(
+            help="How --content-lora and --style-lora combine: k-lora (K-LoRA, Ouyang et al. 2025: per layer and "
+            "sampling step, the LoRA with the larger Top-K sum) or sum (direct merge: the two ΔW added, weighted "
+            "by --content-scale and --style-scale)."
+        ),
+    ] = "k-lora",
 ) -> None:
-    """Generate images with a made (or content/style) adapter; PNG metadata holds prompt, seed and settings."""
+    """Generate images with a made (or content/style) adapter, or with two plain LoRAs combined (--content-lora,
+    --style-lora, --combine); PNG metadata holds prompt, seed and settings."""
     from ..runs.generate import generate as run_generate
 
+    prompts = list(prompts or [])
+    if content_lora is not None or style_lora is not None:  # no run: the first argument is a prompt too
+        prompts, run = ([run] if run is not None else []) + prompts, None
     run_generate(
         run,
         prompts,
@@ -129,5 +162,8 @@ def generate(
         resolution=resolution,
         upscale=upscale,
         overwrite=overwrite,
+        content_lora=content_lora,
+        style_lora=style_lora,
+        combine=combine,
         console=console,
     )

@@ -23,6 +23,7 @@ from ..cuda_graphs import graphed_sampling
 from ..errors import B4MError
 from .base import Conditioning, DiffusionModel, SampleRequest
 from .schedulers import make_scheduler
+from .steps import announcing
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -279,9 +280,10 @@ class DiffusersModel(DiffusionModel):
     # Sampling
 
     def make_sampler(self, name: str | None = None) -> SchedulerMixin:
-        """A fresh sampling scheduler: ``name`` from :data:`~b4m.models.schedulers.SCHEDULERS`, or the model's own."""
+        """A fresh sampling scheduler: ``name`` from :data:`~b4m.models.schedulers.SCHEDULERS`, or the model's own;
+        either announces its steps (:mod:`b4m.models.steps`)."""
         if name is None:
-            return type(self.sampling_scheduler).from_config(self.sampling_scheduler.config)
+            return announcing(type(self.sampling_scheduler).from_config(self.sampling_scheduler.config))
         return make_scheduler(name, self.sampling_scheduler.config)
 
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> DiffusionPipeline:

@@ -1,4 +1,5 @@
-"""Sampling schedulers by short name (``SampleRequest.scheduler``, the CLI's ``--scheduler``)."""
+"""Sampling schedulers by short name (``SampleRequest.scheduler``, the CLI's ``--scheduler``); each announces its steps
+(:mod:`b4m.models.steps`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import B4MError
+from .steps import announcing
 
 #: Short name -> diffusers scheduler class. Every class is built from the base model's own scheduler config, so the
 #: model's noise schedule and prediction type (epsilon or v) carry over.
@@ -38,7 +40,8 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
         config: The base model's scheduler config (any diffusers scheduler's ``.config``).
 
     Returns:
-        A new scheduler instance (schedulers keep per-run state, so each sampling run gets its own).
+        A new scheduler instance (schedulers keep per-run state, so each sampling run gets its own) that announces
+        each step it begins (:func:`b4m.models.steps.announcing`).
 
     Raises:
         B4MError: ``name`` is not a known scheduler.
@@ -50,4 +53,4 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     if "clip_sample" not in config and "clip_sample" in inspect.signature(cls.__init__).parameters:
         # Latents are not in [-1, 1]: a config written for another scheduler must not get DDIM's clipping default.
         overrides["clip_sample"] = False
-    return cls.from_config(config, **overrides)
+    return announcing(cls.from_config(config, **overrides))

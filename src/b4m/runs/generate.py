@@ -1,5 +1,6 @@
-"""``b4m generate``: images with a run's adapter (or any ``.b4m.safetensors`` file), written as PNGs whose metadata
-holds the prompt, the seed and every setting, plus a grid (a row per prompt, a column per seed, labelled).
+"""``b4m generate``: images with a run's adapter (or any ``.b4m.safetensors`` file), or with two plain LoRA files
+combined (``--content-lora A --style-lora B --combine k-lora|sum``: K-LoRA or direct merge), written as PNGs whose
+metadata holds the prompt, the seed and every setting, plus a grid (a row per prompt, a column per seed, labelled).
 
 On the built-in world the metadata also holds the scene a prompt asks for when it parses into one
 (:func:`b4m.world.score.parse_prompt`), and when the run's content and style are catalog concepts (references
@@ -8,6 +9,7 @@ ground truth at the end, as ``b4m world score`` scores a folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Sequence
@@ -17,23 +19,33 @@ import numpy as np
 from PIL import Image
 
 from ..adapter.file import load_adapter
+from ..baselines.direct_merge import direct_merge
+from ..baselines.klora import klora_applied, scaled
 from ..device import default_device
 from ..errors import B4MError
-from ..files import check_output
+from ..files import check_output, load_safetensors
 from ..images import save_grid, save_png, upscaled
-from ..loading import load_model, model_of_identity
+from ..loading import denoiser_config, load_model, model_of_identity
+from ..lora_files import Factors, applied, check_factors_fit, detect_format, load_lora
 from ..method.stages import generate as generate_images
-from ..models.base import SampleRequest
+from ..models.base import DiffusionModel, SampleRequest
 from ..progress import say
+from ..unet_skeleton import unet_skeleton
 from .folder import ADAPTER_NAMES, run_source
 from .stages import check_before_loading
 
 #: The files a generate call writes: ``NN_seedS.png`` per image and the grid.
 GENERATED = re.compile(r"\d+_seed-?\d+\.png|grid\.png")
 
+#: How ``--combine`` puts ``--content-lora`` and ``--style-lora`` together.
+COMBINE = {
+    "k-lora": "K-LoRA: per layer and step, the LoRA whose Top-K sum wins (b4m.baselines.klora)",
+    "sum": "direct merge: content_scale·ΔWc + style_scale·ΔWs, merged into the weights",
+}
+
 
 def generate(
-    adapter_path: str,
+    adapter_path: str | None,
     prompts: list[str],
     *,
     output: str,
@@ -53,13 +65,21 @@ def generate(
     upscale: int = 1,
     score: bool = True,
     overwrite: bool = False,
+    content_lora: str | None = None,
+    style_lora: str | None = None,
+    combine: str = "k-lora",
     console=None,
 ) -> list[Path]:
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter
     (:func:`b4m.method.stages.generate`); writes PNGs and a grid to ``output``, every image ``upscale`` times larger
     (nearest neighbours; the factor is in the metadata). On the world, ``score`` prints the images' scores when the
     run's concepts are known (:func:`world_scores`). An ``output`` that holds images of an earlier call is refused
-    unless ``overwrite`` (then they are removed first, so two calls' images never mix)."""
+    unless ``overwrite`` (then they are removed first, so two calls' images never mix).
+
+    With ``content_lora`` and ``style_lora`` (plain LoRA files, diffusers/peft or kohya; ``adapter_path`` None)
+    the two LoRAs are combined as ``combine`` says (:data:`COMBINE`) on ``model`` (default: the built-in world),
+    ``scale · content_scale`` and ``scale · style_scale`` weighting each; the files are checked (present, LoRAs,
+    of one base model, fitting the model) before the model loads wherever its config files say its layers."""
     if upscale < 1:
         raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:
@@ -76,20 +96,31 @@ def generate(
             f"{out}: holds {len(earlier)} images of an earlier generate (e.g. {earlier[0]}); --overwrite replaces "
             "them, or choose another -o"
         )
-    p = Path(adapter_path)
-    role = "fused"
-    if p.is_dir():
-        role = next((r for r in ("fused", "content", "style") if (p / ADAPTER_NAMES[r]).exists()), "fused")
-    file, run = run_source(adapter_path, role)
-    adapter = load_adapter(file)
-    model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
-    if not model_name:
-        raise B4MError(
-            f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
-            "run.json beside it says where it is; pass --model"
-        )
+    pair = content_lora is not None or style_lora is not None
+    if pair:
+        paths = lora_pair(content_lora, style_lora, combine, merge=merge, run=adapter_path)
+        model_name = model or "world"
+        loras = read_loras_early(paths, model_name)
+    else:
+        if adapter_path is None:
+            raise B4MError("no run given: a run folder or a .b4m.safetensors file, or --content-lora and --style-lora")
+        p = Path(adapter_path)
+        role = "fused"
+        if p.is_dir():
+            role = next((r for r in ("fused", "content", "style") if (p / ADAPTER_NAMES[r]).exists()), "fused")
+        file, run = run_source(adapter_path, role)
+        adapter = load_adapter(file)
+        model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
+        if not model_name:
+            raise B4MError(
+                f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
+                "run.json beside it says where it is; pass --model"
+            )
     check_before_loading(model_name, resolution, out)
     base = load_model(model_name, device=device or default_device(), resolution=resolution)
+    if pair and loras is None:  # the model's layers were unknown before it loaded (a Hub id, a single file)
+        loras = read_loras(paths, base.denoiser.config)
+        check_loras_fit(loras, paths, base.denoiser, model_name)
     unknown = list(dict.fromkeys(w for prompt in prompts for w in base.unknown_words(prompt)))
     if unknown:
         warnings.warn(
@@ -110,11 +141,7 @@ def generate(
         height=resolution,
         width=resolution,
     )
-    images = generate_images(
-        base, adapter, request, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge
-    )
-    settings = {
-        "adapter": str(file),
+    common = {
         "model": model_name,
         "negative_prompt": negative_prompt,
         "steps": steps,
@@ -123,15 +150,108 @@ def generate(
         "scale": scale,
         "content_scale": content_scale,
         "style_scale": style_scale,
-        "merged": merge,
     }
+    if pair:
+        images, extra = sample_pair(base, loras, request, combine, scale * content_scale, scale * style_scale)
+        settings = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"]), **common, **extra}
+    else:
+        images = generate_images(
+            base, adapter, request, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge
+        )
+        settings = {"adapter": str(file), **common, "merged": merge}
     scenes = world_scenes(base, prompts)
-    paths, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
-    say(console, f"wrote {len(paths)} images and {grid}")
-    if scenes is not None and score:
+    written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
+    say(console, f"wrote {len(written)} images and {grid}")
+    if scenes is not None and score and not pair:
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
-        world_scores(arrays, [scenes[i // n] for i in range(len(images))], paths, file, run, console)
-    return [*paths, grid]
+        world_scores(arrays, [scenes[i // n] for i in range(len(images))], written, file, run, console)
+    return [*written, grid]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two plain LoRA files
+
+
+def lora_pair(
+    content: str | None, style: str | None, combine: str, *, merge: bool = False, run: str | None = None
+) -> dict[str, Path]:
+    """The two files of ``--content-lora`` / ``--style-lora`` after the flags' own checks (one-line errors)."""
+    if combine not in COMBINE:
+        raise B4MError(f"--combine must be one of {', '.join(COMBINE)}, got {combine!r}")
+    if content is None or style is None:
+        flag, path, other = (
+            ("--content-lora", content, "--style-lora") if style is None else ("--style-lora", style, "--content-lora")
+        )
+        raise B4MError(f"{path}: {flag} needs {other} too (--combine {combine} puts two LoRAs together)")
+    if run is not None:
+        raise B4MError(f"{run}: a run and --content-lora/--style-lora exclude each other; give one or the other")
+    if merge and combine == "k-lora":
+        raise B4MError(
+            "--merge folds one fixed ΔW into the weights; K-LoRA's changes per layer and step (--combine sum merges)"
+        )
+    return {"content": Path(content), "style": Path(style)}
+
+
+def read_loras(paths: dict[str, Path], unet_config) -> dict[str, Factors]:
+    """Both files as factors (:func:`b4m.lora_files.load_lora`), refused when they are of different base models:
+    a module the two adapt in different shapes, or different ``ss_base_model_version`` (kohya's metadata)."""
+    loras, bases = {}, {}
+    for role, path in paths.items():
+        loras[role], meta = load_lora(path, unet_config=unet_config)
+        bases[role] = meta.get("ss_base_model_version")
+    c, s = paths["content"], paths["style"]
+    if bases["content"] and bases["style"] and bases["content"] != bases["style"]:
+        raise B4MError(f"{c}, {s}: LoRAs of different base models ({bases['content']} vs {bases['style']})")
+    for name in sorted(set(loras["content"]) & set(loras["style"])):
+        (uc, dc), (us, ds) = loras["content"][name], loras["style"][name]
+        if (uc.shape[0], dc.shape[1]) != (us.shape[0], ds.shape[1]):
+            raise B4MError(
+                f"{c}, {s}: module {name} is {dc.shape[1]}→{uc.shape[0]} in one and {ds.shape[1]}→{us.shape[0]} in "
+                "the other: LoRAs of different base models"
+            )
+    return loras
+
+
+def check_loras_fit(loras: dict[str, Factors], paths: dict[str, Path], denoiser, model_name: str) -> None:
+    """Each LoRA's modules exist in ``denoiser`` in its shapes; the error names the file and the base model."""
+    for role, factors in loras.items():
+        try:
+            check_factors_fit(factors, denoiser, paths[role])
+        except B4MError as e:
+            raise B4MError(f"{e} (base model {model_name}; --model names the LoRA's own)") from None
+
+
+def read_loras_early(paths: dict[str, Path], model_name: str) -> dict[str, Factors] | None:
+    """Before the model loads: both files read and checked against its layers, where its small config files say
+    them (:func:`b4m.loading.denoiser_config`: the world, world and diffusers folders); else only that each file is
+    a LoRA (None: :func:`read_loras` runs once the model is loaded, kohya's SDXL names needing its UNet config)."""
+    found = denoiser_config(model_name)
+    if found is None:
+        for path in paths.values():
+            detect_format(load_safetensors(path)[0], path)
+        return None
+    loras = read_loras(paths, found[0])
+    check_loras_fit(loras, paths, unet_skeleton(found[0]), model_name)
+    return loras
+
+
+def sample_pair(
+    model: DiffusionModel,
+    loras: dict[str, Factors],
+    request: SampleRequest,
+    combine: str,
+    content: float,
+    style: float,
+) -> tuple[list[Image.Image], dict]:
+    """Images with the two LoRAs weighted ``content`` and ``style`` and combined as ``combine`` says; and what the
+    metadata records of it (K-LoRA: its settings and the γ it computed)."""
+    if combine == "sum":
+        with applied(model.denoiser, direct_merge(loras["content"], loras["style"], content, style)):
+            return model.sample(request), {"combine": "sum"}
+    with klora_applied(model.denoiser, scaled(loras["content"], content), scaled(loras["style"], style)) as klora:
+        images = model.sample(request)
+    settings = {**dataclasses.asdict(klora.settings), "beta": klora.settings.beta_value, "gamma": klora.gamma}
+    return images, {"combine": "k-lora", "k_lora": settings}
 
 
 def world_scenes(model, prompts: Sequence[str]) -> list[dict | None] | None:

@@ -16,7 +16,6 @@ from ...adapter.file import load_adapter, save_adapter
 from ...baselines import run_method
 from ...errors import DivergedError
 from ...files import atomic_path
-from ...lora_files.factors import applied
 from ...models.base import SampleRequest
 from ...training.loop import TrainResult
 from ...training.runs import RunRecord
@@ -194,7 +193,7 @@ def run_unit(name: str, d: PairData, model, oracle, catalog, config: BenchConfig
         seconds["standalone"] = reused_seconds
         losses = {k: v["final_loss"] for k, v in result.info.items() if isinstance(v, dict) and "final_loss" in v}
         request = SampleRequest(d.task.prompts, seeds, steps=config.sample_steps, guidance_scale=guidance)
-        with applied(model.denoiser, result.factors):
+        with result.applied(model.denoiser):  # merged factors; K-LoRA attaches its per-step layers
             arr = model.sample_arrays(request)
         t0 = t1
     t2 = time.perf_counter()

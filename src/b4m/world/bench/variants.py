@@ -74,6 +74,7 @@ VARIANTS: dict[str, Variant] = {
         summary="ZipLoRA without the merger-similarity term (reconstruction losses only; a diagnostic)",
     ),
     "blora": Variant("blora", summary="content and style LoRAs in two decoder attention blocks"),
+    "klora": Variant("klora", summary="K-LoRA: direct merge's LoRAs, one per layer and step by Top-K (no training)"),
     "base": Variant("base", summary="lower bound: base model, real names instead of placeholders, no adapter"),
     "renderer": Variant("renderer", summary="upper bound: the renderer's ground truth of each scene"),
     "b4m-no-mcp": Variant("b4m", data="one-to-one", summary="w/o MCP-I: the other concept's references as aux"),
@@ -111,7 +112,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     **_ratio_variants(),
 }
-DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "ziplora", "blora", "base", "renderer")
+DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "klora", "ziplora", "blora", "base", "renderer")
 ABLATIONS: tuple[str, ...] = tuple(n for n in VARIANTS if n.startswith("b4m-"))
 
 

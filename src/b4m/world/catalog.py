@@ -402,7 +402,7 @@ def _content(entry: dict[str, Any], colors: dict[str, RGB]) -> Content:
         raise _Bad("the first part must add, not subtract")
     color = _color(entry.get("color", "#808080"), colors)
     split = _split(entry.get("novel", False))
-    return Content(name, parts, color, bool(split), split)
+    return Content(name, parts, color, split)
 
 
 def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tuple[RGB, ...]]) -> Style:
@@ -440,7 +440,7 @@ def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tu
         given = {k: v for k, v in e.items() if k != "type"}
         effects.append(Effect(e["type"], _params(EFFECTS[e["type"]], given, f"effect {e['type']}", colors)))
     split = _split(entry.get("novel", False))
-    return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), bool(split), split)
+    return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), split)
 
 
 def _position(entry: dict[str, Any]) -> Position:

@@ -106,8 +106,12 @@ class Content:
     name: str
     parts: list[Part]
     color: RGB
-    novel: bool = False
-    split: str = ""  # a novel entry's split: "dev" or "test" (docs/world.md)
+    split: str = ""  # "" for a known entry; a novel one's split: "dev" or "test" (docs/world.md)
+
+    @property
+    def novel(self) -> bool:
+        """Never rendered in pretraining."""
+        return bool(self.split)
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,12 @@ class Style:
     outline: str  # a key of OUTLINE_WIDTHS
     outline_color: RGB
     effects: tuple[Effect, ...] = ()
-    novel: bool = False
-    split: str = ""  # a novel entry's split: "dev" or "test" (docs/world.md)
+    split: str = ""  # "" for a known entry; a novel one's split: "dev" or "test" (docs/world.md)
+
+    @property
+    def novel(self) -> bool:
+        """Never rendered in pretraining."""
+        return bool(self.split)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..errors import B4MError
+from ..errors import B4MError, first_line
 from ..files import atomic_path
 from ..training.config import resolve_precision
 from .captions import caption
@@ -307,7 +306,6 @@ def _resume_key(config: PretrainConfig) -> str:
 def _save_checkpoint(
     path: Path, params, ema: EMAModel, opt, schedule: LambdaLR, g, step: int, config: PretrainConfig
 ) -> None:
-    tmp = path.with_suffix(".tmp")
     state = {
         "params": [p.detach() for p in params],
         "ema": ema.state_dict(),
@@ -317,10 +315,8 @@ def _save_checkpoint(
         "step": step,
         "config": _resume_key(config),
     }
-    try:
-        torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:  # torch.save's short write is a RuntimeError
-        tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise B4MError(f"{path}: could not write the checkpoint ({why}); the previous one is kept") from e
-    shutil.move(tmp, path)
+    try:  # atomic_path: a temporary name, fsynced, renamed; an OSError is already one line naming the file
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as e:  # torch.save's short write (a full disk) says only where it stopped
+        raise B4MError(f"{path}: could not write the checkpoint ({first_line(e)}); the previous one is kept") from e

@@ -142,6 +142,20 @@ def test_ablations_change_one_setting():
     assert variant_config("jttrain", config).train == variant_config("direct_merge", config).train
 
 
+def test_a_speed_preset_reaches_every_training_table_and_nothing_else():
+    fast = quick_config(preset="fast")
+    for name in ("b4m", "jttrain", "ziplora", "blora", "klora"):
+        cfg, plain = variant_config(name, fast), variant_config(name, quick_config())
+        for table in ("train", "make", "merge"):
+            if hasattr(cfg, table):
+                got, base = getattr(cfg, table), getattr(plain, table)
+                assert got.cuda_graphs and got.fused_optimizer and not got.gradient_checkpointing, (name, table)
+                speed = ("cuda_graphs", "fused_optimizer", "fold_accumulation", "gradient_checkpointing")
+                assert dataclasses.replace(got, **{k: getattr(base, k) for k in speed}) == base, (name, table)
+    with pytest.raises(B4MError, match="unknown preset 'turbo'; choose one of fast, low-memory"):
+        quick_config(preset="turbo")
+
+
 def test_variant_sets():
     def ts(name, main, weight=1.0):
         return TrainSet(name, torch.zeros(1, 3, 4, 4), Conditioning(torch.zeros(1, 2, 8)), weight, main)

@@ -49,6 +49,10 @@ def bench(
         str | None,
         typer.Option(help="Training precision: auto (bf16 on a GPU, fp32 on a CPU), no, bf16 or fp16."),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Speed preset of every training run, as in b4m content (fast: CUDA graphs, fused AdamW)."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --output (finished units are not run again).")
     ] = False,
@@ -85,6 +89,7 @@ def bench(
         "rank": rank,
         "seed": seed,
         "mixed_precision": mixed_precision,
+        "preset": preset,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if pairs:

@@ -10,6 +10,7 @@ from typing import Any
 from ...baselines import method_config
 from ...errors import B4MError
 from ...nested import deep_merge
+from ...runs.config import preset_settings
 from ...training.config import PRECISIONS
 from ...training.sets import TrainSet
 from ..catalog import SPLITS, default_catalog
@@ -177,6 +178,9 @@ class BenchConfig:
     # Training precision of every run: auto is bf16 autocast on a GPU and fp32 on a CPU, and that difference can
     # change a unit's scores (docs/benchmarks.md, the ZipLoRA diagnostic); bf16 on a CPU trains as the GPU does.
     mixed_precision: str = "auto"
+    # A speed preset of the commands (b4m.runs.config.PRESETS, e.g. "fast": CUDA graphs, fused AdamW) applied to every
+    # training run; it changes how fast a step runs, not what it computes (up to kernel rounding: docs/benchmarks.md).
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         self.methods = resolve_methods(self.methods)
@@ -191,6 +195,8 @@ class BenchConfig:
                 raise B4MError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.mixed_precision not in PRECISIONS:
             raise B4MError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.preset is not None:
+            preset_settings(self.preset)  # an unknown name: one line listing the known ones
 
     def _resolve_split(self) -> None:
         """Fill the default lists from the split; refuse a novel concept of the other split."""
@@ -224,6 +230,8 @@ class BenchConfig:
             seed=self.seed,
             mixed_precision=self.mixed_precision,
         )
+        speed = preset_settings(self.preset).get("train", {}) if self.preset else {}
+        train.update(speed)
         lora = {"rank": self.rank, "seed": self.seed}
         if method == "b4m":
             make = dict(
@@ -234,6 +242,7 @@ class BenchConfig:
                 checkpoint_every=BIG,
                 keep_checkpoints=1,
                 mixed_precision=self.mixed_precision,
+                **speed,
             )
             return {"adapter": lora, "train": train, "make": make}
         out: dict[str, Any] = {"lora": lora, "train": train}
@@ -243,6 +252,7 @@ class BenchConfig:
                 batch_size=self.batch_size,
                 checkpoint_every=BIG,
                 mixed_precision=self.mixed_precision,
+                **speed,
             )
         return out
 

@@ -607,3 +607,28 @@ def test_routed_make_keeps_the_style_half_out_of_the_content_loss(tmp_path, rout
     b_moved = [not torch.equal(made[n]["up_learned"], fused[n]["up_learned"]) for n in made]
     assert all(b_moved)
     assert not any(d_moved) if routing == "clean" else all(d_moved)
+
+
+def test_a_role_setting_changes_only_that_run(tmp_path):
+    """B4MConfig.content_run: the content run gets its own settings (here a timestep bias), the style run is the
+    one trained without them, bit for bit."""
+    model = ToyModel()
+    content_sets, style_sets = toy_sets(model)
+    base = {"adapter": {"rank": 4}, "train": FAST, "make": {"steps": 0}}
+    plain = run_method("b4m", content_sets, style_sets, model, base, out=tmp_path / "plain")
+    biased_cfg = method_config("b4m", {**base, "content_run": {"timestep_bias": "high-noise"}})
+    assert biased_cfg.break_train("content").timestep_bias == "high-noise"
+    assert biased_cfg.break_train("style") == biased_cfg.train
+    biased = run_method("b4m", content_sets, style_sets, model, biased_cfg, out=tmp_path / "biased")
+    for name, tensors in plain.parts["style"].tensors.items():
+        for key, value in tensors.items():
+            assert torch.equal(value, biased.parts["style"].tensors[name][key]), (name, key)
+    assert any(
+        not torch.equal(value, biased.parts["content"].tensors[name][key])
+        for name, tensors in plain.parts["content"].tensors.items()
+        for key, value in tensors.items()
+    )
+    with pytest.raises(B4MError, match=r"unknown key\(s\) in \[style_run\]: timestep"):
+        method_config("b4m", {"style_run": {"timestep": "low-noise"}})
+    with pytest.raises(B4MError, match="timestep_bias must be one of none, high-noise, low-noise, got 'early'"):
+        method_config("b4m", {"content_run": {"timestep_bias": "early"}})

@@ -117,6 +117,12 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-up-lr16", config).make == base.make  # the break runs only
     assert variant_config("b4m-rank16", config).adapter.rank == 16
     assert variant_config("b4m-make20", config).make.steps == 20
+    assert variant_config("b4m-make100", config).make.steps == 100
+    for role, other in (("content", "style"), ("style", "content")):
+        for level in ("high", "low"):
+            cfg = variant_config(f"b4m-{role}-{level}-noise", config)
+            assert cfg.break_train(role).timestep_bias == f"{level}-noise"
+            assert cfg.break_train(other) == base.train == cfg.train and cfg.make == base.make
     routed = variant_config("b4m-make-routed", config)
     assert routed.make.routing == "clean" and routed.train == base.train and routed.make.steps == base.make.steps
     with pytest.raises(B4MError, match="style_weight must be at least 0, got -1"):

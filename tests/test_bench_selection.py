@@ -18,7 +18,9 @@ def write(tmp_path, lr, steps, averages: dict, failed: dict | None = None, **set
     results = {
         "settings": {"lr": lr, "steps": steps, "methods": list(averages), "pairs": PAIRS, "seed": 0, **settings},
         "summary": {
-            m: {"average": {"mean": a, "low": a - 0.05, "high": a + 0.05}} for m, a in averages.items() if a is not None
+            m: {"average": {"mean": a, "low": a - 0.05, "high": a + 0.05}}
+            for m, a in averages.items()
+            if a is not None
         },
         "failed": failed or {},
         "wall_seconds": {m: {"standalone_seconds_per_pair": steps / 10} for m in averages},

@@ -27,7 +27,7 @@ COMMON_ARGS = [
     *("-m", "m", "-o", "o", "--resolution", "64", "--preset", "low-memory", "--steps", "7", "--batch-size", "2"),
     *("--grad-accum", "3", "--lr", "0.5", "--mixed-precision", "bf16", "--no-gradient-checkpointing"),
     *("--checkpoint-every", "9", "--tensorboard", "--export-format", "kohya", "--export-dtype", "bf16"),
-    *("--checkpoint-minutes", "7.5"),
+    *("--checkpoint-minutes", "7.5", "--timestep-bias", "high-noise"),
 ]
 COMMON_KEYS = {
     "model": "m",
@@ -42,6 +42,7 @@ COMMON_KEYS = {
     "train.gradient_checkpointing": False,  # the flag wins over the preset's True
     "train.checkpoint_every": 9,
     "train.checkpoint_minutes": 7.5,
+    "train.timestep_bias": "high-noise",
     "train.tensorboard": True,
     "export.formats": ["kohya"],
     "export.dtype": "bf16",

@@ -130,6 +130,8 @@ EVERY_SETTING_CHANGED = {
         "fused_optimizer": True,
         "cuda_graphs": True,
         "fold_accumulation": True,
+        "timestep_bias": "low-noise",
+        "timestep_bias_exponent": 2.0,
         "checkpoint_every": 9,
         "checkpoint_minutes": 7.5,
         "keep_checkpoints": 5,

@@ -240,3 +240,25 @@ def test_fold_accumulation_is_one_micro_step_of_all_the_images(tmp_path):
     train(model, plp, toy_sets(model), TrainConfig(**base, batch_size=3, grad_accum=1), tmp_path / "wide")
     want = adapter_state(model)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_timestep_bias_moves_the_noise_levels_and_none_keeps_the_uniform_draws():
+    from b4m.training.loop import draw_timesteps
+
+    T, n = 1000, 40_000
+    uniform = draw_timesteps(n, T, TrainConfig(), torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, T, (n,), generator=torch.Generator().manual_seed(3)))
+    low = draw_timesteps(n, T, TrainConfig(timestep_bias="low-noise"), torch.Generator().manual_seed(3))
+    high = draw_timesteps(n, T, TrainConfig(timestep_bias="high-noise"), torch.Generator().manual_seed(3))
+    for t in (low, high):
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    # u^3 < 1/2 with probability (1/2)^(1/3) = 0.794: the low-noise half gets 79% of the draws, the high-noise half
+    # as much under high-noise; uniform draws split evenly
+    assert abs((low < T // 2).float().mean().item() - 0.5 ** (1 / 3)) < 0.01
+    assert abs((high >= T // 2).float().mean().item() - 0.5 ** (1 / 3)) < 0.01
+    assert abs((uniform < T // 2).float().mean().item() - 0.5) < 0.01
+    squared = TrainConfig(timestep_bias="low-noise", timestep_bias_exponent=2.0)
+    square = draw_timesteps(n, T, squared, torch.Generator())
+    assert abs((square < T // 2).float().mean().item() - 0.5**0.5) < 0.01
+    with pytest.raises(B4MError, match="timestep_bias_exponent must be at least 1, got 0.5"):
+        TrainConfig(timestep_bias_exponent=0.5)

@@ -52,5 +52,22 @@ class B4MConfig:
     adapter: PLPConfig = field(default_factory=PLPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     make: MakeConfig = field(default_factory=MakeConfig)
+    # Settings of the content run (style run) that differ from ``train``, e.g. {"timestep_bias": "high-noise"}
+    # (TOML: a [content_run] table). The commands need none: b4m content and b4m style each take their own settings.
+    content_run: dict[str, Any] = field(default_factory=dict)
+    style_run: dict[str, Any] = field(default_factory=dict)
     content_scale: float = 1.0  # generation-time multipliers of the content and style halves
     style_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for role in ("content", "style"):
+            self.break_train(role)  # unknown keys or bad values: one line now, not after the first run
+
+    def break_train(self, role: str) -> TrainConfig:
+        """The loop settings of the content or style run: ``train`` with that run's own settings over it."""
+        overrides = {"content": self.content_run, "style": self.style_run}[role]
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise B4MError(f"unknown key(s) in [{role}_run]: {', '.join(unknown)}")
+        return dataclasses.replace(self.train, **overrides)

@@ -164,14 +164,16 @@ def run(
     t0 = time.perf_counter()
     records = {}
     for role, sets in (("content", content_sets), ("style", style_sets)):
-        train = break_train_config(role, config.adapter, config.train)
-        key = run_key("b4m", role, sets, model.identity, config.adapter, train)
+        role_train = config.break_train(role)
+        key = run_key(
+            "b4m", role, sets, model.identity, config.adapter, break_train_config(role, config.adapter, role_train)
+        )
         folder = Path(out) / f"b4m-{role}"
         records[role] = memoized(
             memo,
             key,
-            lambda role=role, sets=sets, folder=folder: break_run(
-                role, sets, model, config.adapter, config.train, folder
+            lambda role=role, sets=sets, folder=folder, train=role_train: break_run(
+                role, sets, model, config.adapter, train, folder
             ),
         )
     content, style = records["content"][0], records["style"][0]

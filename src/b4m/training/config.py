@@ -10,6 +10,7 @@ from ..settings import setting
 ROUTINGS = ("clean", "mixed", "none")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+TIMESTEP_BIASES = ("none", "high-noise", "low-noise")
 
 # The commands whose flags set a field (``metadata["commands"]``; b4m.cli builds its options from this metadata).
 _STAGES = ("content", "style", "make")
@@ -80,6 +81,14 @@ class TrainConfig:
         "Draw a step's grad_accum micro-steps as one batch: the same loss (each set's mean over the "
         "step's images), one forward and backward instead of grad_accum; activations of all of them at once.",
     )
+    timestep_bias: str = setting(
+        "none",
+        "Noise levels the run's timesteps favour: none (uniform), high-noise or low-noise (t = (1 - u^k)·T or u^k·T "
+        "for uniform u, k = timestep_bias_exponent: ai-toolkit's content_or_style sampling).",
+        flag="--timestep-bias",
+        commands=_STAGES,
+    )
+    timestep_bias_exponent: float = setting(3.0, "The exponent k of timestep_bias (3: ai-toolkit's cubic).")
     checkpoint_every: int = setting(100, "Checkpoint every N steps.", flag="--checkpoint-every", commands=_STAGES)
     checkpoint_minutes: float = setting(
         30.0,
@@ -109,6 +118,10 @@ class TrainConfig:
             raise B4MError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.mixed_precision not in PRECISIONS:
             raise B4MError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.timestep_bias not in TIMESTEP_BIASES:
+            raise B4MError(f"timestep_bias must be one of {', '.join(TIMESTEP_BIASES)}, got {self.timestep_bias!r}")
+        if not self.timestep_bias_exponent >= 1:  # also catches NaN; below 1 the bias turns the other way
+            raise B4MError(f"timestep_bias_exponent must be at least 1, got {self.timestep_bias_exponent}")
         if not self.up_lr_ratio > 0:
             raise B4MError(f"up_lr_ratio must be > 0, got {self.up_lr_ratio}")
         if not self.lr > 0:

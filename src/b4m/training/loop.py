@@ -119,6 +119,17 @@ class Batch:
     n_main: int
 
 
+def draw_timesteps(n: int, num_train_timesteps: int, config: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """``n`` training timesteps (noise levels 0 … T-1, higher is noisier) from ``g``: uniform, or biased toward
+    high or low noise by ``config.timestep_bias`` (a uniform u mapped to ``(1 - u^k)·T`` or ``u^k·T``)."""
+    if config.timestep_bias == "none":
+        return torch.randint(0, num_train_timesteps, (n,), generator=g)
+    u = torch.rand(n, generator=g, dtype=torch.float64) ** config.timestep_bias_exponent
+    if config.timestep_bias == "high-noise":
+        u = 1.0 - u
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
 def draw_batch(
     model: DiffusionModel,
     sets: list[TrainSet],
@@ -139,7 +150,7 @@ def draw_batch(
     cond = Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
     weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered]).to(device)
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-    timesteps = torch.randint(0, model.num_train_timesteps, (len(latents),), generator=g).to(device)
+    timesteps = draw_timesteps(len(latents), model.num_train_timesteps, config, g).to(device)
     order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
     sources = [i for i in order for _ in range(config.batch_size)]
     dist = distributed.current()

@@ -50,6 +50,20 @@ class Variant:
     summary: str = ""
 
 
+def _timestep_variants() -> dict[str, Variant]:
+    """One break run's timesteps biased toward high or low noise (cubic, ai-toolkit's content_or_style), the other
+    run uniform: content fidelity's lead of issue 16 in both directions (the field disagrees on which)."""
+    return {
+        f"b4m-{role}-{level}-noise": Variant(
+            "b4m",
+            {f"{role}_run": {"timestep_bias": f"{level}-noise"}},
+            summary=f"the {role} runs' timesteps biased toward {level} noise (cubic); the {other} runs uniform",
+        )
+        for role, other in (("content", "style"), ("style", "content"))
+        for level in ("high", "low")
+    }
+
+
 def _ratio_variants() -> dict[str, Variant]:
     out = {
         "b4m-d0": Variant(
@@ -111,6 +125,8 @@ VARIANTS: dict[str, Variant] = {
         {"make": {"style_weight": 1.0}},
         summary="make with the style references weighted 1 like the content's (the paper's; B4M's default is 0.5)",
     ),
+    "b4m-make100": Variant("b4m", {"make": {"steps": 100}}, summary="make with 100 steps instead of 50"),
+    **_timestep_variants(),
     **_ratio_variants(),
 }
 DEFAULT_METHODS: tuple[str, ...] = ("b4m", "jttrain", "direct_merge", "klora", "ziplora", "blora", "base", "renderer")

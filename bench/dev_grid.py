@@ -1,6 +1,6 @@
 """The dev grid's table and each method's chosen setting (the rule: b4m.world.bench.selection).
 
-    python bench/dev_grid.py bench/results/world-v2/dev-grid/* [--json chosen.json]
+python bench/dev_grid.py bench/results/world-v2/dev-grid/* [--json chosen.json]
 """
 
 from __future__ import annotations

@@ -206,6 +206,18 @@ def test_quick_bench_writes_every_method_and_metric(quick):
         assert f"<h3>{m}</h3>" in page
     assert page.count("data:image/png;base64,") >= len(methods) + 2  # references and one grid per method
     assert "renderer" in output and "report:" in output
+    figure = np.asarray(Image.open(out / "figure.png").convert("RGB"))
+    assert figure.shape[0] >= (2 + len(methods)) * 96  # rows: two references and each method, 32 px × 3
+    for m in ("renderer", "b4m"):  # each method's first image is in the figure, upscaled 3× with nearest neighbours
+        tile = np.load(out / "units" / m / "teapot-sunburst.npz")["images"][0].repeat(3, 0).repeat(3, 1)
+        assert _contains(figure, tile), m
+    assert json.loads(Image.open(out / "figure.png").text["b4m"])["prompts"]["teapot-sunburst"]
+
+
+def _contains(big: np.ndarray, tile: np.ndarray) -> bool:
+    h, w = tile.shape[:2]
+    ys, xs = np.nonzero((big[: -h + 1, : -w + 1] == tile[0, 0]).all(-1))
+    return any(np.array_equal(big[y : y + h, x : x + w], tile) for y, x in zip(ys, xs, strict=True))
 
 
 def test_b4m_against_itself_is_exactly_zero(quick):

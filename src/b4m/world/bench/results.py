@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...files import atomic_path
+from ...images import grid_image, save_png
 from ...metrics.stats import paired_bootstrap
 from ...report import html_page, html_table, interval_text, png_data_url, summarize
 from .units import PairData, Unit
@@ -202,3 +203,43 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
         body.append("</table>")
     with atomic_path(path) as tmp:
         tmp.write_text(html_page("b4m bench", body))
+
+
+FIGURE_PAIRS_PER_ROW = 12  # pairs side by side in figure.png before it wraps to another block
+
+
+def write_figure(
+    results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], path: Path, upscale: int = 3
+) -> None:
+    """``figure.png``: one column per pair (its first prompt, seed 0), rows a content reference, a style reference
+    and each scored method; blocks of :data:`FIGURE_PAIRS_PER_ROW` pairs stacked. The prompts and the full grids
+    are in report.html."""
+    from PIL import Image
+
+    methods = [m for m in images if m in results["summary"]]
+    labels = ["content ref", "style ref", *methods]
+    blocks = []
+    for start in range(0, len(data), FIGURE_PAIRS_PER_ROW):
+        chunk = data[start : start + FIGURE_PAIRS_PER_ROW]
+        tiles = [d.task.content_refs.images[0] for d in chunk] + [d.task.style_refs.images[0] for d in chunk]
+        for m in methods:
+            tiles += [images[m][d.label][0] for d in chunk]  # prompt-major, seeds inner: prompt 0, seed 0
+        tiles = [Image.fromarray(np.asarray(t)) for t in tiles]
+        blocks.append(
+            grid_image(
+                tiles,
+                len(chunk),
+                gap=2,
+                upscale=upscale,
+                row_labels=labels,
+                column_labels=[f"{d.content} / {d.style}" for d in chunk],  # the default font has no ×
+            )
+        )
+    width = max(b.width for b in blocks)
+    figure = Image.new("RGB", (width, sum(b.height for b in blocks)), (255, 255, 255))
+    y = 0
+    for block in blocks:
+        figure.paste(block, (0, y))
+        y += block.height
+    prompts = {d.label: d.task.prompts[0] for d in data}
+    save_png(figure, path, {"benchmark": "b4m bench", "commit": results.get("commit"), "prompts": prompts})

@@ -1,8 +1,9 @@
 """Plain LoRA interchange: export any adapter as a LoRA file other tools read, and import such files back.
 
 The interchange type is :data:`Factors` (:mod:`.factors`): ``{module name: (up, down)}`` with module names relative
-to the UNet in diffusers spelling (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``), ``up``
-``m × r``, ``down`` ``r × n`` and ``ΔW = up @ down`` (every scale already folded into ``up``).
+to the denoiser in diffusers spelling (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` in a UNet,
+``transformer_blocks.0.attn.to_q`` in a FLUX.1 transformer), ``up`` ``m × r``, ``down`` ``r × n`` and
+``ΔW = up @ down`` (every scale already folded into ``up``).
 
 Two file formats are written:
 
@@ -19,6 +20,11 @@ Reading also accepts the old diffusers layout (``<module>.lora.down.weight``, ``
 the official B4M repository's ``unet.unet.<module>.lora.down.weight`` keys, and b4m's own older kohya files (SDXL's
 ``lora_unet_add_embedding_linear_*``). Renaming between kohya and diffusers names is done by diffusers' own
 converters; this module only pairs, checks and rescales the tensors.
+
+FLUX.1 transformers (``save_lora(..., family="flux")``; ``load_lora`` tells FLUX files by their keys): the diffusers
+format under ``transformer.`` (``FluxPipeline.load_lora_weights``), and the kohya/BFL naming of sd-scripts and
+ComfyUI (``lora_unet_double_blocks_0_img_attn_qkv``), whose fused qkv / linear1 layers carry block-diagonal factors
+(:mod:`.flux`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ __all__, __getattr__ = lazy_names(
         "factors": "Factors applied apply_factors check_factors check_factors_fit",
         "formats": "EXPORT_DTYPES FORMATS",
         "names": "KOHYA_NAMINGS sgm_module_name",
+        "flux": "FUSED_KEY",
         "read": "detect_format load_lora",
-        "write": "DTYPE_NAMES SAVE_DTYPES dtype_from_name save_lora",
+        "write": "DTYPE_NAMES FAMILIES SAVE_DTYPES dtype_from_name save_lora",
     },
 )

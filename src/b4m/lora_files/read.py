@@ -1,5 +1,6 @@
 """Reading plain LoRA files: diffusers/peft, the old diffusers layout (the official B4M repository's too) and kohya
-(diffusers or SGM naming), renamed by diffusers' own converters into :data:`~b4m.lora_files.factors.Factors`."""
+(diffusers or SGM naming), renamed by diffusers' own converters into :data:`~b4m.lora_files.factors.Factors`; FLUX.1
+files (peft keys under ``transformer.``, kohya/BFL names) through :mod:`.flux`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import B4MError, first_line
 from ..files import load_safetensors
+from . import flux
 from .factors import Factors
 from .names import DIFFUSERS_PARTS, KOHYA_ALIASES, SGM_PARTS, kohya_to_peft, layers_per_block
 from .write import LORA_ADAPTER_METADATA_KEY
@@ -62,8 +64,8 @@ def detect_format(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     )
 
 
-def _unet_tensors(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Drop text-encoder tensors (with a warning) and the ``base_model.model.`` / ``unet.`` prefixes."""
+def _unet_tensors(tensors: dict[str, torch.Tensor], fmt: str, prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """Drop text-encoder tensors (with a warning) and the ``base_model.model.`` / ``unet.`` (``prefix.``) prefixes."""
     out, skipped = {}, 0
     for key, value in tensors.items():
         if key.startswith(_TEXT_ENCODER_PREFIXES):
@@ -71,11 +73,12 @@ def _unet_tensors(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch
             continue
         if fmt != "kohya":
             key = key.removeprefix("base_model.model.")
-            while key.startswith("unet."):  # the official B4M files nest it twice: unet.unet.<module>
-                key = key.removeprefix("unet.")
+            while key.startswith(f"{prefix}."):  # the official B4M files nest it twice: unet.unet.<module>
+                key = key.removeprefix(f"{prefix}.")
         out[key] = value
     if skipped:
-        warnings.warn(f"skipped {skipped} text-encoder LoRA tensors (only the UNet is imported)", stacklevel=3)
+        denoiser = "UNet" if prefix == "unet" else prefix
+        warnings.warn(f"skipped {skipped} text-encoder LoRA tensors (only the {denoiser} is imported)", stacklevel=3)
     return out
 
 
@@ -117,8 +120,9 @@ def _check_pair(base: str, group: dict, path: str | os.PathLike) -> None:
         raise B4MError(f"{path}: {base}: alpha must be a scalar, got shape {tuple(group['alpha'][1].shape)}")
 
 
-def _peft_config(metadata: dict[str, str], path: str | os.PathLike) -> Any:
-    """The peft ``LoraConfig`` diffusers would build from the file's ``lora_adapter_metadata``, if any."""
+def _peft_config(metadata: dict[str, str], path: str | os.PathLike, prefix: str = "unet") -> Any:
+    """The peft ``LoraConfig`` diffusers would build from the file's ``lora_adapter_metadata`` (its ``prefix``
+    component's entries in a pipeline-level layout), if any."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return None
@@ -126,8 +130,8 @@ def _peft_config(metadata: dict[str, str], path: str | os.PathLike) -> Any:
 
     try:
         data = json.loads(raw)
-        if any(k.startswith("unet.") for k in data):  # pipeline-level layout: one dict per component
-            data = {k.removeprefix("unet."): v for k, v in data.items() if k.startswith("unet.")}
+        if any(k.startswith(f"{prefix}.") for k in data):  # pipeline-level layout: one dict per component
+            data = {k.removeprefix(f"{prefix}."): v for k, v in data.items() if k.startswith(f"{prefix}.")}
         elif any(k.startswith("text_encoder") for k in data):
             return None
         return LoraConfig(**data)
@@ -192,7 +196,8 @@ def _to_factors(peft_sd: dict[str, torch.Tensor], expected: int, path: str | os.
 
 
 def load_lora(path: str | os.PathLike, *, unet_config: Any = None) -> tuple[Factors, dict[str, str]]:
-    """Read a plain LoRA file (diffusers/peft, old diffusers, or kohya in diffusers or SGM naming).
+    """Read a plain LoRA file (diffusers/peft, old diffusers, or kohya in diffusers or SGM naming; for FLUX.1, peft
+    keys under ``transformer.`` or kohya/BFL names, told apart from UNet files by their keys).
 
     Args:
         path: A ``.safetensors`` LoRA file.
@@ -201,17 +206,28 @@ def load_lora(path: str | os.PathLike, *, unet_config: Any = None) -> tuple[Fact
     Returns:
         ``(factors, metadata)``: factors keyed by diffusers module name, float32, with alpha/rank folded into
         ``up``; the file's metadata (all strings) without safetensors' ``format`` entry. Text-encoder tensors are
-        skipped with a warning.
+        skipped with a warning. FLUX factors are keyed by ``FluxTransformer2DModel`` module name; a fused BFL layer
+        (``qkv``, ``linear1``) is split into its modules (:func:`b4m.lora_files.flux.kohya_factors`).
 
     Raises:
         B4MError: Unreadable file, NaN/Inf values, no LoRA keys, an up without its down (or the reverse),
-            inconsistent ranks, unsupported LoRA variants or names diffusers cannot map.
+            inconsistent ranks, unsupported LoRA variants, names diffusers cannot map, or names of no FLUX.1 linear
+            layer in a FLUX file.
     """
     tensors, metadata = load_safetensors(path)
     fmt = detect_format(tensors, path)
-    groups = _pair(_unet_tensors(tensors, fmt), fmt, path)
-    peft_config = _peft_config(metadata, path) if fmt == "peft" else None
+    is_flux = flux.is_flux_file(list(tensors), fmt)
+    prefix = flux.PREFIX if is_flux else "unet"
+    groups = _pair(_unet_tensors(tensors, fmt, prefix), fmt, path)
+    peft_config = _peft_config(metadata, path, prefix) if fmt == "peft" else None
     folded = _folded(groups, fmt, peft_config)
+    if is_flux:
+        metadata.pop("format", None)
+        if fmt == "kohya":
+            return flux.kohya_factors(folded, metadata, path), metadata
+        factors = _to_factors(folded, len(groups), path)
+        flux.check_modules(list(factors), path)
+        return factors, metadata
     if fmt == "kohya":
         peft_sd = _kohya_to_peft(folded, unet_config, path)
     else:

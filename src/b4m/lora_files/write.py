@@ -1,4 +1,5 @@
-"""Writing plain LoRA files: the diffusers/peft layout and the kohya layout (ComfyUI, A1111)."""
+"""Writing plain LoRA files: the diffusers/peft layout and the kohya layout (ComfyUI, A1111), for SD/SDXL UNets and
+FLUX.1 transformers (:mod:`.flux`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from ..errors import B4MError, first_line
 from ..files import save_safetensors
+from . import flux
 from .factors import Factors, check_factors
 from .formats import EXPORT_DTYPES, FORMATS, check_dtype_name
 from .names import diffusers_reading, kohya_module_name, layers_per_block, resolve_naming
@@ -26,25 +28,37 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 KOHYA_NETWORK_MODULE = "networks.lora"
+#: Model families ``save_lora`` writes for: SD/SDXL UNets (also ``None``) and FLUX.1 transformers.
+FAMILIES = ("sd", "sdxl", flux.FAMILY)
 
 # diffusers' safetensors metadata entry for the peft LoraConfig kwargs (diffusers.loaders.lora_base).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # Metadata keys the writer owns: values the caller passes under these names are replaced.
-_OWNED_KEYS = ("format", LORA_ADAPTER_METADATA_KEY, "ss_network_dim", "ss_network_alpha", "ss_network_module")
+_OWNED_KEYS = (
+    "format",
+    LORA_ADAPTER_METADATA_KEY,
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_module",
+    flux.FUSED_KEY,
+)
 
 
 def _ranks(factors: Factors) -> dict[str, int]:
     return {name: int(down.shape[0]) for name, (_, down) in factors.items()}
 
 
-def _diffusers_payload(factors: Factors, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """peft keys under ``unet.`` and the adapter metadata diffusers' pipeline-level ``save_lora_weights`` writes."""
+def _diffusers_payload(
+    factors: Factors, dtype: torch.dtype, prefix: str = "unet"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """peft keys under ``prefix.`` (``unet``, FLUX's ``transformer``) and the adapter metadata diffusers'
+    pipeline-level ``save_lora_weights`` writes."""
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
     tensors = {}
     for name, (up, down) in factors.items():
-        tensors[f"unet.{name}.lora_A.weight"] = down.to(dtype)
-        tensors[f"unet.{name}.lora_B.weight"] = up.to(dtype)
+        tensors[f"{prefix}.{name}.lora_A.weight"] = down.to(dtype)
+        tensors[f"{prefix}.{name}.lora_B.weight"] = up.to(dtype)
     ranks = _ranks(factors)
     common = Counter(ranks.values()).most_common(1)[0][0]
     # diffusers' own get_peft_kwargs layout; alpha = rank everywhere so the scale is exactly 1.
@@ -58,7 +72,7 @@ def _diffusers_payload(factors: Factors, dtype: torch.dtype) -> tuple[dict[str, 
         "use_dora": False,
         "lora_bias": False,
     }
-    packed = _pack_dict_with_prefix(lora_kwargs, "unet")
+    packed = _pack_dict_with_prefix(lora_kwargs, prefix)
     return tensors, {LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
 
 
@@ -131,6 +145,7 @@ def save_lora(
     metadata: dict[str, Any] | None = None,
     kohya_naming: str = "auto",
     unet_config: Any = None,
+    family: str | None = None,
 ) -> str | None:
     """Write ``factors`` as a plain LoRA safetensors file (atomically).
 
@@ -142,6 +157,10 @@ def save_lora(
     them with only a logged warning). A module diffusers cannot read from a kohya file in any spelling (e.g. the
     ``class_embedding.linear_*`` of class-conditioned UNets, which comes back as ``add_embedding``) is refused with a
     B4MError naming it and the diffusers format, which carries it, rather than written to a file that loses it.
+
+    With ``family="flux"`` the module names are those of a FLUX.1 transformer (diffusers' ``FluxTransformer2DModel``)
+    and the formats are peft keys under ``transformer.`` (``FluxPipeline.load_lora_weights``) or the kohya/BFL naming
+    of sd-scripts and ComfyUI, whose fused ``qkv``/``linear1`` layers get block-diagonal factors (:mod:`.flux`).
 
     Args:
         factors: ``{module name: (up, down)}`` with ``ΔW = up @ down``.
@@ -155,25 +174,38 @@ def save_lora(
             ``unet_config`` is None: diffusers and ComfyUI read such an SDXL file too, but kohya sd-scripts tools
             expect the SGM layout).
         unet_config: The UNet's config (or the UNet); needed for SGM naming (``layers_per_block``).
+        family: The model family the module names belong to: ``None``, ``"sd"`` or ``"sdxl"`` (a UNet: the naming
+            follows ``kohya_naming`` and ``unet_config``) or ``"flux"`` (a FLUX.1 transformer; ``kohya_naming`` must be
+            ``"auto"`` or ``"bfl"``, ``unet_config`` is not used).
 
     Returns:
         The kohya naming the file was written in, so that callers can say which one ``"auto"`` chose: ``"sgm"``
         (SGM/original SDXL block names, ``lora_unet_input_blocks_4_1_…``) or ``"diffusers"`` (diffusers module
         names, ``lora_unet_down_blocks_1_attentions_0_…``; without ``unet_config`` this is the naming even for an
-        SDXL model, so a CLI should tell that the model's config gives the SGM layout). None for
-        ``format="diffusers"``.
+        SDXL model, so a CLI should tell that the model's config gives the SGM layout), or ``"bfl"`` (FLUX's BFL
+        layer names, ``lora_unet_double_blocks_0_img_attn_qkv``). None for ``format="diffusers"``.
 
     Raises:
         B4MError: Bad arguments, malformed factors, a module without an SGM name, a module diffusers cannot read
-            from a kohya file, or a failed write. Nothing is written then.
+            from a kohya file, a module that is no FLUX.1 linear layer (``family="flux"``), or a failed write.
+            Nothing is written then.
     """
     if format not in FORMATS:
         raise B4MError(f"{path}: format must be one of {FORMATS}, got {format!r}")
     if dtype not in SAVE_DTYPES:
         raise B4MError(f"{path}: dtype must be one of {SAVE_DTYPES}, got {dtype}")
+    if family is not None and family not in FAMILIES:
+        raise B4MError(f"{path}: family must be None or one of {FAMILIES}, got {family!r}")
     check_factors(factors, path)
     naming = None
-    if format == "diffusers":
+    if family == flux.FAMILY:
+        flux.check_modules(list(factors), path)
+        if format == "diffusers":
+            tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)
+        else:
+            naming = flux.resolve_naming(kohya_naming, path)
+            tensors, owned = flux.kohya_payload(factors, dtype, path)
+    elif format == "diffusers":
         tensors, owned = _diffusers_payload(factors, dtype)
     else:
         naming = resolve_naming(kohya_naming, unet_config)

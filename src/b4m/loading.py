@@ -12,7 +12,8 @@ This module sits above both :mod:`b4m.models` and :mod:`b4m.world`, so neither h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,11 @@ def load_model(
     Raises:
         B4MError: The path does not exist, is not a supported model, or loading failed.
     """
+    key = (model, str(device), dtype, variant, identity)
+    if _shared is not None and key in _shared:  # inside shared_models(): the model an earlier stage loaded
+        _shared[key].restore_encoders()
+        _shared[key].use_resolution(resolution)
+        return _shared[key]
     if model in MODEL_LOADERS:
         loaded = MODEL_LOADERS[model](device=device, dtype=dtype, variant=variant, resolution=resolution)
     elif (Path(model) / "world_model.json").is_file():
@@ -134,4 +140,22 @@ def load_model(
         loaded = load_diffusers_model(model, device=device, dtype=dtype, variant=variant, resolution=resolution)
     if identity:
         loaded.identity = identity
+    if _shared is not None:
+        _shared[key] = loaded
     return loaded
+
+
+_shared: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_models() -> Iterator[None]:
+    """Inside the block, :func:`load_model` with the same arguments returns the model it loaded before (its encoders
+    back on its device) instead of loading it again: several stages in one process (``b4m run``) load the base
+    model once. Every stage leaves the model as it found it (adapters taken off), so the next one starts clean."""
+    global _shared
+    outer, _shared = _shared, {} if _shared is None else _shared
+    try:
+        yield
+    finally:
+        _shared = outer

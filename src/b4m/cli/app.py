@@ -48,6 +48,7 @@ app.command("content")(stages.content)
 app.command("style")(stages.style)
 app.command("make")(stages.make)
 app.command("generate")(stages.generate)
+app.command("run")(stages.run)
 app.command("demo")(world.demo)
 app.command("bench")(bench.bench)
 app.command("eval")(bench.evaluate)
@@ -91,7 +92,7 @@ def resume_command(args: list[str]) -> str | None:
     ``--overwrite``; None for a command that cannot resume."""
     import shlex
 
-    if not args or args[0] not in ("content", "style", "make", "bench"):
+    if not args or args[0] not in ("content", "style", "make", "run", "bench"):
         return None
     kept = [a for a in args if a not in ("--resume", "--overwrite")]
     return shlex.join(["b4m", *kept, "--resume"])

@@ -167,3 +167,77 @@ def generate(
         combine=combine,
         console=console,
     )
+
+
+def run(
+    content_images: Annotated[str | None, typer.Option(help="Folder of the content's images.")] = None,
+    content_prompt: Annotated[
+        str | None,
+        typer.Option(help="Caption of the content images, with its placeholder, e.g. 'a photo of sks dog'."),
+    ] = None,
+    style_images: Annotated[str | None, typer.Option(help="Folder of the style's images.")] = None,
+    style_prompt: Annotated[
+        str | None, typer.Option(help="Caption of the style images, with its placeholder, e.g. 'a cat in zwx style'.")
+    ] = None,
+    content_placeholder: Annotated[str | None, typer.Option(help="The content's token (default sks).")] = None,
+    style_placeholder: Annotated[str | None, typer.Option(help="The style's token (default zwx).")] = None,
+    content_aux: Annotated[
+        str | None, typer.Option(help="Auxiliary sets of the content run (default: generated).")
+    ] = None,
+    style_aux: Annotated[
+        str | None, typer.Option(help="Auxiliary sets of the style run (default: generated).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Folder for the three run folders and the images.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Diffusers folder, single file, Hub id, or world (default).")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="fast or low-memory, for every stage.")] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Training resolution (default: the model's, at most 512).")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="Adapter rank (default 64, the paper's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps of the content run and of the style run.")] = None,
+    make_steps: Annotated[int | None, typer.Option(help="Steps of make.")] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt", "-p", help="Prompt of the images at the end; repeatable (default: 'a sks in zwx style')."
+        ),
+    ] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Images per prompt (default 4).")] = None,
+    seed: Annotated[int | None, typer.Option(help="First seed of the images (default 0).")] = None,
+    upscale: Annotated[int | None, typer.Option(help="Write the images this many times larger (nearest).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Flow file (TOML): see docs/pipeline.md.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip the finished stages, continue the interrupted one.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """The whole flow in one process: content run, style run, make and a few images, the base model loaded once.
+    Each stage's folder under -o is what its own command writes (b4m make can pair OUT/content with other styles)."""
+    from ..runs.flow import flow_config, run_flow
+
+    flags = {
+        "output": output,
+        "model": model,
+        "preset": preset,
+        "resolution": resolution,
+        "adapter.rank": rank,
+        "content.images": content_images,
+        "content.prompt": content_prompt,
+        "content.aux": content_aux,
+        "content.placeholder": content_placeholder,
+        "content.train.steps": steps,
+        "style.images": style_images,
+        "style.prompt": style_prompt,
+        "style.aux": style_aux,
+        "style.placeholder": style_placeholder,
+        "style.train.steps": steps,
+        "make.train.steps": make_steps,
+    }
+    flow = flow_config(config, flags, {"prompts": prompt or None, "n": n, "seed": seed, "upscale": upscale})
+    run_flow(flow, resume=resume, overwrite=overwrite, console=console)

@@ -110,6 +110,14 @@ class DiffusionModel(ABC):
     def offload_encoders(self) -> None:
         """Move the text and image encoders to the CPU (after latents and embeddings are cached)."""
 
+    def restore_encoders(self) -> None:  # noqa: B027 (not abstract: models that never offload need nothing)
+        """Undo :meth:`offload_encoders`: the encoders back on :attr:`device` (a model reused by the next stage of
+        one process, :func:`b4m.loading.shared_models`)."""
+
+    def use_resolution(self, resolution: int | None) -> None:  # noqa: B027 (the world's resolution is fixed)
+        """Make ``resolution`` (None: the native one) the default of training and sampling, as loading with
+        ``resolution=`` does (a model reused by the next stage, :func:`b4m.loading.shared_models`)."""
+
     @property
     @abstractmethod
     def num_train_timesteps(self) -> int: ...

@@ -206,6 +206,14 @@ class DiffusersModel(DiffusionModel):
         for encoder in self.text_encoders():
             encoder.to("cpu")
 
+    def use_resolution(self, resolution: int | None) -> None:
+        self.resolution = resolution or self._native_resolution()
+
+    def restore_encoders(self) -> None:
+        self.vae.to(self.device)
+        for encoder in self.text_encoders():
+            encoder.to(self.device)
+
     # ----------------------------------------------------------------------------------------------------------------
     # Latents
 

@@ -320,7 +320,7 @@ def load_config(
             raise B4MError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise B4MError(f"{path}: not valid TOML ({e})") from e
-        _paths_beside(from_file, path.parent)
+        paths_beside(from_file, path.parent)
     flags: dict[str, Any] = {}
     for key, value in overrides.items():
         *tables, leaf = key.split(".")
@@ -392,7 +392,7 @@ def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
 PATH_KEYS = ("images", "aux", "output", "content", "style")
 
 
-def _paths_beside(data: dict[str, Any], folder: Path) -> None:
+def paths_beside(data: dict[str, Any], folder: Path) -> None:
     """Make the relative paths of a config file's :data:`PATH_KEYS` relative to ``folder`` (the file's), as a user
     reading the file expects; ``model`` too when it names a folder or file found there (else it is a name or a Hub
     id). Flags keep the working directory's meaning."""

@@ -1,0 +1,209 @@
+"""``b4m run``: the whole flow in one process: a content run, a style run, make, and a few images, the base model
+loaded once (:func:`b4m.loading.shared_models`).
+
+The output folder holds one run folder per stage, each exactly what the stage's own command writes, so ``b4m make``
+can pair ``OUT/content`` with another style run later::
+
+    OUT/content/   b4m content's run folder          OUT/made/     b4m make's
+    OUT/style/     b4m style's                       OUT/images/   b4m generate's
+    OUT/flow.json  the flow's settings and each stage's wall time
+
+A flow file (TOML) can replace every flag: top-level ``model``, ``preset``, ``resolution``, ``device``, ``output``
+and the ``[adapter]`` and ``[export]`` tables apply to every stage; ``[content]``, ``[style]`` and ``[make]`` hold
+each stage's own settings, as that stage's config file would (``images``, ``prompt``, ``[content.train]``, …);
+``[generate]`` the images' (``prompts``, ``n``, ``seed``, ``steps``, ``upscale``). Paths are relative to the file.
+``--resume`` skips the stages that finished and continues the one that was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import B4MError
+from ..files import atomic_path
+from ..loading import shared_models
+from ..progress import say
+from ..training.checkpoint import checkpoints
+from .config import StageConfig, paths_beside, stage_config
+from .folder import ADAPTER_NAMES, check_run_folder
+from .generate import GENERATED, generate
+from .stages import run_break, run_make
+
+#: Each stage's folder under the flow's output.
+FOLDERS = {"content": "content", "style": "style", "make": "made", "generate": "images"}
+#: Top-level keys of a flow file that every stage gets.
+SHARED_KEYS = ("model", "preset", "resolution", "device")
+SHARED_TABLES = ("adapter", "export")
+#: The placeholders when none is given: a content and a style run must not share one.
+PLACEHOLDERS = {"content": "sks", "style": "zwx"}
+
+
+@dataclass
+class FlowImages:
+    """The images at the end: ``n`` per prompt, seeds ``seed`` … ``seed + n - 1``."""
+
+    prompts: list[str] = field(default_factory=list)  # empty: "a <content placeholder> in <style placeholder> style"
+    n: int = 4
+    seed: int = 0
+    steps: int = 25
+    upscale: int = 1
+
+
+@dataclass
+class Flow:
+    """What ``b4m run`` does: the three stages' configs (as their commands build them) and the images."""
+
+    output: Path
+    stages: dict[str, StageConfig]  # content, style, make
+    images: FlowImages
+
+    @property
+    def prompts(self) -> list[str]:
+        if self.images.prompts:
+            return self.images.prompts
+        c, s = self.stages["content"].placeholder, self.stages["style"].placeholder
+        return [f"a {c} in {s} style"]
+
+
+def flow_config(path: str | Path | None, flags: dict[str, Any], image_flags: dict[str, Any]) -> Flow:
+    """A :class:`Flow` from a flow file (or none) and the flags: ``flags`` maps ``stage.dotted.key``
+    (``content.images``, ``make.train.steps``) or a shared dotted key (``model``, ``adapter.rank``) to a value;
+    ``image_flags`` sets :class:`FlowImages` fields. Each stage's settings merge like its command's
+    (:func:`stage_config`): the stage's defaults, the base model's, the preset, the file, the flags."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise B4MError(f"{path}: no such flow file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise B4MError(f"{path}: not valid TOML ({e})") from e
+        paths_beside(data, path.parent)
+        for table in ("content", "style", "make"):
+            if isinstance(data.get(table), dict):
+                paths_beside(data[table], path.parent)
+    known = {*SHARED_KEYS, *SHARED_TABLES, "output", "content", "style", "make", "generate"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise B4MError(
+            f"{path}: unknown key(s) {', '.join(unknown)} (a stage's settings go in [content], [style] or [make])"
+        )
+    output = flags.get("output") or data.get("output")
+    if not output:
+        raise B4MError("no --output folder given")
+    output = Path(output)
+    shared = {k: data[k] for k in (*SHARED_KEYS, *SHARED_TABLES) if k in data}
+    stages = {}
+    for stage in ("content", "style", "make"):
+        table = data.get(stage, {})
+        if not isinstance(table, dict):
+            raise B4MError(f"{path}: [{stage}] must be a table")
+        given = _dotted({**shared, **table})
+        flagged = {k: v for k, v in flags.items() if v is not None and k != "output"}
+        given.update({k: v for k, v in flagged.items() if "." not in k or k.split(".")[0] in SHARED_TABLES})
+        given.update({k.split(".", 1)[1]: v for k, v in flagged.items() if k.split(".")[0] == stage})
+        given.pop("output", None)
+        given["output"] = str(output / FOLDERS[stage])
+        if stage == "make":
+            given["content"] = str(output / FOLDERS["content"])
+            given["style"] = str(output / FOLDERS["style"])
+        if stage in PLACEHOLDERS:
+            given.setdefault("placeholder", PLACEHOLDERS[stage])
+        stages[stage] = stage_config(stage, None, given)
+    for stage in ("content", "style"):
+        if not stages[stage].images:
+            raise B4MError(f"no {stage} images given (--{stage}-images, or images in [{stage}])")
+        if not stages[stage].prompt:
+            raise B4MError(
+                f"no {stage} prompt given (--{stage}-prompt, or prompt in [{stage}]), e.g. 'a photo of sks dog'"
+            )
+    image_table = data.get("generate", {})
+    fields = {f.name for f in dataclasses.fields(FlowImages)}
+    bad = sorted(set(image_table) - fields)
+    if bad:
+        raise B4MError(f"{path}: unknown key(s) in [generate]: {', '.join(bad)}")
+    images = FlowImages(**{**image_table, **{k: v for k, v in image_flags.items() if v is not None}})
+    return Flow(output, stages, images)
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def finished(folder: Path, stage: str) -> bool:
+    """``folder`` holds a finished run of ``stage`` (its run.json and its adapter file)."""
+    try:
+        recorded = json.loads((folder / "run.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return False
+    role = "fused" if stage == "make" else stage
+    return recorded == stage and (folder / ADAPTER_NAMES[role]).is_file()
+
+
+def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    """Run the flow (see the module docstring). Every folder is checked before the model loads: one that holds
+    another run is refused unless ``resume`` (continue: finished stages are skipped) or ``overwrite``."""
+    out = flow.output
+    images_dir = out / FOLDERS["generate"]
+    for stage, cfg in flow.stages.items():
+        folder = Path(cfg.output)
+        if not (resume and finished(folder, stage)):
+            check_run_folder(folder, stage, resume=resume, overwrite=overwrite)
+    earlier = [f for f in images_dir.glob("*.png") if GENERATED.fullmatch(f.name)] if images_dir.is_dir() else []
+    if earlier and not (resume or overwrite):
+        raise B4MError(f"{images_dir}: holds images of an earlier run; --resume keeps them, --overwrite replaces them")
+    times: dict[str, float] = {}
+    summaries: dict[str, Any] = {}
+    with shared_models():
+        for stage, cfg in flow.stages.items():
+            folder = Path(cfg.output)
+            if resume and finished(folder, stage):
+                say(console, f"{stage}: finished in {folder}, reused")
+                continue
+            t0 = time.perf_counter()
+            again = resume and bool(checkpoints(folder))  # an interrupted stage continues from its checkpoint
+            if stage == "make":
+                summaries[stage] = run_make(cfg, resume=again, overwrite=overwrite, console=console)
+            else:
+                summaries[stage] = run_break(stage, cfg, resume=again, overwrite=overwrite, console=console)
+            times[stage] = round(time.perf_counter() - t0, 2)
+        if earlier and resume and not overwrite:
+            say(console, f"images: {len(earlier)} already in {images_dir}, kept")
+        else:
+            t0 = time.perf_counter()
+            written = generate(
+                str(out / FOLDERS["make"]),
+                flow.prompts,
+                output=str(images_dir),
+                n=flow.images.n,
+                seed=flow.images.seed,
+                steps=flow.images.steps,
+                upscale=flow.images.upscale,
+                overwrite=True,
+                console=console,
+            )
+            times["generate"] = round(time.perf_counter() - t0, 2)
+            summaries["generate"] = [str(p) for p in written]
+    record = {
+        "stages": {s: str(Path(c.output)) for s, c in flow.stages.items()} | {"generate": str(images_dir)},
+        "prompts": flow.prompts,
+        "images": dataclasses.asdict(flow.images),
+        "seconds": times,
+    }
+    with atomic_path(out / "flow.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    say(console, f"wrote {out / 'flow.json'}; the made pair: {out / FOLDERS['make']}, images: {images_dir}")
+    return {**record, "summaries": summaries}

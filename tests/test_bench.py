@@ -198,6 +198,14 @@ def test_quick_bench_writes_every_method_and_metric(quick):
             assert len(results["per_image"][m][k]) == 1
         assert results["wall_seconds"][m]["total"] >= 0
     assert results["wall_seconds"]["b4m"]["train"] > 0 and results["wall_seconds"]["renderer"]["train"] == 0
+    # training images per pair (quick: 2 steps of 1 image per set; B4M's runs see their set and 1 auxiliary set,
+    # make 1 step of the two concepts' sets), split as it grows with N contents × M styles
+    images = {m: {k: v for k, v in results["cost"][m].items() if k.endswith("_images")} for m in results["cost"]}
+    assert images["b4m"] == {"content_images": 4, "style_images": 4, "pair_images": 2}
+    assert images["jttrain"] == {"content_images": 0, "style_images": 0, "pair_images": 4}
+    assert images["direct_merge"] == images["klora"] == {"content_images": 2, "style_images": 2, "pair_images": 0}
+    assert images["ziplora"]["pair_images"] == 2 and "renderer" not in results["cost"]
+    assert results["cost"]["b4m"]["content_seconds"] > 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in methods for k in METRICS}

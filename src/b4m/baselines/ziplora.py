@@ -357,6 +357,7 @@ def run(
     merge = {
         "seconds": round(time.perf_counter() - t1, 3),
         "steps": result.steps if result else 0,
+        "images": result.images if result else 0,
         "final_loss": result.final_loss if result else None,
         "losses": result.losses if result else [],
     }

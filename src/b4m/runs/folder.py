@@ -188,6 +188,7 @@ def train_stats(result: TrainResult) -> dict:
     steady = (result.seconds - result.first_step_seconds) / max(result.steps - 1, 1)
     return {
         "steps": result.steps,
+        "images": result.images,
         "seconds": round(result.seconds, 2),
         "first_step_seconds": round(result.first_step_seconds, 2),
         "steady_seconds_per_step": round(steady, 4),

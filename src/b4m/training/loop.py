@@ -65,6 +65,7 @@ class TrainResult:
     seconds: float
     first_step_seconds: float  # includes warm-up (allocations, autotuning); the rest is steady state
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last check)
+    images: int = 0  # training images drawn by this call: steps × images per set per step × sets (all processes)
 
 
 def _param_groups(model: DiffusionModel, config: TrainConfig, objective: Objective | None = None) -> list[dict]:
@@ -446,7 +447,8 @@ def train(
     model.denoiser.eval()
     final = losses[-1][1] if losses else float("nan")
     steps_done = config.steps - start_step
-    return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses)
+    images = steps_done * config.batch_size * config.grad_accum * len(sets)
+    return TrainResult(steps_done, final, time.perf_counter() - t0, first if steps_done else 0.0, losses, images)
 
 
 def all_finite(params: list[torch.Tensor]) -> bool:

@@ -120,6 +120,7 @@ def run_info(record: RunRecord | None, reused: bool = False) -> dict[str, Any] |
         "run_seconds": round(record.seconds, 3),
         "reused": reused,
         "steps": r.steps if r else 0,
+        "images": r.images if r else 0,
         "final_loss": r.final_loss if r else None,
         "losses": r.losses if r else [],
     }

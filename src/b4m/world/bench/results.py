@@ -55,6 +55,11 @@ def make_results(
         standalone = np.mean([units[m][d.label].seconds["standalone"] for d in data])
         wall[m]["standalone_seconds_per_pair"] = round(float(standalone), 2)
     stage1 = {m: {k: sum(units[m][d.label].stage1[k] for d in data) for k in ("trained", "reused")} for m in methods}
+    cost = {}  # mean per pair of each part (units.unit_cost); the cost of N contents × M styles is
+    for m in methods:  # N·content + M·style + N·M·pair, in images and in one worker's seconds
+        keys = sorted({k for d in data for k in units[m][d.label].cost})
+        if keys:
+            cost[m] = {k: round(float(np.mean([units[m][d.label].cost.get(k, 0.0) for d in data])), 3) for k in keys}
     configs = {m: asdict(variant_config(m, config)) for m in methods if VARIANTS[m].method not in BOUNDS}
     settings = asdict(config)
     settings["pairs"] = [list(p) for p in config.pair_list()]
@@ -77,6 +82,7 @@ def make_results(
         "differences": differences,
         "per_pair": per_pair,
         "wall_seconds": wall,
+        "cost": cost,
         "stage1_runs": stage1,
         "final_losses": {m: {d.label: units[m][d.label].losses for d in data} for m in methods},
         "items": items,
@@ -130,6 +136,21 @@ def write_csv(results: dict, path: Path) -> None:
         tmp.write_text(buf.getvalue())
 
 
+def _cost_text(cost: dict | None) -> str:
+    if not cost:
+        return ""
+    parts = [
+        f"{part} {cost[f'{part}_images']:.0f} images ({cost[f'{part}_seconds']:.1f} s)"
+        for part in ("content", "style", "pair")
+        if cost.get(f"{part}_images")
+    ]
+    return (
+        f" Training per pair: {', '.join(parts)}; N contents × M styles cost N·content + M·style + N·M·pair."
+        if parts
+        else ""
+    )
+
+
 def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     """``report.html``: settings, the summary table, a table per method, image grids per pair."""
     esc = html.escape
@@ -177,7 +198,7 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
             f"<h3>{esc(m)}</h3><p>{esc(results['methods'][m])}. Wall time {w['total']:.1f} s (train "
             f"{w['train']:.1f}, sample {w['sample']:.1f}, score {w['score']:.1f}); one pair alone "
             f"≈ {w['standalone_seconds_per_pair']:.1f} s; stage-1 runs trained {runs['trained']}, reused "
-            f"{runs['reused']}.</p>"
+            f"{runs['reused']}.{_cost_text(results['cost'].get(m))}</p>"
         )
         rows = []
         for k in metrics:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,24 @@ def load_oracle(spec: str, device: str):
     return load_oracle(Path(spec), default_catalog(), device=device)
 
 
+COST_PARTS = ("content", "style", "pair")
+
+
+def unit_cost(info: dict) -> dict[str, float]:
+    """A method's training cost for one pair from its result's info, split the way it grows with a library of N
+    contents × M styles: the content run and the style run (trained once per concept; reused runs counted in full)
+    and the per-pair part (B4M's make, ZipLoRA's merge, JTtrain's one run). Images drawn and seconds of each:
+    ``{"content_images", "content_seconds", "style_images", …, "pair_seconds"}``."""
+    runs = {"content": info.get("content"), "style": info.get("style")}
+    pair = [info[k] for k in ("make", "merge", "joint") if isinstance(info.get(k), dict)]
+    cost = {}
+    for part, items in (("content", [runs["content"]]), ("style", [runs["style"]]), ("pair", pair)):
+        items = [x for x in items if isinstance(x, dict)]
+        cost[f"{part}_images"] = float(sum(x.get("images", 0) for x in items))
+        cost[f"{part}_seconds"] = round(float(sum(x.get("run_seconds", x.get("seconds", 0.0)) for x in items)), 3)
+    return cost
+
+
 @dataclass
 class Unit:
     """One method on one pair: its images (prompt-major, seeds inner), per-image scores and what it cost."""
@@ -93,6 +111,7 @@ class Unit:
     seconds: dict[str, float]  # train, sample, score, standalone (with the reused stage-1 runs added back)
     stage1: dict[str, int]  # trained, reused
     losses: dict[str, float | None]
+    cost: dict[str, float] = field(default_factory=dict)  # unit_cost; empty for the bounds
 
 
 def unit_path(out: Path, name: str, label: str) -> Path:
@@ -122,7 +141,7 @@ def run_or_record(name: str, d: PairData, model, oracle, catalog, config, cache:
 
 
 def save_unit(unit: Unit, path: Path) -> None:
-    meta = {"seconds": unit.seconds, "stage1": unit.stage1, "losses": unit.losses}
+    meta = {"seconds": unit.seconds, "stage1": unit.stage1, "losses": unit.losses, "cost": unit.cost}
     arrays = {f"score_{k}": np.asarray(v, np.float64) for k, v in unit.scores.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=unit.images, meta=np.array(json.dumps(meta)), **arrays)
@@ -132,7 +151,7 @@ def load_unit(path: Path) -> Unit:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         scores = {k[len("score_") :]: z[k].tolist() for k in z.files if k.startswith("score_")}
-        return Unit(z["images"], scores, meta["seconds"], meta["stage1"], meta["losses"])
+        return Unit(z["images"], scores, meta["seconds"], meta["stage1"], meta["losses"], meta.get("cost", {}))
 
 
 def save_stage1(folder: Path, cache: dict, saved: set[str]) -> None:
@@ -173,6 +192,7 @@ def run_unit(name: str, d: PairData, model, oracle, catalog, config: BenchConfig
     seconds = {"train": 0.0, "sample": 0.0, "score": 0.0, "standalone": 0.0}
     stage1 = {"trained": 0, "reused": 0}
     losses: dict[str, float | None] = {}
+    cost: dict[str, float] = {}
     t0 = time.perf_counter()
     if variant.method == "renderer":
         jittered = [replace(sc, seed=sc.seed + 7919 * s) for sc in d.task.scenes for s in seeds]
@@ -192,6 +212,7 @@ def run_unit(name: str, d: PairData, model, oracle, catalog, config: BenchConfig
         stage1 = {"trained": trained, "reused": reused}
         seconds["standalone"] = reused_seconds
         losses = {k: v["final_loss"] for k, v in result.info.items() if isinstance(v, dict) and "final_loss" in v}
+        cost = unit_cost(result.info)
         request = SampleRequest(d.task.prompts, seeds, steps=config.sample_steps, guidance_scale=guidance)
         with result.applied(model.denoiser):  # merged factors; K-LoRA attaches its per-step layers
             arr = model.sample_arrays(request)
@@ -205,4 +226,4 @@ def run_unit(name: str, d: PairData, model, oracle, catalog, config: BenchConfig
     seconds["score"] = time.perf_counter() - t2
     seconds["standalone"] += seconds["train"] + seconds["sample"] + seconds["score"]
     scores = {k: [float(x) for x in scores[k]] for k in METRICS}
-    return Unit(arr, scores, {k: round(v, 3) for k, v in seconds.items()}, stage1, losses)
+    return Unit(arr, scores, {k: round(v, 3) for k, v in seconds.items()}, stage1, losses, cost)

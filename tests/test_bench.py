@@ -286,6 +286,35 @@ def test_stage1_runs_are_reused_and_resumed(tmp_path, world, monkeypatch):
         run_bench(tmp_path, quick_config(pairs=pairs, steps=3), model=model, oracle=oracle, resume=True)
 
 
+def test_each_method_runs_its_own_lr_and_steps_from_a_grid_choice(tmp_path):
+    """--method-settings reads bench/dev_grid.py's JSON (extra keys and methods not run are ignored): JTtrain trains
+    its steps, B4M its own (make at half its lr), in one run whose differences stay paired."""
+    chosen = {
+        "jttrain": {"method": "jttrain", "lr": 0.001, "steps": 3, "average": 0.7},
+        "b4m": {"lr": 0.004, "steps": 1},
+        "blora": {"lr": 0.001, "steps": 2},
+    }
+    path = tmp_path / "chosen.json"
+    path.write_text(json.dumps(chosen))
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--methods", "b4m,jttrain,renderer", "--method-settings", str(path), "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["method_settings"] == {
+        "jttrain": {"lr": 0.001, "steps": 3},
+        "b4m": {"lr": 0.004, "steps": 1},
+    }
+    configs = results["method_configs"]
+    assert (configs["jttrain"]["train"]["lr"], configs["jttrain"]["train"]["steps"]) == (0.001, 3)
+    assert (configs["b4m"]["train"]["steps"], configs["b4m"]["make"]["lr"]) == (1, 0.002)
+    assert results["cost"]["jttrain"]["pair_images"] == 3 * 2  # 3 steps of one image per set, two sets
+    assert "jttrain: lr 0.001, 3 steps." in (out / "report.html").read_text()
+    path.write_text(json.dumps({"b4m": None}))
+    failed = runner.invoke(app, ["bench", "--quick", "--method-settings", str(path), "-o", str(tmp_path / "x")])
+    assert "b4m has no setting (it diverged at every configuration of the grid)" in str(failed.exception)
+
+
 def test_max_minutes_stops_between_units(tmp_path, world):
     model, oracle = world
     config = quick_config(methods=["renderer"])

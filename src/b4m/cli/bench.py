@@ -49,6 +49,13 @@ def bench(
         str | None,
         typer.Option(help="Training precision: auto (bf16 on a GPU, fp32 on a CPU), no, bf16 or fp16."),
     ] = None,
+    method_settings: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON of each method's own lr and steps, e.g. the dev grid's choices (bench/dev_grid.py --json): "
+            '{"jttrain": {"lr": 0.001, "steps": 150}, …}; other keys are ignored.'
+        ),
+    ] = None,
     preset: Annotated[
         str | None,
         typer.Option(help="Speed preset of every training run, as in b4m content (fast: CUDA graphs, fused AdamW)."),
@@ -92,6 +99,11 @@ def bench(
         "preset": preset,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if method_settings is not None:  # the file may name more methods (a grid's bounds): the ones run are kept
+        from ..world.bench.variants import resolve_methods
+
+        run = set(resolve_methods(methods))
+        overrides["method_settings"] = {m: v for m, v in _read_method_settings(method_settings).items() if m in run}
     if pairs:
         overrides["pairs"] = parse_pairs(pairs)
     elif contents or styles:
@@ -117,6 +129,29 @@ def bench(
     if results.get("complete", True):
         _print_results(results)
         console.print(f"report: {output / 'report.html'}", highlight=False)
+
+
+def _read_method_settings(path: Path) -> dict[str, dict[str, Any]]:
+    import json
+
+    from ..errors import B4MError
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise B4MError(f"{path}: no such file") from None
+    except ValueError as e:
+        raise B4MError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise B4MError(f"{path}: expected an object of method: {{lr, steps}}")
+    out = {}
+    for method, value in data.items():
+        if value is None:
+            raise B4MError(f"{path}: {method} has no setting (it diverged at every configuration of the grid)")
+        if not isinstance(value, dict):
+            raise B4MError(f"{path}: {method}: expected an object with lr and steps")
+        out[method] = {k: value[k] for k in ("lr", "steps") if k in value}
+    return out
 
 
 def _comma_list(text: str | None) -> list[str] | None:

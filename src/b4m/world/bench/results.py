@@ -166,7 +166,12 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
         f"<p>{len(st['pairs'])} pairs × {st['prompts']} prompts × {st['seeds']} seeds = {len(results['items'])} "
         f"images per method. Stage-1 runs and JTtrain {st['steps']} steps, make {st['make_steps']}, ZipLoRA merge "
         f"{st['merge_steps']}, rank {st['rank']}, lr {st['lr']}, batch {st['batch_size']} per set; sampler "
-        f"{st['sample_steps']} steps, guidance {st['guidance_scale_used']}.</p>",
+        f"{st['sample_steps']} steps, guidance {st['guidance_scale_used']}."
+        + "".join(
+            f" {esc(m)}: lr {v.get('lr', st['lr'])}, {v.get('steps', st['steps'])} steps."
+            for m, v in st.get("method_settings", {}).items()
+        )
+        + "</p>",
         "<p class='small'>Oracle accuracy (content, style; prompt = mean of position, size and background accuracy; "
         "average = mean of the three), leakage (content leak: the image shows a content of the style references; "
         "style leak: still in the references' plain look; lower is better) and cosines of the oracle's embeddings "

@@ -197,6 +197,9 @@ class BenchConfig:
     # A speed preset of the commands (b4m.runs.config.PRESETS, e.g. "fast": CUDA graphs, fused AdamW) applied to every
     # training run; it changes how fast a step runs, not what it computes (up to kernel rounding: docs/benchmarks.md).
     preset: str | None = None
+    # Per method (a name of ``methods``): its own stage-1 lr and steps, e.g. each method's choice on the dev grid
+    # (bench/dev_grid.py --json) for the test split's one run: {"jttrain": {"lr": 1e-3, "steps": 150}}.
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.methods = resolve_methods(self.methods)
@@ -213,6 +216,14 @@ class BenchConfig:
             raise B4MError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.preset is not None:
             preset_settings(self.preset)  # an unknown name: one line listing the known ones
+        for name, given in self.method_settings.items():
+            if name not in self.methods:
+                raise B4MError(f"method_settings: {name} is not one of the methods run ({', '.join(self.methods)})")
+            bad = sorted(set(given) - {"lr", "steps"})
+            if bad:
+                raise B4MError(
+                    f"method_settings: {name}: only lr and steps can differ per method, not {', '.join(bad)}"
+                )
 
     def _resolve_split(self) -> None:
         """Fill the default lists from the split; refuse a novel concept of the other split."""
@@ -234,11 +245,14 @@ class BenchConfig:
     def pair_list(self) -> list[tuple[str, str]]:
         return list(self.pairs) if self.pairs is not None else [(c, s) for c in self.contents for s in self.styles]
 
-    def base_overrides(self, method: str) -> dict[str, Any]:
-        """The bench's settings for ``method`` in its config's TOML layout (before a variant's overrides)."""
+    def base_overrides(self, method: str, name: str | None = None) -> dict[str, Any]:
+        """The bench's settings for ``method`` in its config's TOML layout (before a variant's overrides); ``name``:
+        the bench entry, whose :attr:`method_settings` (if any) replace the lr and steps."""
+        own = self.method_settings.get(name or method, {})
+        lr, steps = float(own.get("lr", self.lr)), int(own.get("steps", self.steps))
         train = dict(
-            steps=self.steps,
-            lr=self.lr,
+            steps=steps,
+            lr=lr,
             batch_size=self.batch_size,
             grad_accum=1,
             checkpoint_every=BIG,
@@ -252,7 +266,7 @@ class BenchConfig:
         if method == "b4m":
             make = dict(
                 steps=self.make_steps,
-                lr=self.make_lr if self.make_lr is not None else self.lr / 2,
+                lr=self.make_lr if self.make_lr is not None else lr / 2,
                 batch_size=self.batch_size,
                 grad_accum=1,
                 checkpoint_every=BIG,
@@ -296,7 +310,7 @@ def quick_config(**overrides) -> BenchConfig:
 def variant_config(name: str, config: BenchConfig) -> Any:
     """The method config of benchmark entry ``name`` under ``config`` (a config dataclass of :mod:`b4m.baselines`)."""
     variant = VARIANTS[name]
-    return method_config(variant.method, deep_merge(config.base_overrides(variant.method), variant.overrides))
+    return method_config(variant.method, deep_merge(config.base_overrides(variant.method, name), variant.overrides))
 
 
 def _as_aux(s: TrainSet, weight: float = 1.0) -> TrainSet:

@@ -1,0 +1,51 @@
+#!/bin/bash
+# The world-v2 benchmark protocol of docs/benchmarks.md, as run on the GPU machine in commands under its 10-minute
+# limit: each call does what fits in LIMIT seconds (default 555) and stops between units; call it again (on the
+# same warm machine: runs/ is kept) until it says "done". Results are copied to $OUT (the device tool's folder).
+#
+#   bash bench/world_v2_protocol.sh grid     # the dev grid's configurations not yet in bench/results/world-v2/dev-grid
+#   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
+#   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
+#
+# Environment: WORKERS (default 6), LIMIT (seconds, default 555), B4M_COMMIT (recorded in results.json).
+set -u
+phase=${1:?grid, levers or test SEED}
+START=$(date +%s); LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
+OUT=${OUT:-runs/out}; mkdir -p "$OUT"
+left() { echo $(( LIMIT - ($(date +%s) - START) - 30 )); }
+complete() { [ -f "$1/results.json" ] && python3 -c "import json,sys; sys.exit(0 if json.load(open('$1/results.json')).get('complete', True) else 1)"; }
+bench() {  # bench FOLDER ARGS…: run or resume until LIMIT
+  local d=$1; shift
+  complete "$d" && return 0
+  local l; l=$(left); [ "$l" -lt 40 ] && return 1
+  local res=""; [ -d "$d" ] && res="--resume"
+  python3 -m b4m.cli bench -o "$d" --preset fast --workers "$WORKERS" --max-minutes "$(python3 -c "print($l/60)")" $res "$@" 2>&1 \
+    | grep -v '^\s*$' | tail -3
+  complete "$d"
+}
+chosen() {  # the dev grid's choices (committed configurations and those run here)
+  python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* $(ls -d runs/grid/* 2>/dev/null) --json runs/chosen.json >/dev/null
+}
+case $phase in
+  grid)
+    for cfg in 1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300; do
+      lr=${cfg%:*}; st=${cfg#*:}
+      [ -d "bench/results/world-v2/dev-grid/lr$lr-s$st" ] && continue
+      bench "runs/grid/lr$lr-s$st" --split dev --lr "$lr" --steps "$st" || exit 0
+    done
+    (cd runs && tar cf "$OUT/grid.tar" grid/*/results.json grid/*/results.csv grid/*/figure.png)
+    chosen && cp runs/chosen.json "$OUT/" && python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* runs/grid/* \
+      | tee "$OUT/grid.md" && echo done ;;
+  levers)
+    chosen
+    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
+    bench runs/levers --split dev --lr "$lr" --steps "$st" \
+      --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100 \
+      && cp runs/levers/results.json "$OUT/levers.json" && cp runs/levers/figure.png "$OUT/levers.png" && echo done ;;
+  test)
+    seed=${2:?seed}; chosen
+    bench "runs/test-seed$seed" --split test --seed "$seed" --method-settings runs/chosen.json \
+      && cp "runs/test-seed$seed/results.json" "$OUT/test-seed$seed.json" \
+      && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" && echo done ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac

@@ -130,6 +130,7 @@ EVERY_SETTING_CHANGED = {
         "fused_optimizer": True,
         "cuda_graphs": True,
         "fold_accumulation": True,
+        "speed": "fixed",
         "timestep_bias": "low-noise",
         "timestep_bias_exponent": 2.0,
         "checkpoint_every": 9,

@@ -9,8 +9,9 @@ from b4m.adapter.layer import PLPLinear
 from b4m.models.base import Conditioning
 from b4m.runs.config import PRESETS, STAGE_DEFAULTS, load_config, preset_settings, to_toml
 from b4m.training.config import TrainConfig
-from b4m.training.loop import enable_gradient_checkpointing, micro_step_loss, train
+from b4m.training.loop import micro_step_loss, train
 from b4m.training.sets import TrainSet
+from b4m.training.speed import enable_gradient_checkpointing
 from conftest import TINY_SDXL_UNET
 from toy_model import ToyModel
 
@@ -88,18 +89,25 @@ def test_checkpointed_gradients_equal_plain_ones(routing, monkeypatch):
         torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_train_wires_checkpointing_and_resume_may_switch_it(tmp_path):
-    """The low-memory preset's setting reaches the denoiser, trains the same adapter, and a run resumes across it."""
+def test_train_wires_checkpointing_and_resume_may_switch_it(tmp_path, monkeypatch):
+    """The low-memory preset's setting reaches the denoiser (its forward runs again in the backward), trains the
+    same adapter, is turned off after the run (the next run on the model starts as it was), and a run resumes
+    across it."""
+    calls = []
+    forward = PLPLinear.forward
+    monkeypatch.setattr(PLPLinear, "forward", lambda self, x, c=calls, f=forward: c.append(1) or f(self, x))
     config = TrainConfig(steps=4, lr=1e-3, routing="clean", owned="up", grad_accum=2, checkpoint_every=2)
     model, plp = attached()
     train(model, plp, sets_of(model), config, tmp_path / "plain")
     assert not model.denoiser.is_gradient_checkpointing
-    plain = learned(model)
+    plain, plain_calls = learned(model), len(calls)
 
     low = TrainConfig(**{**config.__dict__, "gradient_checkpointing": True})
     model, plp = attached()
+    calls.clear()
     train(model, plp, sets_of(model), low, tmp_path / "ckpt")
-    assert model.denoiser.is_gradient_checkpointing
+    assert len(calls) == 2 * plain_calls and not model.denoiser.is_gradient_checkpointing
+    monkeypatch.undo()
     for a, b in zip(plain, learned(model), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
@@ -164,3 +172,63 @@ def test_unknown_preset_names_the_choices(tmp_path):
     path.write_text("preset = 3\n")
     with pytest.raises(B4MError, match="preset must be a name"):
         load_config(path, {})
+
+
+def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, monkeypatch):
+    """speed = auto on a GPU: CUDA graphs first; an out-of-memory first step (simulated here on a CPU) starts the run
+    again with gradient checkpointing: one warning, the same adapter as a run started that way, nothing written by
+    the failed attempt. Later out-of-memory errors are not retried."""
+    import b4m.training.loop as loop
+    from b4m.training.speed import speed_plans
+
+    assert [label for label, _ in speed_plans(TrainConfig(), torch.device("cpu"))] == ["as configured"]
+    assert len(speed_plans(TrainConfig(speed="fixed"), torch.device("cuda"))) == 1
+    (_, fast), (low_label, low) = speed_plans(TrainConfig(), torch.device("cuda"))
+    assert fast.cuda_graphs and fast.fused_optimizer and not fast.gradient_checkpointing
+    assert low.gradient_checkpointing and not low.cuda_graphs and "out of memory" in low_label
+
+    config = TrainConfig(steps=3, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
+    cpu_low = TrainConfig(**{**config.__dict__, "gradient_checkpointing": True})
+    model, plp = attached()
+    expected = train(model, plp, sets_of(model), cpu_low, tmp_path / "direct")
+    want = learned(model)
+
+    plans = [("first", config), ("second", cpu_low)]
+    monkeypatch.setattr(loop, "speed_plans", lambda c, d: plans)
+    step = loop.train_step
+    failures = []
+
+    def fails_once(model, sets, config, *args, **kwargs):
+        if not config.gradient_checkpointing and not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(model, sets, config, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", fails_once)
+    model, plp = attached()
+    with pytest.warns(UserWarning, match="out of GPU memory at the first step with first; starting again with second"):
+        result = train(model, plp, sets_of(model), config, tmp_path / "auto")
+    assert result.speed == "second" and result.steps == expected.steps == 3
+    assert not model.denoiser.is_gradient_checkpointing
+    for a, b in zip(want, learned(model), strict=True):
+        assert torch.equal(a, b)
+
+    plans[:] = [("only", config)]  # nothing left to try: one line
+    failures.clear()
+    model, plp = attached()
+    with pytest.raises(B4MError, match=r"out of GPU memory at the first step with only \(CUDA out of memory"):
+        train(model, plp, sets_of(model), config, tmp_path / "none")
+
+    calls = []
+
+    def fails_later(model, sets, config, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory at step 2")
+        return step(model, sets, config, *args, **kwargs)
+
+    plans[:] = [("first", config), ("second", cpu_low)]
+    monkeypatch.setattr(loop, "train_step", fails_later)
+    model, plp = attached()
+    with pytest.raises(torch.OutOfMemoryError, match="at step 2"):
+        train(model, plp, sets_of(model), config, tmp_path / "later")

@@ -42,6 +42,7 @@ from ..method.config import MakeConfig
 from ..nested import deep_merge
 from ..settings import setting
 from ..training.config import TrainConfig
+from ..training.speed import SPEED_KEYS
 
 # The commands whose flags set a field (``metadata["commands"]``; b4m.cli builds its options from this metadata).
 _STAGES = ("content", "style", "make")
@@ -98,6 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/benchmarks.md: 9.3x the default's stage-1 steps per second on an H100 at 512 px).
     "fast": {
         "train": {
+            "speed": "fixed",
             "gradient_checkpointing": False,
             "fused_optimizer": True,
             "cuda_graphs": True,
@@ -105,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         }
     },
     # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
-    "low-memory": {"train": {"gradient_checkpointing": True}},
+    "low-memory": {"train": {"speed": "fixed", "gradient_checkpointing": True}},
 }
 
 
@@ -341,6 +343,9 @@ def load_config(
             layers.append((f"preset {preset}", preset_settings(preset)))
         except B4MError as e:
             raise B4MError(f"{source}: {e}") from None
+    train_given = given.get("train") if isinstance(given.get("train"), dict) else {}
+    if any(k in train_given for k in SPEED_KEYS) and "speed" not in train_given:  # the user chose: no auto
+        layers.append(("speed settings given", {"train": {"speed": "fixed"}}))
     layers += [(str(path), from_file), ("flag", flags)]
     data: dict[str, Any] = {}
     for name, layer in layers:

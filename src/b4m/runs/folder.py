@@ -171,14 +171,18 @@ def export_loras(
     out: Path, name: str, adapter: AdapterFile, cfg: StageConfig, model: DiffusionModel, console=None
 ) -> list[Path]:
     """The run's plain LoRA files, one per export format (:data:`EXPORT_FILES`); kohya names follow the model (SGM
-    block names for SDXL, as kohya sd-scripts writes them)."""
+    block names for SDXL, as kohya sd-scripts writes them; BFL layer names for FLUX.1)."""
     dtype = dtype_from_name(cfg.export.dtype)
+    flux = getattr(model, "family", None) == "flux"
     paths = []
     meta = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
     for fmt in cfg.export.formats:
         pattern, tools = EXPORT_FILES[fmt]
         path = out / pattern.format(name=name)
-        save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, unet_config=model.denoiser)
+        if flux:  # FLUX.1 transformer names: peft keys under transformer., or kohya's BFL layers
+            save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, family="flux")
+        else:
+            save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, unet_config=model.denoiser)
         paths.append(path)
         say(console, f"LoRA for {tools}: {path}")
     return paths
@@ -189,6 +193,7 @@ def train_stats(result: TrainResult) -> dict:
     return {
         "steps": result.steps,
         "images": result.images,
+        "speed": result.speed,
         "seconds": round(result.seconds, 2),
         "first_step_seconds": round(result.first_step_seconds, 2),
         "steady_seconds_per_step": round(steady, 4),

@@ -185,6 +185,8 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         progress=progress_printer(console, role),
     )
     t["train"] = time.perf_counter()
+    if record.result is not None and record.result.speed != "as configured":
+        say(console, f"speed: {record.result.speed} (--preset fast or low-memory chooses instead)")
 
     trigger = [cfg.placeholder] if cfg.placeholder else []
     adapter = dataclasses.replace(
@@ -299,6 +301,8 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
         progress=progress_printer(console, "make"),
     )
     t["train"] = time.perf_counter()
+    if record.result is not None and record.result.speed != "as configured":
+        say(console, f"speed: {record.result.speed} (--preset fast or low-memory chooses instead)")
     meta = {**fused.metadata, "prompt": " / ".join(p for _, _, p in sets_info)}
     made = dataclasses.replace(record.adapter, metadata=meta)
     path, exports = out / ADAPTER_NAMES["fused"], []

@@ -11,6 +11,7 @@ ROUTINGS = ("clean", "mixed", "none")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TIMESTEP_BIASES = ("none", "high-noise", "low-noise")
+SPEEDS = ("auto", "fixed")
 
 # The commands whose flags set a field (``metadata["commands"]``; b4m.cli builds its options from this metadata).
 _STAGES = ("content", "style", "make")
@@ -70,6 +71,11 @@ class TrainConfig:
         flag="--gradient-checkpointing",
         commands=_STAGES,
     )
+    speed: str = setting(
+        "auto",
+        "auto: on a GPU, CUDA graphs and fused AdamW, and gradient checkpointing if the first step runs out of "
+        "memory (b4m.training.speed); fixed: the speed settings as given (a preset, or giving any of them, sets it).",
+    )
     fused_optimizer: bool = setting(
         False, "AdamW's fused kernel (one launch for all tensors) instead of its foreach path."
     )
@@ -118,6 +124,8 @@ class TrainConfig:
             raise B4MError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.mixed_precision not in PRECISIONS:
             raise B4MError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.speed not in SPEEDS:
+            raise B4MError(f"speed must be one of {', '.join(SPEEDS)}, got {self.speed!r}")
         if self.timestep_bias not in TIMESTEP_BIASES:
             raise B4MError(f"timestep_bias must be one of {', '.join(TIMESTEP_BIASES)}, got {self.timestep_bias!r}")
         if not self.timestep_bias_exponent >= 1:  # also catches NaN; below 1 the bias turns the other way

@@ -25,10 +25,12 @@ run continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from ..adapter.config import PLPConfig
 from ..adapter.optim import create_optimizer
 from ..adapter.walker import plp_layers, routing
 from ..cuda_graphs import GraphedMicroStep
-from ..errors import B4MError, DivergedError, Interrupted
+from ..errors import B4MError, DivergedError, Interrupted, first_line
 from ..models.base import Conditioning, DiffusionModel
 from . import distributed
 from .checkpoint import (
@@ -56,6 +58,7 @@ from .checkpoint import (
 from .config import TrainConfig, folded, resolve_precision
 from .objective import Objective
 from .sets import TrainSet
+from .speed import FirstStepOutOfMemory, enable_gradient_checkpointing, speed_plans
 
 
 @dataclass
@@ -66,6 +69,7 @@ class TrainResult:
     first_step_seconds: float  # includes warm-up (allocations, autotuning); the rest is steady state
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last check)
     images: int = 0  # training images drawn by this call: steps × images per set per step × sets (all processes)
+    speed: str = "as configured"  # the settings the run used (b4m.training.speed)
 
 
 def _param_groups(model: DiffusionModel, config: TrainConfig, objective: Objective | None = None) -> list[dict]:
@@ -280,24 +284,6 @@ def graphed_micro_step(
     return GraphedMicroStep(scaled_loss(model, config, precision), params)
 
 
-def enable_gradient_checkpointing(model: DiffusionModel) -> None:
-    """Turn on activation checkpointing in the model's denoiser (diffusers' non-reentrant checkpoints per block).
-
-    The PLP layers need nothing special: each block's forward is recomputed in the backward pass, and the gradient
-    of every adapter (routed or not) is the one computed without checkpointing.
-
-    Raises:
-        B4MError: The denoiser does not support it.
-    """
-    enable = getattr(model.denoiser, "enable_gradient_checkpointing", None)
-    if enable is None:
-        raise B4MError(f"{type(model.denoiser).__name__} does not support gradient checkpointing")
-    try:
-        enable()
-    except ValueError as e:  # diffusers models that lack it say so with a ValueError
-        raise B4MError(f"{type(model.denoiser).__name__}: {e}") from e
-
-
 def train(
     model: DiffusionModel,
     plp: PLPConfig | None,
@@ -311,7 +297,61 @@ def train(
     progress: Callable[[int, int, float | None], None] | None = None,
     objective: Objective | None = None,
 ) -> TrainResult:
-    """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps.
+    """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps, at the speed
+    settings :func:`b4m.training.speed.speed_plans` chooses (``config.speed``): when the first step of one runs out
+    of GPU memory (nothing trained or written yet), the next is tried, with one warning. Arguments: see
+    :func:`train_once`."""
+    plans = speed_plans(config, model.device)
+    checkpointing = bool(getattr(model.denoiser, "is_gradient_checkpointing", False))
+    for i, (label, settings) in enumerate(plans):
+        try:
+            result = train_once(
+                model,
+                plp,
+                sets,
+                settings,
+                out,
+                role=role,
+                resume=resume,
+                validate=validate,
+                progress=progress,
+                objective=objective,
+            )
+            return dataclasses.replace(result, speed=label)
+        except FirstStepOutOfMemory as e:
+            error = str(e)
+        finally:  # the denoiser as it was: the next run on this model (b4m run, the bench) starts clean
+            if settings.gradient_checkpointing and not checkpointing:
+                model.denoiser.disable_gradient_checkpointing()
+        for p in model.denoiser.parameters():  # the failed step's gradients (no weight was updated)
+            p.grad = None
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if i + 1 == len(plans):
+            raise B4MError(
+                f"out of GPU memory at the first step with {label} ({error}); use a smaller batch or resolution"
+            )
+        warnings.warn(
+            f"out of GPU memory at the first step with {label}; starting again with {plans[i + 1][0]}", stacklevel=2
+        )
+    raise AssertionError("unreachable")
+
+
+def train_once(
+    model: DiffusionModel,
+    plp: PLPConfig | None,
+    sets: list[TrainSet],
+    config: TrainConfig,
+    out: Path,
+    *,
+    role: str = "content",
+    resume: bool | Path = False,
+    validate: Callable[[int], None] | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
+    objective: Objective | None = None,
+) -> TrainResult:
+    """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps, with the
+    settings as given.
 
     Args:
         model: The base model, with PLP layers attached (and loaded, for make).
@@ -379,17 +419,22 @@ def train(
     stopper = Stopper(config.checkpoint_minutes, lambda: last_good)
     with stopper:
         for step in range(start_step + 1, config.steps + 1):
-            running += train_step(
-                model,
-                sets,
-                config,
-                optimizer,
-                g,
-                precision=precision,
-                scaler=scaler,
-                objective=objective,
-                graphed=graphed,
-            )
+            try:
+                running += train_step(
+                    model,
+                    sets,
+                    config,
+                    optimizer,
+                    g,
+                    precision=precision,
+                    scaler=scaler,
+                    objective=objective,
+                    graphed=graphed,
+                )
+            except torch.OutOfMemoryError as e:  # at the first step nothing is trained or written: try other settings
+                if step == start_step + 1:
+                    raise FirstStepOutOfMemory(first_line(e)) from e
+                raise
 
             regular = step % config.checkpoint_every == 0 or step == config.steps
             read = regular or step % config.check_every == 0

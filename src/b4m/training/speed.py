@@ -1,0 +1,56 @@
+"""How fast a run trains when its settings leave it to b4m (``train.speed = "auto"``, the default).
+
+On a CUDA GPU, auto runs each micro-step as a CUDA graph with AdamW's fused kernel (the ``fast`` preset's settings
+that change no result: they are :data:`~b4m.training.checkpoint.SESSION_KEYS`, so a run may resume under either);
+if the first step runs out of GPU memory, the run starts again with gradient checkpointing and no graphs (the
+``low-memory`` preset). On a CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these settings
+in a config file or a flag), the settings run as given. The run records which it used (``TrainResult.speed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ..errors import B4MError
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..models.base import DiffusionModel
+
+#: The settings auto chooses; giving any of them (or a preset) makes a stage's speed "fixed".
+SPEED_KEYS = ("cuda_graphs", "fused_optimizer", "gradient_checkpointing")
+
+
+class FirstStepOutOfMemory(RuntimeError):
+    """The first step of a run ran out of GPU memory (nothing was trained or written yet)."""
+
+
+def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
+    """The settings to try in order, each with the line a run reports: one entry unless auto applies."""
+    if config.speed != "auto" or getattr(device, "type", str(device)) != "cuda":
+        return [("as configured", config)]
+    fast = replace(config, cuda_graphs=True, fused_optimizer=True, gradient_checkpointing=False)
+    low = replace(config, cuda_graphs=False, fused_optimizer=True, gradient_checkpointing=True)
+    return [
+        ("auto: CUDA graphs and fused AdamW", fast),
+        ("auto: gradient checkpointing (CUDA graphs ran out of memory at the first step)", low),
+    ]
+
+
+def enable_gradient_checkpointing(model: DiffusionModel) -> None:
+    """Turn on activation checkpointing in the model's denoiser (diffusers' non-reentrant checkpoints per block).
+
+    The PLP layers need nothing special: each block's forward is recomputed in the backward pass, and the gradient
+    of every adapter (routed or not) is the one computed without checkpointing.
+
+    Raises:
+        B4MError: The denoiser does not support it.
+    """
+    enable = getattr(model.denoiser, "enable_gradient_checkpointing", None)
+    if enable is None:
+        raise B4MError(f"{type(model.denoiser).__name__} does not support gradient checkpointing")
+    try:
+        enable()
+    except ValueError as e:  # diffusers models that lack it say so with a ValueError
+        raise B4MError(f"{type(model.denoiser).__name__}: {e}") from e

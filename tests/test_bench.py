@@ -118,6 +118,9 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-rank16", config).adapter.rank == 16
     assert variant_config("b4m-make20", config).make.steps == 20
     assert variant_config("b4m-make100", config).make.steps == 100
+    half = variant_config("b4m-content-half", config)
+    assert (half.make.steps, half.style_scale, half.content_scale) == (0, 0.0, 1.0) and half.train == base.train
+    assert variant_config("b4m-made-content-half", config).make == base.make
     for role, other in (("content", "style"), ("style", "content")):
         for level in ("high", "low"):
             cfg = variant_config(f"b4m-{role}-{level}-noise", config)

@@ -126,6 +126,15 @@ VARIANTS: dict[str, Variant] = {
         summary="make with the style references weighted 1 like the content's (the paper's; B4M's default is 0.5)",
     ),
     "b4m-make100": Variant("b4m", {"make": {"steps": 100}}, summary="make with 100 steps instead of 50"),
+    # Where the content goes (diagnostics: the style half switched off at sampling, so style scores mean nothing)
+    "b4m-content-half": Variant(
+        "b4m",
+        {"make": {"steps": 0}, "style_scale": 0.0},
+        summary="diagnostic: the content run's content half alone (fused, no make, style half off)",
+    ),
+    "b4m-made-content-half": Variant(
+        "b4m", {"style_scale": 0.0}, summary="diagnostic: the made adapter's content half alone (style half off)"
+    ),
     **_timestep_variants(),
     **_ratio_variants(),
 }

@@ -159,7 +159,7 @@ def test_a_speed_preset_reaches_every_training_table_and_nothing_else():
             if hasattr(cfg, table):
                 got, base = getattr(cfg, table), getattr(plain, table)
                 assert got.cuda_graphs and got.fused_optimizer and not got.gradient_checkpointing, (name, table)
-                speed = ("cuda_graphs", "fused_optimizer", "fold_accumulation", "gradient_checkpointing")
+                speed = ("cuda_graphs", "fused_optimizer", "fold_accumulation", "gradient_checkpointing", "speed")
                 assert dataclasses.replace(got, **{k: getattr(base, k) for k in speed}) == base, (name, table)
     with pytest.raises(B4MError, match="unknown preset 'turbo'; choose one of fast, low-memory"):
         quick_config(preset="turbo")

@@ -1,4 +1,4 @@
-"""Tiny SD and SDXL pipelines built in code and saved as diffusers folders: nothing is downloaded.
+"""Tiny SD, SDXL and FLUX pipelines built in code and saved as diffusers folders: nothing is downloaded.
 
 Images are 32 px: the VAE has two blocks (factor 2) and the UNets a 16 px sample size. The tokenizer is a byte-level
 CLIP BPE whose vocabulary holds every byte (alone and word-final) plus a few whole words, written by
@@ -15,13 +15,25 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from conftest import TINY_SD_UNET, TINY_SDXL_UNET
 
@@ -152,6 +164,103 @@ def save_tiny_sd(path: str | Path, prediction_type: str = "epsilon") -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+# FLUX: CLIP 16 wide (pooled 16), T5 24 wide (the joint attention width), 16 latent channels packed into 64.
+FLUX_CLIP = 16
+FLUX_T5 = 24
+FLUX_T5_LENGTH = 16
+FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=FLUX_T5,
+    pooled_projection_dim=FLUX_CLIP,
+    guidance_embeds=True,  # like FLUX.1-dev
+    axes_dims_rope=(2, 2, 4),
+)
+# FLUX.1-dev's scheduler config (resolution-dependent shift at sampling time).
+FLUX_SCHEDULER = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def make_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 (SentencePiece-style unigram) tokenizer built in code: every lower-case letter and digit, the words of
+    :data:`WORDS` whole, ``</s>`` appended to every prompt, padded with ``<pad>`` (id 0) as T5's."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [("\u2581" + w, -0.5) for w in WORDS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=FLUX_T5_LENGTH,
+    )
+
+
+def save_tiny_flux(path: str | Path) -> Path:
+    """Save a tiny FLUX.1-dev-like pipeline folder at ``path`` and return it: one double and one single block,
+    guidance embedding, 16 latent channels with FLUX.1's VAE shift and scale, FLUX.1-dev's scheduler config."""
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    tokenizer_2 = make_t5_tokenizer()
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, FLUX_CLIP))
+    torch.manual_seed(2)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=FLUX_T5,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(4)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**FLUX_TRANSFORMER),
     )
     pipe.save_pretrained(path)
     return path

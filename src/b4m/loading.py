@@ -13,6 +13,7 @@ This module sits above both :mod:`b4m.models` and :mod:`b4m.world`, so neither h
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,19 +59,36 @@ def model_of_identity(identity: str) -> str | None:
     if identity == "world":
         return "world"
     family, _, name = identity.partition(":")
-    if family in ("sd", "sdxl") and name and (Path(name).exists() or looks_like_hub_id(name)):
+    if family in ("sd", "sdxl", "flux") and name and (Path(name).exists() or looks_like_hub_id(name)):
         return name
     return None
 
 
+def is_flux_folder(model: str) -> bool:
+    """``model`` is a local diffusers folder of a FLUX.1 pipeline (its model_index.json says ``FluxPipeline``)."""
+    index = Path(model) / "model_index.json"
+    if not model or not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == "FluxPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def training_defaults(model: str, stage: str) -> dict[str, Any]:
     """The settings base model ``model`` brings to ``stage`` (TOML layout), under the preset, the config file and the
-    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); none for SDXL and SD, whose defaults are the
-    official ones of the config dataclasses."""
+    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); for a local FLUX.1 folder its PLP targets
+    (:data:`b4m.adapter.config.FLUX_TARGETS`, the transformer's attention projections; content and style runs:
+    make takes its runs' adapters); none for SDXL and SD, whose defaults are the official ones of the config
+    dataclasses."""
     if is_world_model(model):
         from .world.defaults import TRAINING_DEFAULTS
 
         return TRAINING_DEFAULTS.get(stage, {})
+    if stage in ("content", "style") and is_flux_folder(model):
+        from .adapter.config import FLUX_TARGETS
+
+        return {"adapter": {"targets": FLUX_TARGETS}}
     return {}
 
 

@@ -13,6 +13,18 @@ LEARNED_INITS = ("zero", "kaiming", "gaussian")
 ASSIGNMENTS = ("paper", "official")
 ROLES = ("content", "style")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: FLUX.1's default targets (a full-match regex): the attention projections of every double-stream block (image
+#: stream ``to_q/k/v``, ``to_out.0``; text stream ``add_q/k/v_proj``, ``to_add_out``) and of every single-stream block
+#: (``attn.to_q/k/v``, and ``proj_mlp`` and ``proj_out``, the MLP input and the attention+MLP output projection, which
+#: are not square: hidden → 4·hidden and 5·hidden → hidden). Those are the layers that attend and mix text with image
+#: tokens, the transformer's counterpart of a UNet's attention projections (:data:`DEFAULT_TARGETS`); single blocks
+#: carry half of FLUX.1's depth and put their attention output through ``proj_out``, so leaving them out would adapt
+#: only part of the attention. A regex rather than suffixes because the suffix ``proj_out`` also names the model's
+#: final output layer (``proj_out`` at the top level), which is not adapted (nor writable in the kohya/BFL format).
+FLUX_TARGETS = (
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"
+)
 _BREAK = ("content", "style")  # the b4m commands whose --rank and --seed set a field (b4m.cli reads the metadata)
 
 

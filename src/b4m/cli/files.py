@@ -32,25 +32,41 @@ def inspect(
 
 def dry_run(
     model: Annotated[
-        str, typer.Option(help="Diffusers model folder, UNet config.json, Hub id, world or a world model folder.")
+        str,
+        typer.Option(
+            help="Diffusers model folder (SD, SDXL, FLUX.1), UNet config.json, Hub id, world or a world model folder."
+        ),
     ] = "world",
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 64,
     ratio: Annotated[float, typer.Option(help="Frozen fraction d of each factor.")] = 0.5,
     targets: Annotated[
-        str, typer.Option(help="Comma-separated module names or dotted suffixes, or a regex prefixed with 're:'.")
-    ] = "to_q,to_k,to_v,to_out.0",
+        str,
+        typer.Option(
+            help="Comma-separated module names or dotted suffixes, or a regex prefixed with 're:'; default: the "
+            "model's (to_q,to_k,to_v,to_out.0; FLUX.1: the attention projections of its double and single blocks)."
+        ),
+    ] = "",
     exclude: Annotated[str, typer.Option(help="Same rule as --targets; wins over it.")] = "",
     all_modules: Annotated[bool, typer.Option("--modules", help="List every matched module.")] = False,
 ) -> None:
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
     from ..adapter import walker
-    from ..adapter.config import PLPConfig
-    from ..loading import denoiser_config
+    from ..adapter.config import DEFAULT_TARGETS, FLUX_TARGETS, PLPConfig
+    from ..loading import denoiser_config, is_flux_folder
     from ..unet_skeleton import unet_skeleton
 
-    config = PLPConfig(rank=rank, ratio=ratio, targets=_patterns(targets), exclude=_patterns(exclude))
-    found = denoiser_config(model)  # the world and local folders: their config files, no Hub
-    result = walker.dry_run(unet_skeleton(found[0] if found else model), config)
+    flux = is_flux_folder(model)
+    default = FLUX_TARGETS if flux else list(DEFAULT_TARGETS)
+    patterns = _patterns(targets) if targets.strip() else default
+    config = PLPConfig(rank=rank, ratio=ratio, targets=patterns, exclude=_patterns(exclude))
+    if flux:
+        from ..models.flux import transformer_skeleton
+
+        skeleton = transformer_skeleton(model)
+    else:
+        found = denoiser_config(model)  # the world and local folders: their config files, no Hub
+        skeleton = unet_skeleton(found[0] if found else model)
+    result = walker.dry_run(skeleton, config)
     lines = result.lines()
     if not all_modules and len(lines) > 12:
         lines = [*lines[:6], f"  … {len(result.modules) - 8} more (--modules lists all) …", *lines[-4:]]

@@ -1,8 +1,9 @@
-"""Loading diffusers base models (SD 1.x/2.x, SDXL): :func:`load_diffusers_model` finds the right class.
+"""Loading diffusers base models (SD 1.x/2.x, SDXL, FLUX.1): :func:`load_diffusers_model` finds the right class.
 
 ``model`` may be, in this order:
 
-1. a local diffusers pipeline folder (one with ``model_index.json``);
+1. a local diffusers pipeline folder (one with ``model_index.json``; ``FluxPipeline`` folders load a
+   :class:`~b4m.models.flux.FluxModel`);
 2. a single-file ``.safetensors`` checkpoint (SD 1.x/2.x or SDXL, told apart by its keys);
 3. a Hugging Face Hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
 
@@ -32,13 +33,20 @@ from safetensors import safe_open  # noqa: E402
 from ..errors import B4MError, first_line  # noqa: E402
 from ..hub import looks_like_hub_id  # noqa: E402
 from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
+from .flux import FluxModel  # noqa: E402
 from .sd import StableDiffusionModel  # noqa: E402
 from .sdxl import StableDiffusionXLModel  # noqa: E402
 
-#: Pipeline ``_class_name`` values of model_index.json, per model class.
-PIPELINE_CLASSES: dict[str, type[DiffusersModel]] = {
+#: A model class :func:`load_diffusers_model` builds from a diffusers pipeline (``family``, ``pipeline_class``,
+#: ``load_kwargs()``, ``from_pipeline``).
+ModelClass = type[DiffusersModel] | type[FluxModel]
+
+#: Pipeline ``_class_name`` values of model_index.json, per model class. FLUX.1 loads from diffusers folders and Hub
+#: ids only (no single-file checkpoints).
+PIPELINE_CLASSES: dict[str, ModelClass] = {
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "StableDiffusionPipeline": StableDiffusionModel,
+    "FluxPipeline": FluxModel,
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -57,7 +65,7 @@ def load_diffusers_model(
     dtype: torch.dtype | None = None,
     variant: str | None = None,
     resolution: int | None = None,
-) -> DiffusersModel:
+) -> DiffusersModel | FluxModel:
     """Load a diffusers base model (see the module docstring for what ``model`` may be).
 
     Args:
@@ -82,7 +90,7 @@ def load_diffusers_model(
     return loaded
 
 
-def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple[type[DiffusersModel], Any, str]:
+def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple[ModelClass, Any, str]:
     """The model class, the loaded diffusers pipeline and the name part of the identity."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -101,7 +109,7 @@ def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple
 # Which model class
 
 
-def model_class_from_index(index: dict, unet_config: Callable[[], dict | None], where: str) -> type[DiffusersModel]:
+def model_class_from_index(index: dict, unet_config: Callable[[], dict | None], where: str) -> ModelClass:
     """The model class for a pipeline's model_index.json contents.
 
     Args:
@@ -110,7 +118,7 @@ def model_class_from_index(index: dict, unet_config: Callable[[], dict | None], 
         where: The folder or Hub id, for error messages.
 
     Raises:
-        B4MError: Neither an SD nor an SDXL pipeline.
+        B4MError: Neither an SD, an SDXL nor a FLUX pipeline.
     """
     name = index.get("_class_name")
     if name in PIPELINE_CLASSES:
@@ -129,7 +137,7 @@ def _read_json(path: Path) -> dict:
         raise B4MError(f"{path}: cannot read JSON ({first_line(e)})") from e
 
 
-def folder_model_class(path: Path) -> type[DiffusersModel]:
+def folder_model_class(path: Path) -> ModelClass:
     """The model class of a local diffusers pipeline folder."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -140,7 +148,7 @@ def folder_model_class(path: Path) -> type[DiffusersModel]:
     )
 
 
-def hub_model_class(repo_id: str) -> type[DiffusersModel]:
+def hub_model_class(repo_id: str) -> ModelClass:
     """The model class of a Hub repository (fetches its model_index.json, and the UNet config if needed)."""
 
     def unet_config() -> dict | None:
@@ -188,7 +196,7 @@ def detect_checkpoint(path: str | Path) -> type[DiffusersModel]:
 
 
 def _from_pretrained(
-    cls: type[DiffusersModel], source: str, dtype: torch.dtype, variant: str | None, where: str
+    cls: ModelClass, source: str, dtype: torch.dtype, variant: str | None, where: str
 ) -> DiffusionPipeline:
     """``from_pretrained`` with the VAE in float32 and everything else in ``dtype``."""
     kwargs: dict[str, Any] = {**cls.load_kwargs(), _DTYPE_KEY: {"default": dtype, "vae": torch.float32}}

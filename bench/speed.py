@@ -71,8 +71,9 @@ from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
 from b4m.runs.config import STAGE_DEFAULTS, preset_settings
 from b4m.training.config import TrainConfig, folded, resolve_precision
-from b4m.training.loop import enable_gradient_checkpointing, graphed_micro_step, make_optimizer, train_step
+from b4m.training.loop import graphed_micro_step, make_optimizer, train_step
 from b4m.training.sets import TrainSet
+from b4m.training.speed import enable_gradient_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL_UNET = ROOT / "tests" / "data" / "sdxl-unet-config.json"

@@ -17,7 +17,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def run(tmp_path, name: str, device: str, **settings) -> dict[str, torch.Tensor]:
     model, plp = attached()
     model.to(device)
-    base = dict(steps=4, lr=1e-2, routing="clean", owned="up", batch_size=2, grad_accum=3, checkpoint_every=100)
+    # speed fixed: on a GPU the default (auto) would graph the eager run too
+    base = dict(
+        steps=4, lr=1e-2, routing="clean", owned="up", batch_size=2, grad_accum=3, checkpoint_every=100, speed="fixed"
+    )
     config = TrainConfig(**{**base, **settings})
     train(model, plp, toy_sets(model), config, tmp_path / name)
     return {k: v.cpu() for k, v in adapter_state(model).items()}

@@ -184,8 +184,10 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
     assert [label for label, _ in speed_plans(TrainConfig(), torch.device("cpu"))] == ["as configured"]
     assert len(speed_plans(TrainConfig(speed="fixed"), torch.device("cuda"))) == 1
     (_, fast), (low_label, low) = speed_plans(TrainConfig(), torch.device("cuda"))
-    assert fast.cuda_graphs and fast.fused_optimizer and not fast.gradient_checkpointing
-    assert low.gradient_checkpointing and not low.cuda_graphs and "out of memory" in low_label
+    assert fast.cuda_graphs and fast.fused_optimizer and fast.fold_accumulation and not fast.gradient_checkpointing
+    assert (
+        low.gradient_checkpointing and not (low.cuda_graphs or low.fold_accumulation) and "out of memory" in low_label
+    )
 
     config = TrainConfig(steps=3, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
     cpu_low = TrainConfig(**{**config.__dict__, "gradient_checkpointing": True})

@@ -227,19 +227,36 @@ def test_tensorboard_logs_the_loss(tmp_path):
     assert [v for _, v in logged] == pytest.approx([v for _, v in result.losses])
 
 
-def test_fold_accumulation_is_one_micro_step_of_all_the_images(tmp_path):
-    """Folding runs a step's micro-steps as one batch: exactly the run with batch_size × grad_accum and no
-    accumulation (same draws), and a loss of the same form as accumulating (each set's mean over the step)."""
-    base = dict(steps=3, lr=1e-3, routing="clean", owned="up", checkpoint_every=10)
-    folded_config = TrainConfig(**base, batch_size=1, grad_accum=3, fold_accumulation=True)
+def test_fold_accumulation_trains_what_accumulating_trains(tmp_path):
+    """Folding runs a step's micro-steps as one batch of the images they would draw (the same draws from the same
+    generator), each weighing 1/grad_accum: the adapters of accumulating, up to rounding; and a run resumes across
+    the setting (2 steps folded, then 2 unfolded: the 4-step run)."""
+    base = dict(steps=3, lr=1e-3, routing="clean", owned="up", checkpoint_every=10, batch_size=1, grad_accum=3)
+    folded_config = TrainConfig(**base, fold_accumulation=True)
     assert (folded(folded_config).batch_size, folded(folded_config).grad_accum) == (3, 1)
     model, plp = attached()
     train(model, plp, toy_sets(model), folded_config, tmp_path / "folded")
     got = adapter_state(model)
     model, plp = attached()
-    train(model, plp, toy_sets(model), TrainConfig(**base, batch_size=3, grad_accum=1), tmp_path / "wide")
+    train(model, plp, toy_sets(model), TrainConfig(**base), tmp_path / "accumulated")
     want = adapter_state(model)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    moved = [k for k in want if "learned" in k]
+    start = adapter_state(attached()[0])
+    assert all(not torch.equal(want[k], start[k]) for k in moved)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+    four = {**base, "steps": 4, "checkpoint_every": 2}
+    model, plp = attached()
+    train(model, plp, toy_sets(model), TrainConfig(**four), tmp_path / "straight")
+    straight = adapter_state(model)
+    model, plp = attached()
+    train(model, plp, toy_sets(model), TrainConfig(**{**four, "steps": 2}, fold_accumulation=True), tmp_path / "mix")
+    model, plp = attached()
+    result = train(model, plp, toy_sets(model), TrainConfig(**four), tmp_path / "mix", resume=True)
+    assert result.steps == 2
+    for k in straight:
+        torch.testing.assert_close(adapter_state(model)[k], straight[k], rtol=1e-5, atol=1e-6)
 
 
 def test_timestep_bias_moves_the_noise_levels_and_none_keeps_the_uniform_draws():

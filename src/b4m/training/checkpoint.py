@@ -155,6 +155,7 @@ SESSION_KEYS = (
     "gradient_checkpointing",
     "fused_optimizer",
     "cuda_graphs",
+    "fold_accumulation",
     "speed",
 )
 

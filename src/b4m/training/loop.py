@@ -135,27 +135,48 @@ def draw_timesteps(n: int, num_train_timesteps: int, config: TrainConfig, g: tor
     return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
+def _draw_rows(
+    ordered: list[TrainSet], n: int, num_train_timesteps: int, config: TrainConfig, g: torch.Generator
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One micro-step's draws from ``g``, in this order: ``n`` picks per set, the noise of every row, the timesteps."""
+    picks = [torch.randint(0, len(s.latents), (n,), generator=g) for s in ordered]
+    shape = (n * len(ordered), *ordered[0].latents.shape[1:])
+    noise = torch.randn(shape, generator=g)
+    return picks, noise, draw_timesteps(shape[0], num_train_timesteps, config, g)
+
+
 def draw_batch(
     model: DiffusionModel,
     sets: list[TrainSet],
     config: TrainConfig,
     g: torch.Generator,
     objective: Objective | None = None,
+    draws: int = 1,
 ) -> Batch:
     """Draw one micro-step: ``batch_size`` images of every set, main sets first, their noise and timesteps (all from
     ``g``), and the target (the diffusion target, or the ``objective``'s).
 
+    ``draws > 1`` (a folded step, ``fold_accumulation``): what ``draws`` micro-steps of ``batch_size // draws``
+    images per set draw from ``g``, in their order, as one batch (each set's rows together; each row weighing
+    ``1 / draws`` of a micro-step's): folding changes how a step runs, not what it trains on.
+
     With several processes (:mod:`b4m.training.distributed`) every rank draws the whole batch and keeps its share of
     the rows of every set, weighted as in the whole batch: the ranks' losses add up to the one-process loss."""
     ordered = [s for s in sets if s.main] + [s for s in sets if not s.main]
-    picks = [torch.randint(0, len(s.latents), (config.batch_size,), generator=g) for s in ordered]
-    n_main = config.batch_size * sum(s.main for s in sets)
+    n = config.batch_size // draws
+    drawn = [_draw_rows(ordered, n, model.num_train_timesteps, config, g) for _ in range(draws)]
+    picks = [torch.cat([d[0][j] for d in drawn]) for j in range(len(ordered))]  # each set's picks, draw after draw
+
+    def by_set(per_draw: list[torch.Tensor]) -> torch.Tensor:  # rows of each draw (set after set) -> set after set
+        return torch.cat([x[j * n : (j + 1) * n] for j in range(len(ordered)) for x in per_draw])
+
     device = model.device
     latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
     cond = Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
+    noise = by_set([d[1] for d in drawn]).to(device, latents.dtype)
+    timesteps = by_set([d[2] for d in drawn]).to(device)
     weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered]).to(device)
-    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-    timesteps = draw_timesteps(len(latents), model.num_train_timesteps, config, g).to(device)
+    n_main = config.batch_size * sum(s.main for s in sets)
     order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
     sources = [i for i in order for _ in range(config.batch_size)]
     dist = distributed.current()
@@ -210,9 +231,10 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     objective: Objective | None = None,
     graphed: GraphedMicroStep | None = None,
+    draws: int = 1,
 ) -> torch.Tensor:
     """One optimizer step: ``config.grad_accum`` micro-steps (each one forward and one backward of a batch holding
-    every set), then the optimizer's step and ``zero_grad``.
+    every set; ``draws``: see :func:`draw_batch`), then the optimizer's step and ``zero_grad``.
 
     Args:
         model: The model, PLP layers attached, denoiser in train mode.
@@ -232,7 +254,7 @@ def train_step(
     total = torch.zeros((), device=model.device)
     loss_fn = scaled_loss(model, config, precision, objective) if graphed is None else None
     for _ in range(config.grad_accum):
-        batch = draw_batch(model, sets, config, g, objective)
+        batch = draw_batch(model, sets, config, g, objective, draws)
         if graphed is not None:
             total += graphed(batch)
             continue
@@ -374,6 +396,8 @@ def train_once(
             good checkpoint).
     """
     out = Path(out)
+    given = config  # its fingerprint: a folded step trains on what the micro-steps would, so a run resumes across it
+    draws = config.grad_accum if config.fold_accumulation else 1
     config = folded(config)
     dist = distributed.current()
     dist.check_batch(config.batch_size)
@@ -397,7 +421,7 @@ def train_once(
     optimizer = make_optimizer(model, config, objective)
     g = torch.Generator().manual_seed(config.seed)
     start_step = 0
-    run_fingerprint = fingerprint(config, sets, objective)
+    run_fingerprint = fingerprint(given, sets, objective)
 
     if dist.is_main:
         clean_leftovers(out)  # what a killed checkpoint write left: never resumed from
@@ -430,6 +454,7 @@ def train_once(
                     scaler=scaler,
                     objective=objective,
                     graphed=graphed,
+                    draws=draws,
                 )
             except torch.OutOfMemoryError as e:  # at the first step nothing is trained or written: try other settings
                 if step == start_step + 1:

@@ -1,10 +1,11 @@
 """How fast a run trains when its settings leave it to b4m (``train.speed = "auto"``, the default).
 
-On a CUDA GPU, auto runs each micro-step as a CUDA graph with AdamW's fused kernel (the ``fast`` preset's settings
-that change no result: they are :data:`~b4m.training.checkpoint.SESSION_KEYS`, so a run may resume under either);
-if the first step runs out of GPU memory, the run starts again with gradient checkpointing and no graphs (the
-``low-memory`` preset). On a CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these settings
-in a config file or a flag), the settings run as given. The run records which it used (``TrainResult.speed``).
+On a CUDA GPU, auto runs the ``fast`` preset's settings: a step's micro-steps as one batch (``fold_accumulation``,
+the same draws), each replayed as a CUDA graph, AdamW's fused kernel. None changes what a run trains on (they are
+:data:`~b4m.training.checkpoint.SESSION_KEYS`: a run resumes under either); if the first step runs out of GPU
+memory, the run starts again unfolded, with gradient checkpointing and no graphs (the ``low-memory`` preset). On a
+CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these settings in a config file or a flag),
+the settings run as given. The run records which it used (``TrainResult.speed``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ..models.base import DiffusionModel
 
 #: The settings auto chooses; giving any of them (or a preset) makes a stage's speed "fixed".
-SPEED_KEYS = ("cuda_graphs", "fused_optimizer", "gradient_checkpointing")
+SPEED_KEYS = ("cuda_graphs", "fused_optimizer", "gradient_checkpointing", "fold_accumulation")
 
 
 class FirstStepOutOfMemory(RuntimeError):
@@ -30,10 +31,14 @@ def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
     """The settings to try in order, each with the line a run reports: one entry unless auto applies."""
     if config.speed != "auto" or getattr(device, "type", str(device)) != "cuda":
         return [("as configured", config)]
-    fast = replace(config, cuda_graphs=True, fused_optimizer=True, gradient_checkpointing=False)
-    low = replace(config, cuda_graphs=False, fused_optimizer=True, gradient_checkpointing=True)
+    fast = replace(
+        config, cuda_graphs=True, fused_optimizer=True, gradient_checkpointing=False, fold_accumulation=True
+    )
+    low = replace(
+        config, cuda_graphs=False, fused_optimizer=True, gradient_checkpointing=True, fold_accumulation=False
+    )
     return [
-        ("auto: CUDA graphs and fused AdamW", fast),
+        ("auto: CUDA graphs, fused AdamW, a step's micro-steps as one batch", fast),
         ("auto: gradient checkpointing (CUDA graphs ran out of memory at the first step)", low),
     ]
 

@@ -207,3 +207,13 @@ def test_dry_run_lists_the_flux_targets(folder):
     for name, shape in (("proj_mlp", "16 → 64"), ("proj_out", "80 → 16")):
         line = next(x for x in output.splitlines() if f"single_transformer_blocks.0.{name}" in x)
         assert all(n in line for n in re.findall(r"\d+", shape)), line
+
+
+def test_a_rank_too_large_for_flux_is_refused_before_the_model_loads(folder, tmp_path, monkeypatch):
+    import b4m.runs.stages as stages
+
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    dog = _images(tmp_path / "dog", 2, (120, 60, 20))
+    args = ["content", "--images", dog, "--prompt", "a photo of sks dog", "-o", tmp_path / "c", "--model", folder]
+    result = runner.invoke(app, [str(a) for a in [*args, "--rank", "100000"]])
+    assert result.exit_code != 0 and "rank 100000 is larger than the narrowest adapted layer" in str(result.exception)

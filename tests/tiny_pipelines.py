@@ -264,3 +264,114 @@ def save_tiny_flux(path: str | Path) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+# FLUX.2 [klein]: a Qwen3 text encoder 8 wide with 27 layers (the pipeline stacks the hidden states of layers 9, 18
+# and 27: 3 · 8 = 24 = the transformer's joint attention width), 4 VAE latent channels patchified 2×2 into 16.
+KLEIN_TEXT = 8
+KLEIN_TEXT_LAYERS = 27
+KLEIN_TEXT_LENGTH = 64
+KLEIN_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=3 * KLEIN_TEXT,
+    timestep_guidance_channels=16,
+    axes_dims_rope=(2, 2, 2, 2),
+    guidance_embeds=False,  # like FLUX.2 [klein] base: not guidance-distilled
+)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's chat template cut to what Flux2KleinPipeline uses: one user turn, the generation prompt and, with
+# enable_thinking=False, the empty think block.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def make_qwen_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer built in code: every byte, the words of :data:`WORDS` whole (with and
+    without a leading space), Qwen's chat special tokens, padded with ``<|endoftext|>``, and a chat template."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2TokenizerFast
+
+    chars = ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(chars))}
+    merges = []
+    for word in (*WORDS, *("\u0120" + w for w in WORDS), "user", "assistant"):
+        parts = list(word)
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    merges = list(dict.fromkeys(merges))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL])
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=KLEIN_TEXT_LENGTH,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_flux2(path: str | Path) -> Path:
+    """Save a tiny FLUX.2 [klein] base-like pipeline folder at ``path`` and return it: one double and one single
+    block, no guidance embedding (true CFG in the pipeline), a 27-layer Qwen3, a FLUX.2 VAE whose batch-norm
+    statistics are not the identity, FLUX.1-dev's flow-matching scheduler config (dynamic shift)."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = Path(path)
+    tokenizer = make_qwen_tokenizer()
+    torch.manual_seed(1)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=KLEIN_TEXT,
+            intermediate_size=16,
+            num_hidden_layers=KLEIN_TEXT_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(3)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+    vae.bn.running_mean.copy_(torch.randn(16) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    torch.manual_seed(4)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(**KLEIN_TRANSFORMER),
+        is_distilled=False,
+    )
+    pipe.save_pretrained(path)
+    return path

@@ -59,36 +59,61 @@ def model_of_identity(identity: str) -> str | None:
     if identity == "world":
         return "world"
     family, _, name = identity.partition(":")
-    if family in ("sd", "sdxl", "flux") and name and (Path(name).exists() or looks_like_hub_id(name)):
+    if family in ("sd", "sdxl", "flux", "flux2") and name and (Path(name).exists() or looks_like_hub_id(name)):
         return name
     return None
 
 
-def is_flux_folder(model: str) -> bool:
-    """``model`` is a local diffusers folder of a FLUX.1 pipeline (its model_index.json says ``FluxPipeline``)."""
+#: model_index.json ``_class_name`` of the transformer families, by the family name their identities carry.
+FLUX_PIPELINES = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2"}
+
+
+def flux_family(model: str) -> str | None:
+    """``"flux"`` (FLUX.1) or ``"flux2"`` (FLUX.2 [klein]) where ``model`` is a local diffusers folder of such a
+    pipeline (its model_index.json says ``FluxPipeline`` or ``Flux2KleinPipeline``), else None."""
     index = Path(model) / "model_index.json"
     if not model or not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == "FluxPipeline"
-    except (OSError, ValueError, AttributeError):
-        return False
+        return FLUX_PIPELINES.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def is_flux_folder(model: str) -> bool:
+    """``model`` is a local diffusers folder of a FLUX.1 pipeline (its model_index.json says ``FluxPipeline``)."""
+    return flux_family(model) == "flux"
+
+
+def flux_targets(family: str) -> str:
+    """The default PLP targets of a transformer family (:data:`b4m.adapter.config.FLUX_TARGETS`, ``KLEIN_TARGETS``)."""
+    from .adapter.config import FLUX_TARGETS, KLEIN_TARGETS
+
+    return KLEIN_TARGETS if family == "flux2" else FLUX_TARGETS
+
+
+def transformer_skeleton(model: str, family: str):
+    """The transformer of a local FLUX.1 or klein folder on the meta device (its config file only, no weights)."""
+    if family == "flux2":
+        from .models.flux2 import transformer_skeleton as skeleton
+    else:
+        from .models.flux import transformer_skeleton as skeleton
+    return skeleton(model)
 
 
 def training_defaults(model: str, stage: str) -> dict[str, Any]:
     """The settings base model ``model`` brings to ``stage`` (TOML layout), under the preset, the config file and the
-    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); for a local FLUX.1 folder its PLP targets
-    (:data:`b4m.adapter.config.FLUX_TARGETS`, the transformer's attention projections; content and style runs:
-    make takes its runs' adapters); none for SDXL and SD, whose defaults are the official ones of the config
-    dataclasses."""
+    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); for a local FLUX.1 or FLUX.2 [klein] folder
+    its PLP targets (:data:`b4m.adapter.config.FLUX_TARGETS`, ``KLEIN_TARGETS``: the transformer's attention
+    projections; content and style runs: make takes its runs' adapters); none for SDXL and SD, whose defaults are the
+    official ones of the config dataclasses."""
     if is_world_model(model):
         from .world.defaults import TRAINING_DEFAULTS
 
         return TRAINING_DEFAULTS.get(stage, {})
-    if stage in ("content", "style") and is_flux_folder(model):
-        from .adapter.config import FLUX_TARGETS
-
-        return {"adapter": {"targets": FLUX_TARGETS}}
+    family = flux_family(model) if stage in ("content", "style") else None
+    if family is not None:
+        return {"adapter": {"targets": flux_targets(family)}}
     return {}
 
 

@@ -25,6 +25,18 @@ FLUX_TARGETS = (
     r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"
 )
+#: FLUX.2 [klein]'s default targets (a full-match regex): the attention projections of every double-stream block, as
+#: FLUX.1's (image stream ``to_q/k/v``, ``to_out.0``; text stream ``add_q/k/v_proj``, ``to_add_out``), and of every
+#: single-stream block, where FLUX.2 fuses them with the MLP: ``attn.to_qkv_mlp_proj`` (q, k, v and the SwiGLU's two
+#: inputs: hidden → 3·hidden + 2·mlp, e.g. 3072 → 27648 in klein 4B) and ``attn.to_out`` (attention output and MLP
+#: output: hidden + mlp → hidden). The fused layers cannot be split without leaving part of the attention unadapted,
+#: so they are adapted whole: non-square layers, where PLP's frozen fractions are computed per side. The reason is
+#: FLUX.1's (:data:`FLUX_TARGETS`): the layers that attend and mix text with image tokens. A regex, as FLUX.1's, so
+#: that only the blocks' layers match (the embedders, modulations and the top-level ``proj_out`` are not adapted).
+KLEIN_TARGETS = (
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+)
 _BREAK = ("content", "style")  # the b4m commands whose --rank and --seed set a field (b4m.cli reads the metadata)
 
 

@@ -34,7 +34,8 @@ def dry_run(
     model: Annotated[
         str,
         typer.Option(
-            help="Diffusers model folder (SD, SDXL, FLUX.1), UNet config.json, Hub id, world or a world model folder."
+            help="Diffusers model folder (SD, SDXL, FLUX.1, FLUX.2 klein), UNet config.json, Hub id, world or a world "
+            "model folder."
         ),
     ] = "world",
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 64,
@@ -43,7 +44,8 @@ def dry_run(
         str,
         typer.Option(
             help="Comma-separated module names or dotted suffixes, or a regex prefixed with 're:'; default: the "
-            "model's (to_q,to_k,to_v,to_out.0; FLUX.1: the attention projections of its double and single blocks)."
+            "model's (to_q,to_k,to_v,to_out.0; FLUX.1 and FLUX.2 klein: the attention projections of their double and "
+            "single blocks)."
         ),
     ] = "",
     exclude: Annotated[str, typer.Option(help="Same rule as --targets; wins over it.")] = "",
@@ -51,18 +53,16 @@ def dry_run(
 ) -> None:
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
     from ..adapter import walker
-    from ..adapter.config import DEFAULT_TARGETS, FLUX_TARGETS, PLPConfig
-    from ..loading import denoiser_config, is_flux_folder
+    from ..adapter.config import DEFAULT_TARGETS, PLPConfig
+    from ..loading import denoiser_config, flux_family, flux_targets, transformer_skeleton
     from ..unet_skeleton import unet_skeleton
 
-    flux = is_flux_folder(model)
-    default = FLUX_TARGETS if flux else list(DEFAULT_TARGETS)
+    family = flux_family(model)  # FLUX.1 or FLUX.2 [klein] folders: their transformer's targets and skeleton
+    default = flux_targets(family) if family else list(DEFAULT_TARGETS)
     patterns = _patterns(targets) if targets.strip() else default
     config = PLPConfig(rank=rank, ratio=ratio, targets=patterns, exclude=_patterns(exclude))
-    if flux:
-        from ..models.flux import transformer_skeleton
-
-        skeleton = transformer_skeleton(model)
+    if family:
+        skeleton = transformer_skeleton(model, family)
     else:
         found = denoiser_config(model)  # the world and local folders: their config files, no Hub
         skeleton = unet_skeleton(found[0] if found else model)

@@ -28,8 +28,13 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 KOHYA_NETWORK_MODULE = "networks.lora"
-#: Model families ``save_lora`` writes for: SD/SDXL UNets (also ``None``) and FLUX.1 transformers.
-FAMILIES = ("sd", "sdxl", flux.FAMILY)
+#: Model families ``save_lora`` writes for: SD/SDXL UNets (also ``None``), FLUX.1 and FLUX.2 [klein] transformers.
+FAMILIES = ("sd", "sdxl", flux.FAMILY, "flux2")
+#: Why a FLUX.2 [klein] run writes no kohya file (one line, for the CLI).
+FLUX2_KOHYA = (
+    "FLUX.2 [klein] LoRAs are written in the diffusers format only (transformer.<module> peft keys, which "
+    "Flux2KleinPipeline.load_lora_weights reads); b4m has no kohya/BFL writer for FLUX.2 yet"
+)
 
 # diffusers' safetensors metadata entry for the peft LoraConfig kwargs (diffusers.loaders.lora_base).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -176,7 +181,8 @@ def save_lora(
         unet_config: The UNet's config (or the UNet); needed for SGM naming (``layers_per_block``).
         family: The model family the module names belong to: ``None``, ``"sd"`` or ``"sdxl"`` (a UNet: the naming
             follows ``kohya_naming`` and ``unet_config``) or ``"flux"`` (a FLUX.1 transformer; ``kohya_naming`` must be
-            ``"auto"`` or ``"bfl"``, ``unet_config`` is not used).
+            ``"auto"`` or ``"bfl"``, ``unet_config`` is not used) or ``"flux2"`` (a FLUX.2 [klein] transformer,
+            ``Flux2Transformer2DModel``; the diffusers format only, :data:`FLUX2_KOHYA`).
 
     Returns:
         The kohya naming the file was written in, so that callers can say which one ``"auto"`` chose: ``"sgm"``
@@ -198,7 +204,11 @@ def save_lora(
         raise B4MError(f"{path}: family must be None or one of {FAMILIES}, got {family!r}")
     check_factors(factors, path)
     naming = None
-    if family == flux.FAMILY:
+    if family == "flux2":  # Flux2Transformer2DModel names: peft keys under transformer., as FLUX.1's
+        if format != "diffusers":
+            raise B4MError(f"{path}: {FLUX2_KOHYA}")
+        tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)
+    elif family == flux.FAMILY:
         flux.check_modules(list(factors), path)
         if format == "diffusers":
             tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)

@@ -1,9 +1,10 @@
-"""Loading diffusers base models (SD 1.x/2.x, SDXL, FLUX.1): :func:`load_diffusers_model` finds the right class.
+"""Loading diffusers base models (SD 1.x/2.x, SDXL, FLUX.1, FLUX.2 [klein]): :func:`load_diffusers_model` finds the
+right class.
 
 ``model`` may be, in this order:
 
 1. a local diffusers pipeline folder (one with ``model_index.json``; ``FluxPipeline`` folders load a
-   :class:`~b4m.models.flux.FluxModel`);
+   :class:`~b4m.models.flux.FluxModel`, ``Flux2KleinPipeline`` ones a :class:`~b4m.models.flux2.Flux2KleinModel`);
 2. a single-file ``.safetensors`` checkpoint (SD 1.x/2.x or SDXL, told apart by its keys);
 3. a Hugging Face Hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
 
@@ -34,6 +35,7 @@ from ..errors import B4MError, first_line  # noqa: E402
 from ..hub import looks_like_hub_id  # noqa: E402
 from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
 from .flux import FluxModel  # noqa: E402
+from .flux2 import Flux2KleinModel  # noqa: E402
 from .sd import StableDiffusionModel  # noqa: E402
 from .sdxl import StableDiffusionXLModel  # noqa: E402
 
@@ -41,12 +43,13 @@ from .sdxl import StableDiffusionXLModel  # noqa: E402
 #: ``load_kwargs()``, ``from_pipeline``).
 ModelClass = type[DiffusersModel] | type[FluxModel]
 
-#: Pipeline ``_class_name`` values of model_index.json, per model class. FLUX.1 loads from diffusers folders and Hub
-#: ids only (no single-file checkpoints).
+#: Pipeline ``_class_name`` values of model_index.json, per model class. FLUX.1 and FLUX.2 [klein] load from diffusers
+#: folders and Hub ids only (no single-file checkpoints).
 PIPELINE_CLASSES: dict[str, ModelClass] = {
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "StableDiffusionPipeline": StableDiffusionModel,
     "FluxPipeline": FluxModel,
+    "Flux2KleinPipeline": Flux2KleinModel,
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -23,7 +23,7 @@ from ..data import ImageSet, load_aux_sets, load_image_set
 from ..device import default_device
 from ..errors import B4MError
 from ..images import save_grid
-from ..loading import denoiser_config, is_flux_folder, load_model, model_of_identity
+from ..loading import denoiser_config, flux_family, load_model, model_of_identity, transformer_skeleton
 from ..method.config import MakeConfig
 from ..method.stages import break_run, make
 from ..models.base import DiffusionModel, SampleRequest
@@ -92,13 +92,13 @@ def check_before_loading(model: str, resolution: int | None, out: Path, plp: PLP
     where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not os.access(where, os.W_OK):
         raise B4MError(f"{out}: cannot write there ({where} is read-only); choose another -o")
-    if is_flux_folder(model):  # FLUX.1: the transformer's structure from its config file, on the meta device
-        from ..models.flux import transformer_skeleton
-
+    family = flux_family(model)
+    if family:  # FLUX.1, FLUX.2 [klein]: the transformer's structure from its config file, on the meta device
+        name = "FLUX.2 [klein]" if family == "flux2" else "FLUX.1"
         if resolution is not None and resolution > MAX_RESOLUTION_FACTOR * 1024:
-            raise B4MError(f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}× FLUX.1's native 1024 px")
+            raise B4MError(f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}× {name}'s native 1024 px")
         if plp is not None:
-            check_rank(transformer_skeleton(model), plp)
+            check_rank(transformer_skeleton(model, family), plp)
         return
     found = denoiser_config(model)
     if found is None:

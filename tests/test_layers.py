@@ -50,8 +50,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("b4m.method",),
     # 6: what uses the method: the baselines, run folders, several runs at once
     ("b4m.baselines", "b4m.runs", "b4m.sweep"),
-    # 7: the world's applications: its demo, its benchmark, retraining its base model
-    ("b4m.world.demo", "b4m.world.bench", "b4m.world.pretrain"),
+    # 7: the applications: the world's demo, its benchmark, retraining its base model; the web app
+    ("b4m.world.demo", "b4m.world.bench", "b4m.world.pretrain", "b4m.ui"),
     # 8: the command line
     ("b4m.cli",),
     # 9: the package's facade (b4m/__init__.py: names imported on first use)

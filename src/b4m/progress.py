@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
-#: Seconds between progress lines when output is not a terminal (a log file, a pipe, b4m sweep's job logs).
-LOG_EVERY_S = 30.0
+
+#: Seconds between progress lines when output is not a terminal (a log file, a pipe, b4m sweep's job logs);
+#: ``B4M_PROGRESS_SECONDS`` sets another (the app reads a run's progress from these lines every second).
+def _seconds(text: str | None, default: float = 30.0) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
+LOG_EVERY_S = _seconds(os.environ.get("B4M_PROGRESS_SECONDS"))
 
 Progress = Callable[[int, int, float | None], None]
 

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import B4MError, Interrupted
 from ..version import __version__
-from . import bench, files, stages, sweep, world
+from . import bench, files, stages, sweep, ui, world
 from .console import console
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ app.command("demo")(world.demo)
 app.command("bench")(bench.bench)
 app.command("eval")(bench.evaluate)
 app.command("sweep")(sweep.sweep)
+app.command("ui")(ui.ui)
 
 world_app = typer.Typer(
     help="The built-in world: render reference folders, score images, pretrain its base model, train oracles, "

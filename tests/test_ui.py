@@ -1,0 +1,107 @@
+"""The app's workspace, job queue and actions on the built-in world (the page's buttons without a browser): runs
+are the CLI's own commands in child processes, writing the CLI's folders; cancel checkpoints; errors are one line."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from b4m import B4MError
+from b4m.cli import app
+from b4m.ui import actions
+from b4m.ui.jobs import JobQueue
+from b4m.ui.workspace import Workspace, check_name
+
+
+@pytest.fixture(scope="module")
+def queue():
+    return JobQueue()
+
+
+def test_names_and_uploads_are_checked_before_anything_is_written(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    assert check_name(" My_Dog ") == "my_dog"
+    for bad in ("", "../x", "a b", "x" * 65):
+        with pytest.raises(B4MError, match="use 1-64 lower-case letters"):
+            check_name(bad)
+    good = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(B4MError, match=r"notes.png: not an image"):
+        ws.save_uploads([good, bad], "content", "dog")
+    assert not ws.references("content", "dog").exists()
+    with pytest.raises(B4MError, match="no content images given"):
+        ws.save_uploads([], "content", "dog")
+    assert ws.save_uploads([good], "content", "dog") == ws.references("content", "dog")
+
+
+def test_train_make_generate_through_the_queue_in_the_clis_folders(tmp_path, queue):
+    ws = Workspace(tmp_path / "ws")
+    content = actions.start_run(ws, queue, "content", "teapot", world_concept="teapot", steps=2)
+    style = actions.start_run(
+        ws, queue, "style", "brick", world_concept="brick", prompt="a diamond in zwx style", steps=2
+    )
+    assert style.state == "queued"  # one run at a time
+    for job in (content, style):
+        assert queue.wait(job).state == "done", job.lines
+    assert [(e.name, e.finished) for e in ws.entries("content")] == [("teapot", True)]
+    run = json.loads((ws.run("style", "brick") / "run.json").read_text())
+    assert run["stage"] == "style" and run["config"]["placeholder"] == "zwx" and run["config"]["train"]["steps"] == 2
+    with pytest.raises(B4MError, match="a content named 'teapot' exists already"):
+        actions.start_run(ws, queue, "content", "teapot", world_concept="teapot")
+    with pytest.raises(B4MError, match="no trained style named 'glass'"):
+        actions.start_make(ws, queue, "teapot", "glass")
+
+    made = queue.wait(actions.start_make(ws, queue, "teapot", "brick", steps=1))
+    assert made.state == "done", made.lines
+    images = queue.wait(actions.start_generate(ws, queue, "teapot+brick", "a sks in zwx style", n=2, upscale=2))
+    assert images.state == "done", images.lines
+    files = actions.images_of(ws, "teapot+brick")
+    assert len(files) == 2 and Image.open(files[0]).size == (64, 64)
+    assert {p.name for p in actions.lora_files(ws, "teapot+brick")} == {
+        "fused_lora_diffusers.safetensors",
+        "fused_lora_comfyui.safetensors",
+    }
+    # the CLI reads the app's runs: make the same two into another folder
+    result = CliRunner().invoke(
+        app, ["make", "--content", str(ws.run("content", "teapot")), "--style", str(ws.run("style", "brick")),
+              "-o", str(tmp_path / "cli"), "--steps", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_cancel_checkpoints_and_resume_finishes(tmp_path, queue):
+    ws = Workspace(tmp_path / "ws")
+    job = actions.start_run(ws, queue, "content", "dog", world_concept="dog", steps=80)
+    deadline = time.monotonic() + 120
+    while job.step == 0 and job.ended is None:  # progress lines come every second
+        assert time.monotonic() < deadline, job.lines
+        time.sleep(0.1)
+    assert job.ended is None, "the run ended before it could be cancelled"
+    queue.cancel(job)
+    queue.wait(job)
+    assert job.state == "cancelled" and job.returncode == 143, job.lines  # SIGTERM: a checkpoint, then exit
+    assert (ws.run("content", "dog") / "checkpoints").is_dir()
+    assert [e.state for e in ws.entries("content")] == ["stopped (resume it)"]
+    resumed = queue.wait(actions.start_run(ws, queue, "content", "dog", resume=True, steps=80))
+    assert resumed.state == "done", resumed.lines
+    assert any("resuming after step" in line for line in resumed.lines)
+    assert ws.entries("content")[0].finished
+
+
+def test_a_failed_command_reports_its_one_line_error(tmp_path, queue):
+    job = queue.wait(queue.submit("broken", ["content", "--images", str(tmp_path / "none"), "--prompt", "a sks"]))
+    assert job.state == "failed" and job.summary() == "broken: failed: no --output folder given", job.lines
+
+
+def test_the_page_builds(tmp_path):
+    from b4m.ui.app import build_app
+
+    page = build_app(tmp_path / "ws")
+    assert type(page).__name__ == "Blocks"

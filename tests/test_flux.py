@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from b4m.adapter.config import FLUX_TARGETS
 from b4m.adapter.file import attached, load_adapter
 from b4m.cli import app
+from b4m.files import load_safetensors
 from b4m.loading import load_model
 from b4m.lora_files import load_lora
 from b4m.models.flux import TRAIN_GUIDANCE, FluxModel
@@ -177,6 +178,13 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     assert not torch.allclose(theirs, base, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "m" / "fused_lora_comfyui.safetensors").is_file()  # kohya/BFL names
+    # b4m export writes the same files from the adapter (the FLUX layouts, not the UNet's)
+    for fmt, name in (("diffusers", "fused_lora_diffusers"), ("kohya", "fused_lora_comfyui")):
+        again = tmp_path / f"export-{fmt}.safetensors"
+        _cli("export", tmp_path / "m" / "fused.b4m.safetensors", "-o", again, "--format", fmt)
+        assert sorted(load_safetensors(again)[0]) == sorted(
+            load_safetensors(tmp_path / "m" / f"{name}.safetensors")[0]
+        )
 
     out = tmp_path / "g"
     args = ("generate", tmp_path / "m", "a sks dog in sks style", "-n", "2", "--seed", "7", "--steps", "2")

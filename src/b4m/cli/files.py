@@ -124,12 +124,17 @@ def export(
     adapter = load_adapter(file)
     factors = adapter.factors(scale=scale, content_scale=content_scale, style_scale=style_scale)
     metadata = {"b4m_role": adapter.role, "b4m_fingerprint": adapter.fingerprint(), **adapter.metadata}
-    if unet_config:
-        config = read_unet_config(unet_config)
-    else:  # the adapter's base model, where its config files say it without the Hub (the world, a local folder)
-        found = denoiser_config(model_of_identity(adapter.config.base_model) or "")
-        config = found[0] if found else None
-    naming = save_lora(factors, output, format=format, dtype=torch_dtype, metadata=metadata, unet_config=config)
+    family = adapter.config.base_model.partition(":")[0]
+    if family in ("flux", "flux2"):  # transformer names: the FLUX families' own file layouts
+        naming = save_lora(factors, output, format=format, dtype=torch_dtype, metadata=metadata, family=family)
+        config = None
+    else:
+        if unet_config:
+            config = read_unet_config(unet_config)
+        else:  # the adapter's base model, where its config files say it without the Hub (the world, a local folder)
+            found = denoiser_config(model_of_identity(adapter.config.base_model) or "")
+            config = found[0] if found else None
+        naming = save_lora(factors, output, format=format, dtype=torch_dtype, metadata=metadata, unet_config=config)
     console.print(f"wrote {output} ({format}, {dtype}, {len(factors)} modules)", highlight=False)
     if naming == "sgm":
         console.print("kohya names in SDXL's SGM block layout (lora_unet_input_blocks_…), as kohya writes them")

@@ -95,7 +95,9 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
             role = gr.Radio(["content", "style"], value="content", label="Train a")
             name = gr.Textbox(label="Name (a folder name: letters, digits, - and _)")
             files = gr.File(label="Images", file_count="multiple", file_types=["image"])
-            concept = gr.Dropdown(catalog["content"] + catalog["style"], label="…or a world concept", visible=world)
+            concept = gr.Dropdown(
+                catalog["content"] + catalog["style"], value=None, label="…or a world concept", visible=world
+            )
             prompt = gr.Textbox(label="Caption (with the placeholder; empty: a photo of sks / an image in zwx style)")
             placeholder = gr.Textbox(label="Placeholder (empty: sks for a content, zwx for a style)")
             steps = gr.Number(label="Steps (empty: the model's default)", precision=0)
@@ -104,7 +106,7 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
                 again = gr.Button("Resume")
                 stop = gr.Button("Cancel")
             message = gr.Markdown()
-        with gr.Tab("Library"):
+        with gr.Tab("Library") as library_tab:
             table = gr.Dataframe(headers=["stage", "name", "state", "caption"], interactive=False)
             thumbs = gr.Gallery(label="Validation images", columns=6, height=220)
             with gr.Row():
@@ -113,7 +115,7 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
                 make_steps = gr.Number(label="Make steps (empty: default)", precision=0)
             make_button = gr.Button("Make", variant="primary")
             made_message = gr.Markdown()
-        with gr.Tab("Generate"):
+        with gr.Tab("Generate") as generate_tab:
             pair = gr.Dropdown(label="Made pair")
             text = gr.Textbox(label="Prompt", value="a sks in zwx style")
             with gr.Row():
@@ -135,8 +137,9 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
         go.click(guarded(generate), [pair, text, count, seed, content_scale, style_scale], [gallery, downloads])
         outputs = [table, thumbs, pick_content, pick_style, pair]
         app.load(library, None, outputs)
+        for tab in (library_tab, generate_tab):  # fresh lists when a tab opens (a timer would reset open menus)
+            tab.select(library, None, outputs)
         gr.Timer(1.0).tick(status, None, running)
-        gr.Timer(5.0).tick(library, None, outputs)
     return app
 
 

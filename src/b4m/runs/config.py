@@ -316,12 +316,7 @@ def load_config(
     from_file: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            from_file = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise B4MError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise B4MError(f"{path}: not valid TOML ({e})") from e
+        from_file = read_toml(path, "config file")
         paths_beside(from_file, path.parent)
     flags: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -395,6 +390,16 @@ def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 #: Settings that name files or folders: relative ones in a config file are relative to the file's folder.
 PATH_KEYS = ("images", "aux", "output", "content", "style")
+
+
+def read_toml(path: Path, kind: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing or malformed file is one line naming it (``kind``: what the file is)."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise B4MError(f"{path}: no such {kind}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise B4MError(f"{path}: not valid TOML ({e})") from e
 
 
 def paths_beside(data: dict[str, Any], folder: Path) -> None:

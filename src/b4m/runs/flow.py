@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from ..files import atomic_path
 from ..loading import shared_models
 from ..progress import say
 from ..training.checkpoint import checkpoints
-from .config import StageConfig, paths_beside, stage_config
+from .config import StageConfig, paths_beside, read_toml, stage_config
 from .folder import ADAPTER_NAMES, check_run_folder
 from .generate import GENERATED, generate
 from .stages import run_break, run_make
@@ -79,12 +78,7 @@ def flow_config(path: str | Path | None, flags: dict[str, Any], image_flags: dic
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise B4MError(f"{path}: no such flow file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise B4MError(f"{path}: not valid TOML ({e})") from e
+        data = read_toml(path, "flow file")
         paths_beside(data, path.parent)
         for table in ("content", "style", "make"):
             if isinstance(data.get(table), dict):

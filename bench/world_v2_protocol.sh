@@ -7,11 +7,19 @@
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
 #
-# Environment: WORKERS (default 6), LIMIT (seconds, default 555), B4M_COMMIT (recorded in results.json).
+# Environment: WORKERS (default 6), LIMIT (seconds, default 555), START (epoch seconds the LIMIT counts from, so that
+# several phases can share one call), B4M_COMMIT (recorded in results.json).
+#
+# The device machine goes back 30 s after a call, with runs/: the work in progress travels as $OUT/runs.tgz, and a
+# later call that carries it as .carry/runs.tgz starts from it (stage-1 adapters and finished units; no per-unit
+# scratch folders).
 set -u
 phase=${1:?grid, levers or test SEED}
-START=$(date +%s); LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
+START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT"
+[ -f .carry/runs.tgz ] && [ ! -d runs/grid ] && [ ! -d runs/levers ] && tar xzf .carry/runs.tgz
+save_runs() { tar czf "$OUT/runs.tgz" --exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/out' runs 2>/dev/null; }
+trap save_runs EXIT
 left() { echo $(( LIMIT - ($(date +%s) - START) - 30 )); }
 complete() { [ -f "$1/results.json" ] && python3 -c "import json,sys; sys.exit(0 if json.load(open('$1/results.json')).get('complete', True) else 1)"; }
 bench() {  # bench FOLDER ARGS…: run or resume until LIMIT

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from b4m import B4MError
 from b4m.cli import app
+from b4m.data import load_image_set
 from b4m.ui import actions
-from b4m.ui.jobs import JobQueue
+from b4m.ui.jobs import Job, JobQueue
 from b4m.ui.workspace import Workspace, check_name
 
 
@@ -39,6 +40,56 @@ def test_names_and_uploads_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(B4MError, match="no content images given"):
         ws.save_uploads([], "content", "dog")
     assert ws.save_uploads([good], "content", "dog") == ws.references("content", "dog")
+
+
+class Recorder:
+    """A queue that only records what it is given (the commands a button would run)."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, title, args):
+        self.jobs.append(Job(len(self.jobs) + 1, title, args))
+        return self.jobs[-1]
+
+
+def test_edited_captions_are_the_ones_the_run_reads(tmp_path):
+    """The page's caption of each image is written beside it as the CLI reads captions (NN.txt); an empty one
+    leaves the image to the run's --prompt; a caption without the placeholder is refused before anything is
+    written. (The world's references train with them: tests/test_ui_browser.py.)"""
+    ws, queue = Workspace(tmp_path / "ws"), Recorder()
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"upload{i}.jpg")
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images[-1])
+    with pytest.raises(B4MError, match=r"caption 2 \('a red dog'\) does not name the placeholder 'sks'"):
+        actions.start_run(ws, queue, "content", "dog", files=images, captions=["a sks", "a red dog"])
+    with pytest.raises(B4MError, match="3 captions for 2 images"):
+        actions.start_run(ws, queue, "content", "dog", files=images, captions=["", "", ""])
+    assert not ws.references("content", "dog").exists() and not queue.jobs
+
+    job = actions.start_run(
+        ws, queue, "content", "dog", files=images, prompt="a photo of sks dog", captions=["  a sks  on\ngrass", ""]
+    )
+    refs = ws.references("content", "dog")
+    assert job.args[job.args.index("--images") + 1] == str(refs)
+    assert job.args[job.args.index("--prompt") + 1] == "a photo of sks dog"
+    assert sorted(p.name for p in refs.iterdir()) == ["00.jpg", "00.txt", "01.jpg"]
+    assert load_image_set(refs, "a photo of sks dog", 8, placeholder="sks").captions == [
+        "a sks on grass",
+        "a photo of sks dog",
+    ]
+
+    # a world concept: its rendered captions are shown, and the edited ones replace them
+    shown = actions.world_captions("style", "brick")
+    assert len(shown) == actions.WORLD_REFERENCES and all("zwx" in c.split() for c in shown)
+    actions.start_run(
+        ws, queue, "style", "brick", world_concept="brick", captions=["a cup in zwx style", "", *shown[2:]]
+    )
+    refs = ws.references("style", "brick")
+    assert load_image_set(refs, "an image in zwx style", 32).captions == [
+        "a cup in zwx style", "an image in zwx style", *shown[2:]
+    ]  # fmt: skip
 
 
 def test_train_make_generate_through_the_queue_in_the_clis_folders(tmp_path, queue):

@@ -61,7 +61,7 @@ def test_the_whole_flow_in_a_browser(tmp_path):
             bad = tmp_path / "notes.png"
             bad.write_text("not an image")
             page.get_by_label("Name (a folder name").fill("bad")
-            page.locator("input[type=file]").set_input_files(str(bad))
+            page.locator("input[type=file][accept='image/*']").set_input_files(str(bad))
             page.get_by_role("button", name="Train").click()
             page.get_by_text("notes.png: not an image").first.wait_for(timeout=30_000)
             page.reload()
@@ -71,6 +71,9 @@ def test_the_whole_flow_in_a_browser(tmp_path):
                 page.get_by_label(role, exact=True).check()
                 page.get_by_label("Name (a folder name").fill(name)
                 _pick(page, "…or a world concept", name)
+                # each reference's caption, shown (editable) before the run: the world's, with the placeholder
+                words = "in plain style" if role == "content" else "in zwx style"
+                page.locator(f"text={words} >> visible=true").first.wait_for(timeout=30_000)
                 page.get_by_label("Caption (with the placeholder").fill(caption)
                 page.get_by_label("Steps (empty").fill("2")
                 page.get_by_role("button", name="Train").click()

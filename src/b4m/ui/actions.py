@@ -10,29 +10,62 @@ from pathlib import Path
 from ..errors import B4MError
 from ..runs.folder import EXPORT_FILES
 from .jobs import Job, JobQueue
-from .workspace import ROLES, Workspace, check_name
+from .workspace import ROLES, Workspace, check_name, write_captions
 
 #: The captions a run gets when the user writes none: the placeholder in a neutral sentence.
 DEFAULT_PROMPTS = {"content": "a photo of {p}", "style": "an image in {p} style"}
 PLACEHOLDERS = {"content": "sks", "style": "zwx"}
+#: How many references a world concept renders.
+WORLD_REFERENCES = 4
 
 
-def render_world_references(ws: Workspace, role: str, name: str, concept: str, n: int = 4) -> Path:
-    """References of a catalog concept of the built-in world, rendered as a user would bring them (with captions
-    naming the placeholder), into the workspace."""
+def _world_task(role: str, concept: str, n: int):
+    """The world's task whose ``role`` set shows the catalog concept ``concept`` (``b4m world render``'s, seed 0)."""
     from ..world import default_catalog
-    from ..world.references import render_sets
-    from ..world.tasks import TaskConfig
+    from ..world.references import partner
+    from ..world.tasks import TaskConfig, make_task
 
     catalog = default_catalog()
     names = {c.name for c in (catalog.contents if role == "content" else catalog.styles)}
     if concept not in names:
         raise B4MError(f"{concept!r} is not a {role} of the world's catalog")
-    dest = ws.references(role, name)
+    pair = partner(catalog, *((concept, None) if role == "content" else (None, concept)))
     words = {"content_word": PLACEHOLDERS["content"], "style_word": PLACEHOLDERS["style"]}
-    args = (concept, None) if role == "content" else (None, concept)
-    render_sets(catalog, *args, 32, TaskConfig(refs=n, seed=0, **words), dest, (role,))
+    return make_task(catalog, *pair, 32, TaskConfig(refs=n, seed=0, **words))
+
+
+def world_captions(role: str, concept: str, n: int = WORLD_REFERENCES) -> list[str]:
+    """The captions the references of a world concept get (the page shows them, editable, before a run)."""
+    task = _world_task(role, concept, n)
+    return list((task.content_refs if role == "content" else task.style_refs).captions)
+
+
+def render_world_references(
+    ws: Workspace, role: str, name: str, concept: str, n: int = WORLD_REFERENCES, captions: list[str] | None = None
+) -> Path:
+    """References of a catalog concept of the built-in world, rendered as a user would bring them (with captions
+    naming the placeholder; ``captions``, where given, replace them), into the workspace."""
+    from ..world.references import write_set
+
+    dest = ws.references(role, name)
+    images = write_set(_world_task(role, concept, n), role, dest)
+    if captions is not None:
+        write_captions(images, captions)
     return dest
+
+
+def check_captions(captions: list[str] | None, n: int, placeholder: str) -> list[str] | None:
+    """The captions of ``n`` images, one each (an empty one: the run's prompt), whitespace collapsed; one line if
+    their number is not ``n`` or one lacks the placeholder."""
+    if captions is None or n == 0:
+        return captions
+    captions = [" ".join(str(c or "").split()) for c in captions]
+    if len(captions) != n:
+        raise B4MError(f"{len(captions)} captions for {n} images: one per image (an empty one takes the caption)")
+    for i, caption in enumerate(captions):
+        if caption and placeholder not in caption.split():
+            raise B4MError(f"caption {i + 1} ({caption!r}) does not name the placeholder {placeholder!r}")
+    return captions
 
 
 def start_run(
@@ -45,29 +78,34 @@ def start_run(
     world_concept: str | None = None,
     prompt: str = "",
     placeholder: str = "",
+    captions: list[str] | None = None,
     steps: int | None = None,
     model: str = "world",
     resume: bool = False,
 ) -> Job:
     """Queue a content or style run named ``name`` on uploaded ``files`` (or, on the world, a rendered catalog
-    concept); ``resume`` continues a stopped one. The run's folder is ``b4m content``'s (``WS/content/NAME``)."""
+    concept); ``resume`` continues a stopped one. The run's folder is ``b4m content``'s (``WS/content/NAME``).
+    ``captions``, one per image, are written beside the references as the CLI reads them (``NN.txt``); an empty one
+    (or none given) leaves the image to ``prompt``, ``b4m content --prompt``."""
     if role not in ROLES:
         raise B4MError(f"role must be content or style, got {role!r}")
     name = check_name(name)
     refs = ws.references(role, name)
-    if not resume:
-        if ws.run(role, name).exists():
-            raise B4MError(f"a {role} named {name!r} exists already: resume it, or choose another name")
-        if world_concept:
-            refs = render_world_references(ws, role, name, world_concept)
-        else:
-            refs = ws.save_uploads(files or [], role, name)
-    elif not ws.run(role, name).exists():
-        raise B4MError(f"no {role} run named {name!r} to resume")
     placeholder = (placeholder or PLACEHOLDERS[role]).strip()
     prompt = (prompt or DEFAULT_PROMPTS[role].format(p=placeholder)).strip()
     if placeholder not in prompt.split():
         raise B4MError(f"the prompt {prompt!r} does not name the placeholder {placeholder!r}")
+    if not resume:
+        if ws.run(role, name).exists():
+            raise B4MError(f"a {role} named {name!r} exists already: resume it, or choose another name")
+        if world_concept:
+            captions = check_captions(captions, WORLD_REFERENCES, placeholder)
+            refs = render_world_references(ws, role, name, world_concept, captions=captions)
+        else:
+            captions = check_captions(captions, len(files or []), placeholder)
+            refs = ws.save_uploads(files or [], role, name, captions=captions)
+    elif not ws.run(role, name).exists():
+        raise B4MError(f"no {role} run named {name!r} to resume")
     args = [role, "--images", refs, "--prompt", prompt, "--placeholder", placeholder, "-o", ws.run(role, name)]
     args += ["--model", model] + (["--steps", str(steps)] if steps else []) + (["--resume"] if resume else [])
     return queue.submit(f"{role} {name}", [str(a) for a in args])

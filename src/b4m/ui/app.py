@@ -58,11 +58,22 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
 
         return call
 
-    def train(role, name, files, concept, prompt, placeholder, steps):
+    def caption_rows(role, files, concept):
+        """One row per reference image: its name and its caption (a world concept's own; empty for an upload,
+        which then takes the caption box's), for the user to edit before training."""
+        if concept:
+            try:
+                return [[f"{i:02d}.png", c] for i, c in enumerate(actions.world_captions(role, concept))]
+            except B4MError:  # a style picked while training a content: Train says so
+                return []
+        return [[Path(f if isinstance(f, str) else f.name).name, ""] for f in files or []]
+
+    def train(role, name, files, concept, prompt, placeholder, rows, steps):
         files = [f if isinstance(f, str) else f.name for f in files or []]
+        captions = [str(r[1] or "") for r in rows or [] if len(r) > 1 and any(str(c or "").strip() for c in r)]
         job = actions.start_run(
             ws, queue, role, name, files=files, world_concept=concept or None, prompt=prompt,
-            placeholder=placeholder, steps=int(steps) if steps else None, model=model,
+            placeholder=placeholder, captions=captions or None, steps=int(steps) if steps else None, model=model,
         )  # fmt: skip
         return f"queued: {job.title}"
 
@@ -98,8 +109,15 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
             concept = gr.Dropdown(
                 catalog["content"] + catalog["style"], value=None, label="…or a world concept", visible=world
             )
-            prompt = gr.Textbox(label="Caption (with the placeholder; empty: a photo of sks / an image in zwx style)")
+            prompt = gr.Textbox(
+                label="Caption (with the placeholder; of every image whose own caption below is empty; empty: "
+                "a photo of sks / an image in zwx style)"
+            )
             placeholder = gr.Textbox(label="Placeholder (empty: sks for a content, zwx for a style)")
+            captions = gr.Dataframe(
+                headers=["image", "caption"], datatype=["str", "str"], type="array", interactive=True,
+                static_columns=[0], label="Each image's caption (editable; empty: the caption above)",
+            )  # fmt: skip
             steps = gr.Number(label="Steps (empty: the model's default)", precision=0)
             with gr.Row():
                 start = gr.Button("Train", variant="primary")
@@ -130,7 +148,10 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
             )
         running = gr.Textbox(label="Runs", lines=4, interactive=False)
 
-        start.click(guarded(train), [role, name, files, concept, prompt, placeholder, steps], message)
+        sources = [role, files, concept]
+        gr.on([s.change for s in sources], caption_rows, sources, captions)
+        train_inputs = [role, name, files, concept, prompt, placeholder, captions, steps]
+        start.click(guarded(train), train_inputs, message)
         again.click(guarded(resume), [role, name], message)
         stop.click(cancel, None, message)
         make_button.click(guarded(make), [pick_content, pick_style, make_steps], made_message)

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import B4MError
+from ..files import atomic_path
 from ..runs.folder import ADAPTER_NAMES
 
 ROLES = ("content", "style")
@@ -80,9 +81,10 @@ class Workspace:
             out.append(Entry(folder.name, stage, folder, finished, prompt, grids[-1] if grids else None))
         return out
 
-    def save_uploads(self, files: list[str | Path], role: str, name: str) -> Path:
+    def save_uploads(self, files: list[str | Path], role: str, name: str, captions: list[str] | None = None) -> Path:
         """Copy uploaded image files into the concept's reference folder (a new one), each checked to be an image
-        first: a file that is not names itself in one line and nothing is copied."""
+        first: a file that is not names itself in one line and nothing is copied. ``captions``: one per file
+        (:func:`write_captions`)."""
         if not files:
             raise B4MError(f"no {role} images given: upload a few images of the {role}")
         for f in files:
@@ -95,9 +97,24 @@ class Workspace:
         if dest.exists() and any(dest.iterdir()):
             raise B4MError(f"{dest}: the {role} {name!r} has references already; choose another name")
         dest.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(files):
-            shutil.copyfile(f, dest / f"{i:02d}{Path(f).suffix.lower() or '.png'}")
+        images = [dest / f"{i:02d}{Path(f).suffix.lower() or '.png'}" for i, f in enumerate(files)]
+        for f, image in zip(files, images, strict=True):
+            shutil.copyfile(f, image)
+        if captions is not None:
+            write_captions(images, captions)
         return dest
+
+
+def write_captions(images: list[Path], captions: list[str]) -> None:
+    """Each image's caption in a same-name ``.txt`` file beside it, the CLI's convention (:mod:`b4m.data`); an empty
+    caption removes the file, so the image takes the run's ``--prompt``."""
+    for image, caption in zip(images, captions, strict=True):
+        path = image.with_suffix(".txt")
+        if caption.strip():
+            with atomic_path(path) as tmp:
+                tmp.write_text(caption.strip() + "\n")
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _run_json(folder: Path) -> dict:

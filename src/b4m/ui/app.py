@@ -4,6 +4,7 @@ whose long work runs as ``b4m`` commands in a :class:`~b4m.ui.jobs.JobQueue`; er
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
         return "\n".join(lines) or "nothing running"
 
     def guarded(fn):
+        @functools.wraps(fn)  # its parameters name the API's (gradio_client)
         def call(*args):
             try:
                 return fn(*args)
@@ -148,19 +150,23 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
             )
         running = gr.Textbox(label="Runs", lines=4, interactive=False)
 
+        # api_name: the names gradio_client calls them by (tests/test_ui_client.py)
         sources = [role, files, concept]
-        gr.on([s.change for s in sources], caption_rows, sources, captions)
+        gr.on([s.change for s in sources], caption_rows, sources, captions, api_name="captions")
         train_inputs = [role, name, files, concept, prompt, placeholder, captions, steps]
-        start.click(guarded(train), train_inputs, message)
-        again.click(guarded(resume), [role, name], message)
-        stop.click(cancel, None, message)
-        make_button.click(guarded(make), [pick_content, pick_style, make_steps], made_message)
-        go.click(guarded(generate), [pair, text, count, seed, content_scale, style_scale], [gallery, downloads])
+        start.click(guarded(train), train_inputs, message, api_name="train")
+        again.click(guarded(resume), [role, name], message, api_name="resume")
+        stop.click(cancel, None, message, api_name="cancel")
+        make_button.click(guarded(make), [pick_content, pick_style, make_steps], made_message, api_name="make")
+        go.click(
+            guarded(generate), [pair, text, count, seed, content_scale, style_scale], [gallery, downloads],
+            api_name="generate",
+        )  # fmt: skip
         outputs = [table, thumbs, pick_content, pick_style, pair]
-        app.load(library, None, outputs)
+        app.load(library, None, outputs, api_name="library")
         for tab in (library_tab, generate_tab):  # fresh lists when a tab opens (a timer would reset open menus)
-            tab.select(library, None, outputs)
-        gr.Timer(1.0).tick(status, None, running)
+            tab.select(library, None, outputs, api_visibility="private")
+        gr.Timer(1.0).tick(status, None, running, api_name="status")
     return app
 
 

@@ -12,13 +12,20 @@
 #
 # The device machine goes back 30 s after a call, with runs/: the work in progress travels as $OUT/runs.tgz, and a
 # later call that carries it as .carry/runs.tgz starts from it (stage-1 adapters and finished units; no per-unit
-# scratch folders).
+# scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
+# again).
 set -u
 phase=${1:?grid, levers or test SEED}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT"
-[ -f .carry/runs.tgz ] && [ ! -d runs/grid ] && [ ! -d runs/levers ] && tar xzf .carry/runs.tgz
-save_runs() { tar czf "$OUT/runs.tgz" --exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/out' runs 2>/dev/null; }
+[ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
+save_runs() {  # the device tool brings back files up to 16 MiB: without the stage-1 adapters if need be, then nothing
+  local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
+  tar czf "$OUT/runs.tgz" "${skip[@]}" runs 2>/dev/null
+  [ "$(stat -c %s "$OUT/runs.tgz")" -lt 16000000 ] && return
+  tar czf "$OUT/runs.tgz" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' runs 2>/dev/null
+  [ "$(stat -c %s "$OUT/runs.tgz")" -lt 16000000 ] || rm -f "$OUT/runs.tgz"
+}
 trap save_runs EXIT
 left() { echo $(( LIMIT - ($(date +%s) - START) - 30 )); }
 complete() { [ -f "$1/results.json" ] && python3 -c "import json,sys; sys.exit(0 if json.load(open('$1/results.json')).get('complete', True) else 1)"; }

@@ -56,6 +56,8 @@ def read_grid(folders: list[Path]) -> list[GridCell]:
             raise B4MError(f"{path}: the run is not finished (b4m bench --resume)")
         settings = dict(results["settings"])
         lr, steps = float(settings.pop("lr")), int(settings.pop("steps"))
+        if settings.pop("method_settings", None):  # empty in a grid run (results written before it existed: absent)
+            raise B4MError(f"{path}: a run with per-method settings (--method-settings) is not a grid configuration")
         if shared is None:
             shared = settings
         elif settings != shared:

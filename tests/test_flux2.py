@@ -193,7 +193,7 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     content = load_adapter(tmp_path / "c" / "content.b4m.safetensors")
     made = load_adapter(tmp_path / "m" / "fused.b4m.safetensors")
     assert content.config.base_model == "flux2:tiny-klein"
-    assert content.config.targets == KLEIN_TARGETS  # klein's default targets, from the model's defaults
+    assert content.config.targets == KLEIN_TARGETS  # none given: the transformer's own, recorded as used
     assert sorted(made.modules) == EXPECTED
     fused_qkv = content.tensors["single_transformer_blocks.0.attn.to_qkv_mlp_proj"]
     assert fused_qkv["up_learned"].abs().sum() > 0  # the content half (B, paper assignment) of a 16 → 144 layer

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hub import looks_like_hub_id
+from .hub import cached_hub_file, looks_like_hub_id
 
 if TYPE_CHECKING:  # light at import time: the command line asks is_world_model and training_defaults for its help
     import torch
@@ -64,15 +64,29 @@ def model_of_identity(identity: str) -> str | None:
     return None
 
 
+def model_file(model: str, filename: str) -> Path | None:
+    """A small file of base model ``model`` (``model_index.json``, ``transformer/config.json``, ...), where it can be
+    read without the network: in a local folder, or for a Hub id in the local Hugging Face cache (its snapshot, as
+    ``hf download`` leaves it: :func:`b4m.hub.cached_hub_file`). None where it is in neither (an uncached Hub id, a
+    single-file checkpoint, a folder without it). Every look at a model's config files before it loads goes here."""
+    if not model:
+        return None
+    if Path(model).exists():
+        path = Path(model) / filename
+        return path if path.is_file() else None
+    return cached_hub_file(model, filename) if looks_like_hub_id(model) else None
+
+
 #: model_index.json ``_class_name`` of the transformer families, by the family name their identities carry.
 FLUX_PIPELINES = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2"}
 
 
 def flux_family(model: str) -> str | None:
-    """``"flux"`` (FLUX.1) or ``"flux2"`` (FLUX.2 [klein]) where ``model`` is a local diffusers folder of such a
-    pipeline (its model_index.json says ``FluxPipeline`` or ``Flux2KleinPipeline``), else None."""
-    index = Path(model) / "model_index.json"
-    if not model or not index.is_file():
+    """``"flux"`` (FLUX.1) or ``"flux2"`` (FLUX.2 [klein]) where ``model`` is a diffusers folder of such a pipeline
+    (its model_index.json says ``FluxPipeline`` or ``Flux2KleinPipeline``): a local one or a Hub id in the local
+    cache (:func:`model_file`); else None."""
+    index = model_file(model, "model_index.json")
+    if index is None:
         return None
     try:
         return FLUX_PIPELINES.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name"))
@@ -81,46 +95,42 @@ def flux_family(model: str) -> str | None:
 
 
 def is_flux_folder(model: str) -> bool:
-    """``model`` is a local diffusers folder of a FLUX.1 pipeline (its model_index.json says ``FluxPipeline``)."""
+    """``model`` is a diffusers folder of a FLUX.1 pipeline, local or cached (:func:`flux_family`)."""
     return flux_family(model) == "flux"
 
 
-def flux_targets(family: str) -> str:
-    """The default PLP targets of a transformer family (:data:`b4m.adapter.config.FLUX_TARGETS`, ``KLEIN_TARGETS``)."""
-    from .adapter.config import FLUX_TARGETS, KLEIN_TARGETS
-
-    return KLEIN_TARGETS if family == "flux2" else FLUX_TARGETS
-
-
 def transformer_skeleton(model: str, family: str):
-    """The transformer of a local FLUX.1 or klein folder on the meta device (its config file only, no weights)."""
+    """The transformer of a FLUX.1 or klein folder (local or cached: :func:`model_file`) on the meta device, from its
+    config file only (no weights); None where that file is not there (a partly downloaded Hub cache)."""
+    config = model_file(model, "transformer/config.json")
+    if config is None:
+        return None
     if family == "flux2":
         from .models.flux2 import transformer_skeleton as skeleton
     else:
         from .models.flux import transformer_skeleton as skeleton
-    return skeleton(model)
+    return skeleton(config.parent.parent)
 
 
 def training_defaults(model: str, stage: str) -> dict[str, Any]:
     """The settings base model ``model`` brings to ``stage`` (TOML layout), under the preset, the config file and the
-    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); for a local FLUX.1 or FLUX.2 [klein] folder
-    its PLP targets (:data:`b4m.adapter.config.FLUX_TARGETS`, ``KLEIN_TARGETS``: the transformer's attention
-    projections; content and style runs: make takes its runs' adapters); none for SDXL and SD, whose defaults are the
-    official ones of the config dataclasses."""
+    flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); none for the diffusers families, whose
+    defaults are the official ones of the config dataclasses. Their adapter targets are the one model-dependent
+    default, and it is left empty here: the adapter resolves it from the model it is attached to (FLUX.1's and
+    klein's transformers: :data:`b4m.adapter.config.FLUX_TARGETS`, ``KLEIN_TARGETS``; see
+    :func:`b4m.adapter.walker.resolve_targets`), so a Hub id gets them as a folder does."""
     if is_world_model(model):
         from .world.defaults import TRAINING_DEFAULTS
 
         return TRAINING_DEFAULTS.get(stage, {})
-    family = flux_family(model) if stage in ("content", "style") else None
-    if family is not None:
-        return {"adapter": {"targets": flux_targets(family)}}
     return {}
 
 
 def denoiser_config(model: str) -> tuple[dict, int] | None:
     """``(UNet config, native resolution)`` of ``model`` read from its small config files, no weights: the built-in
-    world, a world model folder, or a local diffusers folder. None where that would take the Hub or a whole
-    checkpoint (Hub ids, single-file checkpoints): those are checked once loaded."""
+    world, a world model folder, or a diffusers folder, local or a Hub id in the local cache (:func:`model_file`).
+    None where that would take the network or a whole checkpoint (uncached Hub ids, single-file checkpoints): those
+    are checked once loaded."""
     folder = None
     if model == "world":
         from .world.weights import model_folder
@@ -133,10 +143,11 @@ def denoiser_config(model: str) -> tuple[dict, int] | None:
 
         config = read_world_config(folder)
         return dict(config.unet), config.resolution
-    if (Path(model) / "unet" / "config.json").is_file():
+    path = model_file(model, "unet/config.json")
+    if path is not None:
         from .unet_skeleton import read_unet_config
 
-        unet = read_unet_config(model)
+        unet = read_unet_config(path)
         size = unet.get("sample_size")
         size = size[0] if isinstance(size, (list, tuple)) else size
         return unet, int(size or 128) * VAE_FACTOR

@@ -23,10 +23,10 @@ from .._lazy import lazy_names
 __all__, __getattr__ = lazy_names(
     __name__,
     {
-        "config": "DEFAULT_TARGETS PLPConfig",
+        "config": "DEFAULT_TARGETS MODEL_TARGETS PLPConfig",
         "file": "AdapterFile adapter_from_model apply_adapter attached fuse load_adapter model_factors save_adapter",
         "layer": "PLPLinear",
         "optim": "create_optimizer precondition_",
-        "walker": "add_plp dry_run merge_plp plp_layers remove_plp routing set_scales",
+        "walker": "add_plp dry_run merge_plp plp_layers remove_plp resolve_targets routing set_scales",
     },
 )

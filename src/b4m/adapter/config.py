@@ -37,6 +37,11 @@ KLEIN_TARGETS = (
     r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
 )
+#: The default targets of a denoiser by its class name (peft's per-model-type mapping): what an adapter whose
+#: :attr:`PLPConfig.targets` is empty adapts, resolved where it is attached
+#: (:func:`b4m.adapter.walker.resolve_targets`, which also looks at the class's bases). Any other model gets
+#: :data:`DEFAULT_TARGETS` (SD's and SDXL's UNet, the built-in world's).
+MODEL_TARGETS: dict[str, str] = {"FluxTransformer2DModel": FLUX_TARGETS, "Flux2Transformer2DModel": KLEIN_TARGETS}
 _BREAK = ("content", "style")  # the b4m commands whose --rank and --seed set a field (b4m.cli reads the metadata)
 
 
@@ -61,8 +66,9 @@ class PLPConfig:
     )
     assignment: str = setting("paper", "paper: content = B (up), style = D (down); official: the swap.")
     targets: list[str] | str = setting(
-        help="Module names: a list of exact names or dotted suffixes, or one full-match regex.",
-        factory=lambda: list(DEFAULT_TARGETS),
+        help="Module names: a list of exact names or dotted suffixes, or one full-match regex; empty: the adapted "
+        "model's own (to_q, to_k, to_v, to_out.0; FLUX.1 and FLUX.2 klein: their attention projections).",
+        factory=list,
     )
     exclude: list[str] | str = setting(help="Same rule as targets; wins.", factory=list)
     base_model: str = setting("", "Identity of the base model the adapter belongs to.")

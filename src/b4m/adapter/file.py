@@ -27,7 +27,7 @@ from ..files import load_safetensors, save_safetensors
 from ..version import __version__
 from .config import PLPConfig
 from .layer import PLPLinear
-from .walker import add_plp, linear_module, plp_layers, remove_plp
+from .walker import add_plp, linear_module, plp_layers, remove_plp, resolve_targets
 
 FORMAT = "b4m-plp/1"
 PARTS = ("up_frozen", "up_learned", "down_frozen", "down_learned")
@@ -108,7 +108,9 @@ class AdapterFile:
 def adapter_from_model(
     model: nn.Module, config: PLPConfig, role: str, metadata: dict[str, str] | None = None
 ) -> AdapterFile:
-    """Snapshot the PLP layers of ``model`` (detached float32 CPU copies)."""
+    """Snapshot the PLP layers of ``model`` (detached float32 CPU copies); ``config`` with no targets records the
+    model's own, the ones :func:`~b4m.adapter.walker.add_plp` used (:func:`~b4m.adapter.walker.resolve_targets`)."""
+    config = resolve_targets(model, config)
     layers = plp_layers(model)
     if not layers:
         raise B4MError("the model carries no PLP adapter to save")

@@ -1,12 +1,15 @@
 """Finding, attaching and removing PLP layers in a model, and acting on all of them at once (peft's model walker).
 
 Targets follow peft's rule: a list means exact module names or dotted suffixes, a string is a full-match regex;
-``exclude`` is checked first. Matching nothing is an error that names the patterns.
+``exclude`` is checked first. Matching nothing is an error that names the patterns. No targets (an empty list or
+string: the default) means the model's own, resolved here where the adapter is attached, as peft resolves
+``target_modules=None`` (:func:`resolve_targets`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import B4MError
-from .config import PLPConfig
+from .config import DEFAULT_TARGETS, MODEL_TARGETS, PLPConfig
 from .layer import PLPLinear
 
 M = TypeVar("M", bound=nn.Module)
@@ -29,8 +32,21 @@ def matches(name: str, patterns: Sequence[str] | str) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def resolve_targets(model: nn.Module, config: PLPConfig) -> PLPConfig:
+    """``config`` as it applies to ``model``: targets it names as they are; none (empty) replaced by the model's own,
+    by the class of ``model`` or of one of its bases (:data:`b4m.adapter.config.MODEL_TARGETS`: FLUX.1's and FLUX.2
+    [klein]'s transformers), else :data:`~b4m.adapter.config.DEFAULT_TARGETS` (the UNets' attention projections)."""
+    if config.targets:
+        return config
+    found = (MODEL_TARGETS.get(cls.__name__) for cls in type(model).__mro__)
+    default = next((t for t in found if t is not None), None)
+    return dataclasses.replace(config, targets=default if default is not None else list(DEFAULT_TARGETS))
+
+
 def find_targets(model: nn.Module, config: PLPConfig) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` that ``config`` targets, in module order."""
+    """Names of the ``nn.Linear`` modules of ``model`` that ``config`` targets (none named: the model's own,
+    :func:`resolve_targets`), in module order."""
+    config = resolve_targets(model, config)
     names = []
     for name, module in model.named_modules():
         if isinstance(module, PLPLinear):
@@ -99,10 +115,11 @@ def check_rank(model: nn.Module, config: PLPConfig) -> list[str]:
 
 def add_plp(model: nn.Module, config: PLPConfig) -> dict[str, PLPLinear]:
     """Wrap every targeted linear layer of ``model`` in a :class:`PLPLinear` (:func:`check_rank` first); returns
-    them by module name.
+    them by module name. No targets in ``config``: the model's own (:func:`resolve_targets`).
 
     The base model's own parameters are frozen (``requires_grad=False``); only the learned halves train.
     """
+    config = resolve_targets(model, config)
     return wrap_linears(model, check_rank(model, config), lambda linear, name: PLPLinear(linear, config, name))
 
 

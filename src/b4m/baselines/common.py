@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter.config import DEFAULT_TARGETS, PLPConfig
+from ..adapter.config import PLPConfig
 from ..adapter.file import AdapterFile
 from ..errors import B4MError
 from ..lora_files import Factors, save_lora
@@ -99,7 +99,7 @@ def plain_lora(
         rank=rank,
         ratio=0.0,
         seed=seed,
-        targets=list(DEFAULT_TARGETS) if targets is None else targets,
+        targets=[] if targets is None else targets,  # none: the model's own, resolved when attached
         learned_init=learned_init,
         base_model=base_model,
     )

@@ -53,18 +53,20 @@ def dry_run(
 ) -> None:
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
     from ..adapter import walker
-    from ..adapter.config import DEFAULT_TARGETS, PLPConfig
-    from ..loading import denoiser_config, flux_family, flux_targets, transformer_skeleton
+    from ..adapter.config import PLPConfig
+    from ..errors import B4MError
+    from ..loading import denoiser_config, flux_family, transformer_skeleton
     from ..unet_skeleton import unet_skeleton
 
-    family = flux_family(model)  # FLUX.1 or FLUX.2 [klein] folders: their transformer's targets and skeleton
-    default = flux_targets(family) if family else list(DEFAULT_TARGETS)
-    patterns = _patterns(targets) if targets.strip() else default
-    config = PLPConfig(rank=rank, ratio=ratio, targets=patterns, exclude=_patterns(exclude))
+    # no --targets: the model's own, which the walker takes from the skeleton's class (FLUX.1's, klein's, the UNets')
+    config = PLPConfig(rank=rank, ratio=ratio, targets=_patterns(targets), exclude=_patterns(exclude))
+    family = flux_family(model)  # FLUX.1 or FLUX.2 [klein], a local folder or a cached Hub id: their transformer
     if family:
         skeleton = transformer_skeleton(model, family)
+        if skeleton is None:
+            raise B4MError(f"{model}: no transformer/config.json (a Hub id: download the model first, hf download)")
     else:
-        found = denoiser_config(model)  # the world and local folders: their config files, no Hub
+        found = denoiser_config(model)  # the world, local folders and cached Hub ids: their config files
         skeleton = unet_skeleton(found[0] if found else model)
     result = walker.dry_run(skeleton, config)
     lines = result.lines()

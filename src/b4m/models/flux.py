@@ -36,7 +36,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from torch import nn
 
-from ..adapter.config import FLUX_TARGETS
 from ..errors import B4MError
 from .base import Conditioning, DiffusionModel, SampleRequest
 from .diffusers_common import _to_float32, module_device, tokenize, vae_scale_factor
@@ -73,8 +72,6 @@ class FluxModel(DiffusionModel):
         "tokenizer_2",
         "transformer",
     )
-    #: PLP targets used when the settings name none (:data:`b4m.adapter.config.FLUX_TARGETS`).
-    default_targets: ClassVar[str] = FLUX_TARGETS
     default_guidance = TRAIN_GUIDANCE
 
     def __init__(

@@ -39,7 +39,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from torch import nn
 
-from ..adapter.config import KLEIN_TARGETS
 from ..errors import B4MError
 from .base import Conditioning, SampleRequest
 from .diffusers_common import _to_float32, module_device, vae_scale_factor
@@ -62,8 +61,6 @@ class Flux2KleinModel(FluxModel):
     family: ClassVar[str] = "flux2"
     pipeline_class: ClassVar[type] = Flux2KleinPipeline
     components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder", "tokenizer", "transformer")
-    #: PLP targets used when the settings name none (:data:`b4m.adapter.config.KLEIN_TARGETS`).
-    default_targets: ClassVar[str] = KLEIN_TARGETS
     default_guidance = SAMPLE_GUIDANCE
 
     def __init__(

@@ -430,7 +430,10 @@ def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
 
     def line(key: str, value: Any, dotted: str) -> str:
         text = f"{key} = {_value(value)}"
-        return text if sources is None else f"{text:<40}  # {sources.get(dotted, 'default')}"
+        if sources is None:
+            return text
+        note = "; empty: the model's own (b4m dry-run lists them)" if dotted == "adapter.targets" and not value else ""
+        return f"{text:<40}  # {sources.get(dotted, 'default')}{note}"
 
     lines = [line(k, v, k) for k, v in data.items() if k not in _TABLES and v is not None]
     for name in _TABLES:

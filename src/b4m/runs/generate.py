@@ -223,8 +223,9 @@ def check_loras_fit(loras: dict[str, Factors], paths: dict[str, Path], denoiser,
 
 def read_loras_early(paths: dict[str, Path], model_name: str) -> dict[str, Factors] | None:
     """Before the model loads: both files read and checked against its layers, where its small config files say
-    them (:func:`b4m.loading.denoiser_config`: the world, world and diffusers folders); else only that each file is
-    a LoRA (None: :func:`read_loras` runs once the model is loaded, kohya's SDXL names needing its UNet config)."""
+    them (:func:`b4m.loading.denoiser_config`: the world, world and diffusers folders, cached Hub ids); else only
+    that each file is a LoRA (None: :func:`read_loras` runs once the model is loaded, kohya's SDXL names needing its
+    UNet config)."""
     found = denoiser_config(model_name)
     if found is None:
         for path in paths.values():

@@ -86,19 +86,20 @@ MAX_RESOLUTION_FACTOR = 4
 
 def check_before_loading(model: str, resolution: int | None, out: Path, plp: PLPConfig | None = None) -> None:
     """What can be checked of a command's settings against its model from the model's small config files alone (the
-    built-in world, world and diffusers folders; see :func:`b4m.loading.denoiser_config`), before any weights load:
-    the resolution against the model's and the rank against the adapted layers' widths. And whether the output
-    folder can be written."""
+    built-in world, world and diffusers folders, Hub ids in the local cache; see :func:`b4m.loading.model_file`),
+    before any weights load: the resolution against the model's and the rank against the adapted layers' widths. And
+    whether the output folder can be written."""
     where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not os.access(where, os.W_OK):
         raise B4MError(f"{out}: cannot write there ({where} is read-only); choose another -o")
-    family = flux_family(model)
+    family = flux_family(model)  # a local folder or a Hub id in the local cache; an uncached Hub id: None
     if family:  # FLUX.1, FLUX.2 [klein]: the transformer's structure from its config file, on the meta device
         name = "FLUX.2 [klein]" if family == "flux2" else "FLUX.1"
         if resolution is not None and resolution > MAX_RESOLUTION_FACTOR * 1024:
             raise B4MError(f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}× {name}'s native 1024 px")
-        if plp is not None:
-            check_rank(transformer_skeleton(model, family), plp)
+        skeleton = transformer_skeleton(model, family)
+        if plp is not None and skeleton is not None:  # no targets given: the transformer's own (the walker's rule)
+            check_rank(skeleton, plp)
         return
     found = denoiser_config(model)
     if found is None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..adapter.config import PLPConfig
 from ..adapter.file import AdapterFile, adapter_from_model, apply_adapter
-from ..adapter.walker import add_plp, remove_plp
+from ..adapter.walker import add_plp, remove_plp, resolve_targets
 from ..models.base import DiffusionModel
 from .config import TrainConfig
 from .loop import TrainResult, train
@@ -58,7 +58,8 @@ def train_adapter(
         apply_adapter(model.denoiser, start)
         plp = start.config
     else:
-        plp = dataclasses.replace(plp, base_model=plp.base_model or model.identity)
+        # no targets given: the model's own (FLUX.1's, klein's, the UNets'), recorded as such in the adapter file
+        plp = resolve_targets(model.denoiser, dataclasses.replace(plp, base_model=plp.base_model or model.identity))
         add_plp(model.denoiser, plp)
     try:
         result = None

@@ -8,6 +8,9 @@ the mean over pairs and how many pairs pass the demo's bars::
 
     python bench/demo_sweep.py --out OUT/demo-sweep.json --workers 4 \\
         --settings '[{"rank": 16}, {"rank": 64}, {"rank": 16, "up_lr_ratio": 4}]'
+
+``--split test`` runs the test split's 36 pairs (only with settings chosen on dev); ``--pick DEV_JSON`` prints the
+settings a dev sweep chose (:func:`pick`) as the JSON list ``--settings`` takes, and runs nothing.
 """
 
 from __future__ import annotations
@@ -45,27 +48,52 @@ def one(job: tuple[dict, str, str]) -> dict:
     return {"settings": settings, "pair": f"{content}:{style}", **means, "seconds": time.perf_counter() - t0}
 
 
-def main(argv=None) -> Path:
+def average(row: dict) -> float:
+    return (row["content"] + row["style"] + row["prompt"]) / 3
+
+
+def pick(summary: list[dict]) -> dict:
+    """The demo's settings from a dev sweep's summary (rule written 2026-12-04, before the sweep ran): the most dev
+    pairs passing the demo's bars, then the highest mean of content, style and prompt, then the earlier entry."""
+    best = max(range(len(summary)), key=lambda i: (summary[i]["passed"], round(average(summary[i]), 6), -i))
+    return summary[best]["settings"]
+
+
+def main(argv=None) -> Path | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--settings", required=True, help="JSON list of DemoConfig overrides")
-    p.add_argument("--pairs", default="", help="content:style,... (default: the 16 novel pairs)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--settings", help="JSON list of DemoConfig overrides")
+    p.add_argument("--pairs", default="", help="content:style,... (default: the split's novel pairs)")
+    p.add_argument("--split", default="dev", help="dev (16 pairs, default) or test (36; settings chosen on dev only)")
+    p.add_argument("--pick", type=Path, help="a dev sweep's JSON: print the settings it chose, run nothing")
     p.add_argument("--workers", type=int, default=4)
     args = p.parse_args(argv)
+    if args.pick:
+        print(json.dumps([pick(json.loads(args.pick.read_text())["summary"])]))
+        return None
+    if args.out is None or args.settings is None:
+        p.error("--out and --settings are required (or --pick)")
     settings = json.loads(args.settings)
+    split = BenchConfig(split=args.split)
     pairs = (
         [tuple(x.split(":")) for x in args.pairs.split(",")]
         if args.pairs
-        else list(itertools.product(BenchConfig().contents, BenchConfig().styles))  # the 16 novel pairs
+        else list(itertools.product(split.contents, split.styles))
     )
     jobs = [(s, c, st) for s in settings for c, st in pairs]
     t0 = time.perf_counter()
-    rows = []
+    partial = args.out.with_suffix(".jsonl")  # finished runs, one per line: a second call runs only the others
+    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    done = {(json.dumps(r["settings"], sort_keys=True), r["pair"]) for r in rows}
+    todo = [j for j in jobs if (json.dumps(j[0], sort_keys=True), f"{j[1]}:{j[2]}") not in done]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        for row in pool.map(one, jobs):
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(partial, "a") as log:
+        for row in pool.map(one, todo):
             rows.append(row)
             print(json.dumps(row), flush=True)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
     summary = []
     for s in settings:
         mine = [r for r in rows if r["settings"] == s]
@@ -85,11 +113,11 @@ def main(argv=None) -> Path:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "seconds": round(time.perf_counter() - t0, 1),
+        "split": args.split,
         "bars": BARS,
         "summary": summary,
         "runs": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     return args.out
 

@@ -6,6 +6,7 @@
 #   bash bench/world_v2_protocol.sh grid     # the dev grid's configurations not yet in bench/results/world-v2/dev-grid
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
+#   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
 #
 # Environment: WORKERS (default 6), LIMIT (seconds, default 555), START (epoch seconds the LIMIT counts from, so that
 # several phases can share one call), B4M_COMMIT (recorded in results.json).
@@ -15,7 +16,7 @@
 # scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
 # again).
 set -u
-phase=${1:?grid, levers or test SEED}
+phase=${1:?grid, levers, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT"
 [ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
@@ -62,5 +63,19 @@ case $phase in
     bench "runs/test-seed$seed" --split test --seed "$seed" --method-settings runs/chosen.json \
       && cp "runs/test-seed$seed/results.json" "$OUT/test-seed$seed.json" \
       && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" && echo done ;;
+  demo)  # docs/world.md, "The demo's pair": the real demo (fp32, as on a CPU) over every pair; resumable per run
+    mkdir -p runs/demo; cp -n .carry/demo-*.jsonl runs/demo/ 2>/dev/null
+    for split in dev test; do
+      f=runs/demo/demo-$split.json
+      if [ ! -f "$f" ]; then
+        settings='[{"lr": 0.001}, {"lr": 0.002}, {"lr": 0.005}]'
+        [ "$split" = test ] && settings=$(python3 bench/demo_sweep.py --pick runs/demo/demo-dev.json)
+        l=$(left); [ "$l" -lt 60 ] && break
+        timeout -k 10 "$l" python3 bench/demo_sweep.py --out "$f" --split $split --workers "$WORKERS" \
+          --settings "$settings" | tail -4
+      fi
+      cp runs/demo/demo-$split.json* "$OUT/" 2>/dev/null; [ -f "$f" ] || exit 0
+    done
+    echo done ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

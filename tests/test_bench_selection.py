@@ -62,3 +62,31 @@ def test_runs_that_differ_in_more_than_lr_and_steps_are_refused(tmp_path):
         read_grid([a, b])
     with pytest.raises(B4MError, match="no results.json"):
         read_grid([tmp_path / "missing"])
+
+
+def test_an_empty_method_settings_reads_as_none_and_a_per_method_run_is_refused(tmp_path):
+    """Results written before --method-settings existed have no such key; later grid runs record it empty; a run
+    with per-method settings (the test split's) is no grid configuration."""
+    old = write(tmp_path, 1e-3, 150, {"b4m": 0.8})
+    new = write(tmp_path, 2e-3, 150, {"b4m": 0.7}, method_settings={})
+    assert len(read_grid([old, new])) == 2
+    per_method = write(tmp_path, 1e-3, 300, {"b4m": 0.9}, method_settings={"b4m": {"lr": 1e-3, "steps": 300}})
+    with pytest.raises(B4MError, match="not a grid configuration"):
+        read_grid([old, per_method])
+
+
+def test_the_demo_settings_rule_prefers_passing_pairs_then_the_average():
+    """bench/demo_sweep.py --pick: the most dev pairs passing the demo's bars, then the mean of content, style and
+    prompt, then the earlier entry."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("demo_sweep", Path(__file__).parents[1] / "bench" / "demo_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def row(lr, passed, content):
+        return {"settings": {"lr": lr}, "passed": passed, "content": content, "style": 0.5, "prompt": 0.9}
+
+    assert sweep.pick([row(1e-3, 3, 0.5), row(2e-3, 3, 0.6), row(5e-3, 2, 0.9)]) == {"lr": 2e-3}
+    assert sweep.pick([row(1e-3, 3, 0.5), row(2e-3, 3, 0.5)]) == {"lr": 1e-3}

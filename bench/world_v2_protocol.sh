@@ -56,7 +56,7 @@ case $phase in
     chosen
     read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
     bench runs/levers --split dev --lr "$lr" --steps "$st" \
-      --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100,b4m-make0,b4m-content-half,b4m-made-content-half \
+      --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp runs/levers/results.json "$OUT/levers.json" && cp runs/levers/figure.png "$OUT/levers.png" && echo done ;;
   test)
     seed=${2:?seed}; chosen

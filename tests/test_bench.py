@@ -121,6 +121,10 @@ def test_ablations_change_one_setting():
     half = variant_config("b4m-content-half", config)
     assert (half.make.steps, half.style_scale, half.content_scale) == (0, 0.0, 1.0) and half.train == base.train
     assert variant_config("b4m-made-content-half", config).make == base.make
+    half = variant_config("b4m-style-half", config)
+    assert (half.make.steps, half.style_scale, half.content_scale) == (0, 1.0, 0.0) and half.train == base.train
+    made = variant_config("b4m-made-style-half", config)
+    assert (made.make, made.content_scale, made.style_scale) == (base.make, 0.0, 1.0)
     for role, other in (("content", "style"), ("style", "content")):
         for level in ("high", "low"):
             cfg = variant_config(f"b4m-{role}-{level}-noise", config)

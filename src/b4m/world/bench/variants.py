@@ -126,7 +126,7 @@ VARIANTS: dict[str, Variant] = {
         summary="make with the style references weighted 1 like the content's (the paper's; B4M's default is 0.5)",
     ),
     "b4m-make100": Variant("b4m", {"make": {"steps": 100}}, summary="make with 100 steps instead of 50"),
-    # Where the content goes (diagnostics: the style half switched off at sampling, so style scores mean nothing)
+    # Where the content goes (diagnostics: the style half off at sampling, so style scores mean nothing)
     "b4m-content-half": Variant(
         "b4m",
         {"make": {"steps": 0}, "style_scale": 0.0},
@@ -134,6 +134,15 @@ VARIANTS: dict[str, Variant] = {
     ),
     "b4m-made-content-half": Variant(
         "b4m", {"style_scale": 0.0}, summary="diagnostic: the made adapter's content half alone (style half off)"
+    ),
+    # Where the style goes (the content half off: content scores mean nothing)
+    "b4m-style-half": Variant(
+        "b4m",
+        {"make": {"steps": 0}, "content_scale": 0.0},
+        summary="diagnostic: the style run's style half alone (fused, no make, content half off)",
+    ),
+    "b4m-made-style-half": Variant(
+        "b4m", {"content_scale": 0.0}, summary="diagnostic: the made adapter's style half alone (content half off)"
     ),
     **_timestep_variants(),
     **_ratio_variants(),

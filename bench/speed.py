@@ -622,6 +622,13 @@ class Bench:
                 {**fast, **GRAPHS, **ONE_PASS},
                 {},
             ),
+            "graphs-1x32": (
+                "as graphs-1x16 with 32 images (two per set): what one pass over the content and the style run's "
+                "rows would cost at most (issue 19: pays only if well under two graphs-1x16 steps)",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS, "batch_size": 2 * GRAD_ACCUM},
+                {},
+            ),
             "fast-1x16-compile": (
                 f"as fast-1x16, the UNet torch.compile'd (mode={self.args.compile_mode})",
                 res,
@@ -630,7 +637,7 @@ class Bench:
             ),
         }
         description, row_res, changes, options = spec[variant]
-        n = GRAD_ACCUM * (1 + N_AUX)
+        n = GRAD_ACCUM * (1 + N_AUX) * (2 if variant == "graphs-1x32" else 1)
         row = Row(f"stage1/{variant}", "PLP, " + description, row_res, n, n)
         self.train_row(row, self.stage1_config(**changes), self.stage1_sets(row_res), **options)
 
@@ -802,6 +809,7 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
+        "graphs-1x32",
         "fast-1x16-compile",
     ],
     "make": ["default", "fast", "no-precondition", "compile", "graphs", "graphs-1x8"],

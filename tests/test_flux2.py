@@ -18,6 +18,7 @@ from b4m.adapter.config import KLEIN_TARGETS
 from b4m.adapter.file import attached, load_adapter
 from b4m.cli import app
 from b4m.loading import load_model
+from b4m.lora_files import load_lora
 from b4m.models.flux2 import Flux2KleinModel
 from tiny_pipelines import save_tiny_flux2
 
@@ -222,6 +223,35 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     _cli(*args, "-o", out, "--resolution", "32")
     a = np.asarray(Image.open(out / "00_seed7.png"))
     assert a.shape == (32, 32, 3) and not np.array_equal(a, np.asarray(Image.open(out / "00_seed8.png")))
+
+    # b4m reads its klein LoRA files back (issue 17): the factors it wrote, and generate with two plain LoRAs.
+    read, _ = load_lora(lora)
+    assert sorted(read) == EXPECTED
+    for name, (up, down) in made.factors().items():
+        assert torch.equal(read[name][0], up) and torch.equal(read[name][1], down), name
+    loras = [
+        f"--{role}-lora={tmp_path / role[0] / f'{role}_lora_diffusers.safetensors'}" for role in ("content", "style")
+    ]
+    for combine in ("sum", "k-lora"):
+        out = tmp_path / f"g-{combine}"
+        _cli(
+            "generate",
+            "a sks dog in sks style",
+            *loras,
+            "--combine",
+            combine,
+            "--model",
+            folder,
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "-o",
+            out,
+        )
+        assert np.asarray(Image.open(out / "00_seed0.png")).shape == (32, 32, 3)
 
 
 def _transformer_inputs(transformer) -> dict:

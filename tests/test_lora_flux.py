@@ -529,4 +529,4 @@ def test_unreadable_flux_kohya_files(tmp_path):
     _raises(lambda: load_lora(path), path, "down_blocks_0_attentions_0_proj_in is not a FLUX.1 layer")
     key = "transformer.transformer_blocks.0.attn.to_qq"
     save_file({f"{key}.lora_A.weight": z(3, 16), f"{key}.lora_B.weight": z(16, 3)}, str(path))
-    _raises(lambda: load_lora(path), path, "to_qq is not a linear layer of a FLUX.1 transformer")
+    _raises(lambda: load_lora(path), path, r"to_qq is not a linear layer of a FLUX.1 or FLUX.2 \[klein\] transformer")

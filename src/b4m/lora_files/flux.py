@@ -86,12 +86,39 @@ _TOP = {
     "proj_out": "final_layer_linear",
     "norm_out.linear": "final_layer_adaLN_modulation_1",  # BFL's (shift, scale) rows are diffusers' (scale, shift)
 }
+# FLUX.2 (diffusers' Flux2Transformer2DModel; facts from diffusers' _convert_non_diffusers_flux2_lora_to_diffusers
+# and _convert_kohya_flux2_lora_to_diffusers): the double blocks' attention as FLUX.1's, a SwiGLU feed-forward
+# (ff.linear_in / linear_out = img_mlp_0 / _2), no per-block modulation (three shared ones outside the blocks), and
+# single blocks whose fused layers are diffusers modules themselves: to_qkv_mlp_proj = linear1, to_out = linear2.
+_DOUBLE2 = {
+    **{k: v for k, v in _DOUBLE.items() if v[0].endswith(("_qkv", "_proj"))},
+    "ff.linear_in": ("img_mlp_0", None),
+    "ff.linear_out": ("img_mlp_2", None),
+    "ff_context.linear_in": ("txt_mlp_0", None),
+    "ff_context.linear_out": ("txt_mlp_2", None),
+}
+_SINGLE2 = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
+_TOP2 = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img_lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt_lin",
+    "single_stream_modulation.linear": "single_stream_modulation_lin",
+    "proj_out": "final_layer_linear",
+    "norm_out.linear": "final_layer_adaLN_modulation_1",
+}
 _SWAPPED = "lora_unet_final_layer_adaLN_modulation_1"
-_BLOCKS = {"transformer_blocks": ("double_blocks", _DOUBLE), "single_transformer_blocks": ("single_blocks", _SINGLE)}
 _MODULE = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 _LAYER = re.compile(r"lora_unet_(double_blocks|single_blocks)_(\d+)_(\w+)")
 # Keys of a FLUX kohya file (no SD/SDXL kohya name starts so).
-_FLUX_KOHYA = re.compile(r"lora_unet_((double|single)_blocks_|(img|txt)_in\.|(time|vector|guidance)_in_|final_layer_)")
+_FLUX_KOHYA = re.compile(
+    r"lora_unet_((double|single)_blocks_|(img|txt)_in\.|(time|vector|guidance)_in_|final_layer_"
+    r"|(double|single)_stream_modulation_)"
+)
 
 
 def _parts(table: Mapping[str, tuple[str, int | None]]) -> dict[str, list[str]]:
@@ -101,40 +128,61 @@ def _parts(table: Mapping[str, tuple[str, int | None]]) -> dict[str, list[str]]:
     return {layer: [parts[i] for i in sorted(parts)] for layer, parts in out.items()}
 
 
-# {BFL block kind: (diffusers block kind, {BFL layer: [diffusers modules in part order]})}
-_INNER = {bfl: (kind, _parts(table)) for kind, (bfl, table) in _BLOCKS.items()}
+class Layout:
+    """One FLUX family's diffusers modules and the BFL layers (kohya key bases) that hold them."""
+
+    def __init__(self, family: str, title: str, double: dict, single: dict, top: dict[str, str]) -> None:
+        self.family, self.title, self.top = family, title, top
+        self.blocks = {
+            "transformer_blocks": ("double_blocks", double),
+            "single_transformer_blocks": ("single_blocks", single),
+        }
+        # {BFL block kind: (diffusers block kind, {BFL layer: [diffusers modules in part order]})}
+        self.inner = {bfl: (kind, _parts(table)) for kind, (bfl, table) in self.blocks.items()}
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is a linear module of this family's transformer (diffusers naming)."""
+        match = _MODULE.fullmatch(name)
+        return match[3] in self.blocks[match[1]][1] if match is not None else name in self.top
 
 
-def bfl_layer(name: str, path: str | os.PathLike) -> tuple[str, int | None]:
+FLUX1 = Layout(FAMILY, "FLUX.1", _DOUBLE, _SINGLE, _TOP)
+FLUX2 = Layout("flux2", "FLUX.2 [klein]", _DOUBLE2, _SINGLE2, _TOP2)
+#: The layouts by model family (``save_lora``'s ``family``).
+LAYOUTS = {FLUX1.family: FLUX1, FLUX2.family: FLUX2}
+
+
+def bfl_layer(name: str, path: str | os.PathLike, layout: Layout = FLUX1) -> tuple[str, int | None]:
     """The kohya key base (``lora_unet_<BFL layer>``) of the layer holding the diffusers module ``name``, and the
     module's part index in it (None for an unfused layer).
 
     Raises:
-        B4MError: ``name`` is not a linear module of a FLUX.1 transformer.
+        B4MError: ``name`` is not a linear module of the layout's transformer.
     """
     match = _MODULE.fullmatch(name)
-    if match is not None and match[3] in _BLOCKS[match[1]][1]:
-        layer, part = _BLOCKS[match[1]][1][match[3]]
-        return f"lora_unet_{_BLOCKS[match[1]][0]}_{match[2]}_{layer}", part
-    if match is None and name in _TOP:
-        return f"lora_unet_{_TOP[name]}", None
-    raise B4MError(f"{path}: module {name} is not a linear layer of a FLUX.1 transformer (diffusers naming)")
+    if match is not None and match[3] in layout.blocks[match[1]][1]:
+        bfl, table = layout.blocks[match[1]]
+        layer, part = table[match[3]]
+        return f"lora_unet_{bfl}_{match[2]}_{layer}", part
+    if match is None and name in layout.top:
+        return f"lora_unet_{layout.top[name]}", None
+    raise B4MError(f"{path}: module {name} is not a linear layer of a {layout.title} transformer (diffusers naming)")
 
 
-def layer_modules(base: str, path: str | os.PathLike) -> list[str]:
+def layer_modules(base: str, path: str | os.PathLike, layout: Layout = FLUX1) -> list[str]:
     """The diffusers modules the BFL layer ``base`` (a kohya key base) holds, in part order (one if unfused).
 
     Raises:
-        B4MError: ``base`` is no FLUX.1 layer in the BFL/kohya naming.
+        B4MError: ``base`` is no layer of the layout's transformer in the BFL/kohya naming.
     """
     match = _LAYER.fullmatch(base)
-    if match is not None and match[3] in _INNER[match[1]][1]:
-        kind, layers = _INNER[match[1]]
+    if match is not None and match[3] in layout.inner[match[1]][1]:
+        kind, layers = layout.inner[match[1]]
         return [f"{kind}.{match[2]}.{inner}" for inner in layers[match[3]]]
-    top = [name for name, layer in _TOP.items() if base == f"lora_unet_{layer}"]
+    top = [name for name, layer in layout.top.items() if base == f"lora_unet_{layer}"]
     if match is None and top:
         return top
-    raise B4MError(f"{path}: {base} is not a FLUX.1 layer in the BFL/kohya naming")
+    raise B4MError(f"{path}: {base} is not a {layout.title} layer in the BFL/kohya naming")
 
 
 def is_flux_file(keys: list[str], fmt: str) -> bool:
@@ -145,10 +193,27 @@ def is_flux_file(keys: list[str], fmt: str) -> bool:
     return fmt == "peft" and any(key.removeprefix("base_model.model.").startswith(f"{PREFIX}.") for key in keys)
 
 
-def check_modules(names: list[str], path: str | os.PathLike) -> None:
-    """Refuse module names that are not linear layers of a FLUX.1 transformer."""
+def check_modules(names: list[str], path: str | os.PathLike, layout: Layout = FLUX1) -> None:
+    """Refuse module names that are not linear layers of the layout's transformer."""
     for name in names:
-        bfl_layer(name, path)
+        bfl_layer(name, path, layout)
+
+
+def layout_of(names: list[str], path: str | os.PathLike) -> Layout:
+    """The family whose transformer has every module of ``names`` (diffusers naming; FLUX.1 where both have them:
+    the double blocks' attention is named alike).
+
+    Raises:
+        B4MError: No family has them all; the message names a module of neither.
+    """
+    for layout in LAYOUTS.values():
+        if all(layout.holds(name) for name in names):
+            return layout
+    titles = " or ".join(layout.title for layout in LAYOUTS.values())
+    stray = next((n for n in names if not any(layout.holds(n) for layout in LAYOUTS.values())), None)
+    if stray is None:
+        raise B4MError(f"{path}: its modules mix {' and '.join(x.title for x in LAYOUTS.values())} layers")
+    raise B4MError(f"{path}: module {stray} is not a linear layer of a {titles} transformer (diffusers naming)")
 
 
 def resolve_naming(naming: str, path: str | os.PathLike) -> str:

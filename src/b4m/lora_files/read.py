@@ -1,6 +1,6 @@
 """Reading plain LoRA files: diffusers/peft, the old diffusers layout (the official B4M repository's too) and kohya
 (diffusers or SGM naming), renamed by diffusers' own converters into :data:`~b4m.lora_files.factors.Factors`; FLUX.1
-files (peft keys under ``transformer.``, kohya/BFL names) through :mod:`.flux`."""
+and FLUX.2 [klein] files (peft keys under ``transformer.``, kohya/BFL names) through :mod:`.flux`."""
 
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def _to_factors(peft_sd: dict[str, torch.Tensor], expected: int, path: str | os.
 
 
 def load_lora(path: str | os.PathLike, *, unet_config: Any = None) -> tuple[Factors, dict[str, str]]:
-    """Read a plain LoRA file (diffusers/peft, old diffusers, or kohya in diffusers or SGM naming; for FLUX.1, peft
-    keys under ``transformer.`` or kohya/BFL names, told apart from UNet files by their keys).
+    """Read a plain LoRA file (diffusers/peft, old diffusers, or kohya in diffusers or SGM naming; for FLUX.1 and
+    FLUX.2 [klein], peft keys under ``transformer.`` or kohya/BFL names, told apart from UNet files by their keys).
 
     Args:
         path: A ``.safetensors`` LoRA file.
@@ -206,13 +206,14 @@ def load_lora(path: str | os.PathLike, *, unet_config: Any = None) -> tuple[Fact
     Returns:
         ``(factors, metadata)``: factors keyed by diffusers module name, float32, with alpha/rank folded into
         ``up``; the file's metadata (all strings) without safetensors' ``format`` entry. Text-encoder tensors are
-        skipped with a warning. FLUX factors are keyed by ``FluxTransformer2DModel`` module name; a fused BFL layer
-        (``qkv``, ``linear1``) is split into its modules (:func:`b4m.lora_files.flux.kohya_factors`).
+        skipped with a warning. FLUX factors are keyed by ``FluxTransformer2DModel`` (FLUX.1) or
+        ``Flux2Transformer2DModel`` (klein) module name; a fused BFL layer (``qkv``, FLUX.1's ``linear1``) is split
+        into its modules (:func:`b4m.lora_files.flux.kohya_factors`).
 
     Raises:
         B4MError: Unreadable file, NaN/Inf values, no LoRA keys, an up without its down (or the reverse),
-            inconsistent ranks, unsupported LoRA variants, names diffusers cannot map, or names of no FLUX.1 linear
-            layer in a FLUX file.
+            inconsistent ranks, unsupported LoRA variants, names diffusers cannot map, or names of no FLUX.1 or klein
+            linear layer in a FLUX file.
     """
     tensors, metadata = load_safetensors(path)
     fmt = detect_format(tensors, path)
@@ -226,7 +227,7 @@ def load_lora(path: str | os.PathLike, *, unet_config: Any = None) -> tuple[Fact
         if fmt == "kohya":
             return flux.kohya_factors(folded, metadata, path), metadata
         factors = _to_factors(folded, len(groups), path)
-        flux.check_modules(list(factors), path)
+        flux.layout_of(list(factors), path)  # FLUX.1's or klein's modules (peft keys name them alike)
         return factors, metadata
     if fmt == "kohya":
         peft_sd = _kohya_to_peft(folded, unet_config, path)

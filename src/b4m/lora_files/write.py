@@ -207,6 +207,7 @@ def save_lora(
     if family == "flux2":  # Flux2Transformer2DModel names: peft keys under transformer., as FLUX.1's
         if format != "diffusers":
             raise B4MError(f"{path}: {FLUX2_KOHYA}")
+        flux.check_modules(list(factors), path, flux.FLUX2)
         tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)
     elif family == flux.FAMILY:
         flux.check_modules(list(factors), path)

@@ -99,6 +99,7 @@ EVERY_SETTING_CHANGED = {
     "resolution": 64,
     "placeholder": "sks",
     "device": "cpu",
+    "base_weights": "int8",
     "adapter": {
         "rank": 8,
         "ratio": 0.25,

@@ -162,6 +162,7 @@ def load_model(
     variant: str | None = None,
     resolution: int | None = None,
     identity: str | None = None,
+    base_weights: str = "auto",
 ) -> DiffusionModel:
     """Load a base model (see the module docstring for what ``model`` may be).
 
@@ -173,11 +174,17 @@ def load_model(
         variant: Weight file variant of a diffusers folder or Hub repo (e.g. ``"fp16"``).
         resolution: Default training/sampling resolution; None: the model's native one.
         identity: Override of the base model identity recorded in adapter files.
+        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's linear weights stored in
+            8 bits (:mod:`b4m.models.quantize`; needs torchao, checked before anything loads).
 
     Raises:
-        B4MError: The path does not exist, is not a supported model, or loading failed.
+        B4MError: The path does not exist, is not a supported model, loading failed, or ``base_weights`` asks for
+            torchao, which is not installed.
     """
-    key = (model, str(device), dtype, variant, identity)
+    from .models.quantize import quantize_weights, require_quantization
+
+    require_quantization(base_weights)  # before any weights load
+    key = (model, str(device), dtype, variant, identity, base_weights)
     if _shared is not None and key in _shared:  # inside shared_models(): the model an earlier stage loaded
         _shared[key].restore_encoders()
         _shared[key].use_resolution(resolution)
@@ -191,7 +198,10 @@ def load_model(
     else:
         from .models.loading import load_diffusers_model
 
-        loaded = load_diffusers_model(model, device=device, dtype=dtype, variant=variant, resolution=resolution)
+        loaded = load_diffusers_model(
+            model, device=device, dtype=dtype, variant=variant, resolution=resolution, base_weights=base_weights
+        )
+    quantize_weights(loaded.denoiser, base_weights)  # the world's (diffusers models' are quantized already)
     if identity:
         loaded.identity = identity
     if _shared is not None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
+from ..device import is_plain
 from ..errors import B4MError
 from .config import PLPConfig
 from .init import frozen_rng, learned_rng, make_frozen, make_learned_down
@@ -42,7 +43,10 @@ from .lowrank import AUTOCAST_DTYPES, autocast_input, low_rank_add
 @torch.no_grad()
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, what: str) -> None:
     """``weight += delta``, summed in float32 and written back in the weight's dtype; a non-finite result is
-    refused (nothing is changed) with an error naming ``what``. The one merge every path uses."""
+    refused (nothing is changed) with an error naming ``what``, and so is a weight stored otherwise than as a plain
+    tensor (8-bit: ΔW would be rounded to 8 bits; sample with the adapter unmerged). The one merge every path uses."""
+    if not is_plain(weight):
+        raise B4MError(f"{what}: the base weight is stored as {type(weight).__name__} (8-bit); not merged")
     merged = weight.float() + delta.float().to(weight.device).reshape(weight.shape)
     if not torch.isfinite(merged).all():
         raise B4MError(f"{what}: merging the adapter gives non-finite weights; not merged")
@@ -199,11 +203,12 @@ class PLPLinear(LinearAdapter):
 
     def _stack_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype of ``self.base_layer(x)`` where the stacked GEMM computes exactly what that call would (a plain
-        ``nn.Linear``, its forward not wrapped or hooked, e.g. by an offloading hook that moves its weight in), else
-        None. Never inside torch.compile: the stack is Python state."""
+        ``nn.Linear`` with a plain weight, its forward not wrapped or hooked, e.g. by an offloading hook that moves its
+        weight in), else None. Never inside torch.compile: the stack is Python state."""
         base = self.base_layer
         if (
             type(base) is not nn.Linear
+            or not is_plain(base.weight)  # 8-bit: the stack would be a full-width copy of it
             or base._forward_hooks
             or base._forward_pre_hooks
             or "forward" in base.__dict__

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from ..adapter.walker import set_scales
 from ..errors import B4MError
 from ..lora_files.factors import applied
 from ..models.base import DiffusionModel, SampleRequest
+from ..models.quantize import is_quantized
 from ..training.config import TrainConfig
 from ..training.runs import RunRecord, memoized, pair_info, run_info, run_key, train_adapter
 from ..training.sets import TrainSet
@@ -204,7 +206,12 @@ def applied_adapter(
     ``content_scale`` and the style half times ``style_scale``; taken off after (the weights restored exactly).
 
     ``merge=True`` folds ΔW into the base weights (sampling costs what the base model costs; the benchmark samples
-    this way); otherwise PLP layers are attached (no copy of ΔW, a little slower)."""
+    this way); otherwise PLP layers are attached (no copy of ΔW, a little slower). On 8-bit base weights
+    (``base_weights``) ΔW is never merged, which would round it to 8 bits: the adapter runs unmerged, with a
+    warning."""
+    if merge and is_quantized(model.denoiser):
+        warnings.warn("8-bit base weights: sampling with the adapter unmerged (merging rounds ΔW)", stacklevel=3)
+        merge = False
     if merge:
         factors = adapter.factors(scale=scale, content_scale=content_scale, style_scale=style_scale)
         with applied(model.denoiser, factors):

@@ -36,6 +36,7 @@ from ..hub import looks_like_hub_id  # noqa: E402
 from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
 from .flux import FluxModel  # noqa: E402
 from .flux2 import Flux2KleinModel  # noqa: E402
+from .quantize import quantize_weights  # noqa: E402
 from .sd import StableDiffusionModel  # noqa: E402
 from .sdxl import StableDiffusionXLModel  # noqa: E402
 
@@ -68,6 +69,7 @@ def load_diffusers_model(
     dtype: torch.dtype | None = None,
     variant: str | None = None,
     resolution: int | None = None,
+    base_weights: str = "auto",
 ) -> DiffusersModel | FluxModel:
     """Load a diffusers base model (see the module docstring for what ``model`` may be).
 
@@ -79,6 +81,9 @@ def load_diffusers_model(
         variant: Weight file variant of a folder or Hub repo (e.g. ``"fp16"``).
         resolution: Default training/sampling resolution; None: the model's native one (UNet sample size times the
             VAE factor: 1024 SDXL, 512 SD 1.x, 768 SD 2.x-v).
+        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's linear weights stored in
+            8 bits (:func:`b4m.models.quantize.quantize_weights`), layer by layer on ``device`` before the rest of
+            the model moves there.
 
     Returns:
         The model, on ``device``.
@@ -89,6 +94,7 @@ def load_diffusers_model(
     dtype = dtype or default_dtype(device)
     cls, pipe, name = _load_pipeline(model, dtype, variant)
     loaded = cls.from_pipeline(pipe, identity=f"{cls.family}:{name}", resolution=resolution)
+    quantize_weights(loaded.denoiser, base_weights, device)  # in dtype already: from_pretrained loaded it so
     loaded.to(device, dtype)
     return loaded
 

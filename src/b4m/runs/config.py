@@ -13,8 +13,8 @@ A config file has top-level keys for the run (``model``, ``images``, ``prompt``,
     [train]            # b4m.training.TrainConfig (make: b4m.method.MakeConfig's loop settings)
     steps = 1000
 
-``preset = "low-memory"`` (or ``"fast"``) at the top level sets a group of keys (:data:`PRESETS`); the file's own
-keys and the flags still override them.
+``preset = "low-memory"`` (or ``"fast"``, ``"low-memory-8bit"``) at the top level sets a group of keys
+(:data:`PRESETS`); the file's own keys and the flags still override them.
 
 Every stage's defaults come from the method's configs: a content or style run's from
 :class:`~b4m.training.config.TrainConfig`, make's from :class:`~b4m.method.MakeConfig` (:data:`STAGE_DEFAULTS`).
@@ -108,7 +108,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
     "low-memory": {"train": {"speed": "fixed", "gradient_checkpointing": True}},
+    # FLUX.1 on 24 GB cards: low-memory, and the frozen denoiser's linear weights stored in 8 bits (torchao's int8
+    # weight-only; the adapter trains in float32 on top). bench/flux_memory.py measures what it saves and costs.
+    "low-memory-8bit": {"base_weights": "int8", "train": {"speed": "fixed", "gradient_checkpointing": True}},
 }
+
+#: ``base_weights`` values: the loading dtype's full width, or 8-bit linear weights in the denoiser
+#: (b4m.models.quantize.CONFIGS; needs torchao).
+BASE_WEIGHTS = ("auto", "int8", "float8")
 
 
 #: Defaults per stage, merged under the preset, the config file and the flags: make's come from MakeConfig.
@@ -140,8 +147,9 @@ class StageConfig:
 
     preset: str | None = setting(
         None,
-        "A group of settings: fast (fused AdamW, a step's images in one batch, CUDA graphs) or "
-        "low-memory (gradient checkpointing); the config file's settings and the flags win over it.",
+        "A group of settings: fast (fused AdamW, a step's images in one batch, CUDA graphs), "
+        "low-memory (gradient checkpointing) or low-memory-8bit (that and 8-bit base weights: FLUX.1 on 24 GB); "
+        "the config file's settings and the flags win over it.",
         flag="--preset",
         commands=_STAGES,
     )
@@ -181,6 +189,14 @@ class StageConfig:
         commands=_BREAK,
     )
     device: str | None = setting(None, "cuda or cpu; None: cuda if available, else cpu.")
+    base_weights: str = setting(
+        "auto",
+        "The frozen denoiser's linear weights: auto (the loading dtype: bf16 or fp16 on a GPU, fp32 on the CPU), "
+        "int8 or float8 (stored in 8 bits by torchao, pip install 'b4m[lowmem]'; the adapter trains in fp32 on top, "
+        "sampling runs it unmerged). Saves memory in training with gradient checkpointing.",
+        flag="--base-weights",
+        commands=_STAGES,
+    )
     adapter: PLPConfig = field(default_factory=PLPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -188,6 +204,8 @@ class StageConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if self.base_weights not in BASE_WEIGHTS:
+            raise B4MError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {self.base_weights!r}")
         if self.resolution is not None and not (8 <= self.resolution <= 4096 and self.resolution % 8 == 0):
             raise B4MError(f"resolution must be a multiple of 8 from 8 to 4096 pixels, got {self.resolution}")
 

@@ -155,7 +155,9 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
     check_before_loading(cfg.model, cfg.resolution, out, cfg.adapter)
-    model = load_model(cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution)
+    model = load_model(
+        cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution, base_weights=cfg.base_weights
+    )
     res = cfg.resolution or train_resolution(model)
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
         main_set = load_image_set(cfg.images, cfg.prompt, res, name=role, placeholder=cfg.placeholder, warn=warn)
@@ -282,7 +284,9 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     check_before_loading(model_name, resolution, out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = load_model(model_name, device=cfg.device or default_device(), resolution=resolution)
+    model = load_model(
+        model_name, device=cfg.device or default_device(), resolution=resolution, base_weights=cfg.base_weights
+    )
     if fused.config.base_model and fused.config.base_model != model.identity:
         raise B4MError(f"{c_file}: made with base model {fused.config.base_model!r}, not {model.identity!r}")
     res = resolution or train_resolution(model)

@@ -1,0 +1,90 @@
+"""8-bit frozen base weights: torchao's weight-only quantization of a denoiser's linear layers.
+
+``base_weights = "int8"`` (or ``"float8"``) stores every ``nn.Linear`` weight of the denoiser in 8 bits with one
+scale per output row (torchao's ``Int8WeightOnlyConfig`` / ``Float8WeightOnlyConfig`` through ``quantize_``, what
+diffusers' ``TorchAoConfig`` applies on load and what peft trains LoRAs on); the layers stay ``nn.Linear`` whose
+weight is a torchao tensor subclass, so a PLP adapter wraps them as any other linear layer and trains in float32 on
+top (the gradient reaches the input through torchao's linear; the frozen weight gets none). The quantization is done
+after loading, layer by layer on the target device, before the rest of the model moves there: the GPU never holds
+the denoiser at full width.
+
+What the 8-bit weight cannot do: take a merged ΔW without rounding it to 8 bits (merging is refused:
+:func:`b4m.adapter.layer.add_to_weight`; sampling runs the adapter unmerged). It saves memory in training together
+with gradient checkpointing: torchao's weight-only linear casts the 8-bit weight to the compute dtype for each matmul,
+and a layer whose activations are kept for the backward pass keeps that copy too.
+
+torchao is optional (``pip install 'b4m[lowmem]'``); :func:`require_quantization` says so in one line before any
+weights load.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from ..device import is_plain
+from ..errors import B4MError
+
+#: ``base_weights`` values that quantize, and torchao's config class of each (``"auto"``: the loading dtype's full
+#: width, nothing quantized).
+CONFIGS = {"int8": "Int8WeightOnlyConfig", "float8": "Float8WeightOnlyConfig"}
+INSTALL = "pip install 'b4m[lowmem]'"
+
+
+def require_quantization(base_weights: str) -> None:
+    """Check that ``base_weights`` can be had here: ``"auto"``, or a mode of :data:`CONFIGS` with torchao importable.
+
+    Raises:
+        B4MError: An unknown mode, or torchao missing (one line naming the install command).
+    """
+    if base_weights == "auto":
+        return
+    if base_weights not in CONFIGS:
+        raise B4MError(f"base_weights must be auto, {' or '.join(CONFIGS)}, got {base_weights!r}")
+    try:
+        importlib.import_module("torchao.quantization")
+    except ImportError as e:
+        raise B4MError(f"base_weights = {base_weights!r} needs torchao, which is not installed: {INSTALL}") from e
+
+
+def quantize_weights(module: nn.Module, base_weights: str, device: torch.device | str | None = None) -> int:
+    """Store the weights of ``module``'s ``nn.Linear`` layers in 8 bits (``base_weights``: a key of
+    :data:`CONFIGS`; ``"auto"`` does nothing), in place, each moved to ``device`` first if given. Layers already
+    quantized are left as they are. Returns the number of layers quantized.
+
+    Quantize after casting ``module`` to its compute dtype: torchao keeps the dtype the weight had (a later ``.to``
+    with another dtype does not change it)."""
+    require_quantization(base_weights)
+    if base_weights == "auto":
+        return 0
+    from torchao import quantization
+
+    config = getattr(quantization, CONFIGS[base_weights])()
+    picked = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Linear) and is_plain(m.weight) and m.weight.dtype.is_floating_point
+    ]
+    chosen = {id(m) for m in picked}
+    quantization.quantize_(module, config, filter_fn=lambda m, _name: id(m) in chosen, device=device)
+    return len(picked)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Some linear layer of ``module`` has a weight that is not a plain tensor (8-bit: :func:`quantize_weights`)."""
+    return any(isinstance(m, nn.Linear) and not is_plain(m.weight) for m in module.modules())
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes that ``t`` holds: a tensor subclass's inner tensors (torchao's ``qdata``, ``scale``, …), else its own."""
+    if is_plain(t) or not hasattr(t, "__tensor_flatten__"):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
+
+
+def linear_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the weights of ``module``'s ``nn.Linear`` layers (quantized ones at their stored size)."""
+    return sum(tensor_bytes(m.weight) for m in module.modules() if isinstance(m, nn.Linear))

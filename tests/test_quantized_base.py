@@ -1,0 +1,248 @@
+"""8-bit frozen base weights (issue 17: ``base_weights``, the low-memory-8bit preset) on a tiny FLUX.1 pipeline: the
+denoiser's linear weights stored by torchao, the PLP adapter trained in float32 on top, and everything around
+training (checkpoints, exact resume, the LoRA export, sampling unmerged) as on full-width weights.
+
+Tolerances: int8 weight-only stores each weight row as round(w / s) with s = max|w_row| / 127, an error of at most
+s / 2 per weight (about 0.4 % of the row's largest weight); the tiny transformer's outputs move by well under 1 %
+through its two blocks, so losses and gradients are compared at rtol 2 % (float8, e4m3 with 3 mantissa bits: 10 %).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from b4m.adapter.config import PLPConfig
+from b4m.adapter.file import load_adapter
+from b4m.adapter.walker import add_plp, plp_layers, remove_plp
+from b4m.cli import app
+from b4m.errors import B4MError
+from b4m.files import load_safetensors
+from b4m.loading import load_model
+from b4m.lora_files import save_lora
+from b4m.method.stages import applied_adapter
+from b4m.models.quantize import CONFIGS, is_quantized, linear_weight_bytes, quantize_weights
+from b4m.runs.config import BASE_WEIGHTS, StageConfig, load_config, preset_settings
+from b4m.training.checkpoint import checkpoints
+from b4m.training.config import TrainConfig
+from b4m.training.loop import micro_step_loss
+from b4m.training.runs import train_adapter
+from b4m.training.sets import TrainSet
+from test_flux import EXPECTED, _images, _transformer_inputs
+from tiny_pipelines import save_tiny_flux
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {"int8": 2e-2, "float8": 1e-1}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(save_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux"))
+
+
+@pytest.fixture(scope="module")
+def models(folder):
+    """The tiny FLUX.1 pipeline at full width (fp32 on the CPU) and with int8 and float8 base weights."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return {bw: load_model(folder, resolution=32, base_weights=bw) for bw in ("auto", "int8", "float8")}
+
+
+def sets_of(model) -> list[TrainSet]:
+    g = torch.Generator().manual_seed(5)
+    main = TrainSet("main", torch.randn(2, 16, 16, 16, generator=g), model.encode_prompts(["a sks dog"] * 2))
+    aux = TrainSet("aux0", torch.randn(2, 16, 16, 16, generator=g), model.encode_prompts(["a cat"] * 2), 0.5, False)
+    return [main, aux]
+
+
+def with_learned_values(denoiser: nn.Module) -> list[nn.Parameter]:
+    """Non-zero learned halves (the same on every model), so that every gradient path is exercised."""
+    g = torch.Generator().manual_seed(1)
+    learned = []
+    with torch.no_grad():
+        for name in sorted(plp_layers(denoiser)):
+            layer = plp_layers(denoiser)[name]
+            for p in (layer.up_learned, layer.down_learned):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                learned.append(p)
+    return learned
+
+
+# -- storage ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_weights", ["int8", "float8"])
+@pytest.mark.parametrize(("dtype", "ratio"), [(torch.bfloat16, 0.5), (torch.float32, 0.25)])
+def test_a_flux_wide_linear_weight_takes_8_bits(base_weights, dtype, ratio):
+    """A FLUX.1-dev-wide layer (3072 × 3072): ½ of its bf16 bytes, ¼ of its fp32 bytes (plus one scale a row)."""
+    layer = nn.Linear(3072, 3072).to(dtype)
+    full = linear_weight_bytes(layer)
+    assert quantize_weights(layer, base_weights) == 1
+    assert is_quantized(layer) and layer.weight.dtype == dtype  # computes in the dtype it had
+    assert ratio <= linear_weight_bytes(layer) / full < ratio * 1.01
+
+
+def test_every_linear_of_the_denoiser_is_stored_in_8_bits(models):
+    full, int8 = models["auto"].denoiser, models["int8"].denoiser
+    linears = [m for m in int8.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == sum(isinstance(m, nn.Linear) for m in full.modules()) > 20
+    assert all(type(m.weight).__name__ == "Int8Tensor" and not m.weight.requires_grad for m in linears)
+    # fp32 on the CPU: a quarter of the bytes, plus a 4-byte scale per row (1/16 of a row 16 wide: the tiny model)
+    assert linear_weight_bytes(int8) / linear_weight_bytes(full) < 0.32
+    assert not is_quantized(full) and not is_quantized(models["auto"].text_encoders()[0])  # only the denoiser
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_weights", ["int8", "float8"])
+def test_only_the_adapter_trains_and_the_loss_stays_close(models, base_weights):
+    config = TrainConfig(routing="none", batch_size=2, grad_accum=1)
+    plp = PLPConfig(rank=4, base_model="tiny")
+    losses, grads = {}, {}
+    for bw in ("auto", base_weights):
+        model = models[bw]
+        sets = sets_of(models["auto"])  # the same conditioning for both
+        add_plp(model.denoiser, plp)
+        try:
+            learned = with_learned_values(model.denoiser)
+            loss = micro_step_loss(model, sets, config, torch.Generator().manual_seed(3))
+            loss.backward()
+            with_grad = {id(p) for p in model.denoiser.parameters() if p.grad is not None}
+            assert with_grad == {id(p) for p in learned}  # adapter-only gradients
+            assert all(not p.requires_grad for n, p in model.denoiser.named_parameters() if "learned" not in n)
+            losses[bw], grads[bw] = loss.item(), torch.cat([p.grad.flatten() for p in learned])
+        finally:
+            remove_plp(model.denoiser)
+    tol = TOLERANCE[base_weights]
+    assert losses[base_weights] == pytest.approx(losses["auto"], rel=tol)
+    assert (grads[base_weights] - grads["auto"]).norm() <= tol * grads["auto"].norm()
+    assert is_quantized(models[base_weights].denoiser)  # the base layers put back as they were
+
+
+def run(model, out: Path, steps: int, resume: bool = False):
+    config = TrainConfig(
+        steps=steps, lr=1e-2, owned="up", grad_accum=1, checkpoint_every=1, gradient_checkpointing=True
+    )
+    config.speed = "fixed"  # the preset's: checkpointing as given
+    return train_adapter(
+        model, sets_of(model), config, out, "content", plp=PLPConfig(rank=4, base_model="tiny"), resume=resume
+    )
+
+
+def test_checkpoints_resume_and_the_exported_lora_on_an_8bit_base(models, tmp_path):
+    int8 = models["int8"]
+    record = run(int8, tmp_path / "straight", 3)
+    straight = record.adapter
+    run(int8, tmp_path / "resumed", 2)
+    ckpt = checkpoints(tmp_path / "resumed")[-1]
+    # A checkpoint holds the adapter and the optimizer's state only, plain tensors (weights_only loads it).
+    assert sorted(load_adapter(ckpt / "adapter.b4m.safetensors").modules) == EXPECTED
+    torch.load(ckpt / "state.pt", weights_only=True)
+    resumed = run(int8, tmp_path / "resumed", 3, resume=True).adapter
+    for name in EXPECTED:  # exact resume, as on full-width weights
+        for key, t in straight.tensors[name].items():
+            assert torch.equal(t, resumed.tensors[name][key]), (name, key)
+    assert not plp_layers(int8.denoiser) and is_quantized(int8.denoiser)  # the model left as it was given
+
+    full_record = run(models["auto"], tmp_path / "full", 3)
+    full = full_record.adapter
+    # The same losses step by step (the adapters themselves are not compared: AdamW's first steps move each entry by
+    # about lr whatever the gradient's size, so a gradient entry near zero may flip the direction of its step).
+    losses = [loss for _, loss in record.result.losses]
+    assert losses == pytest.approx([loss for _, loss in full_record.result.losses], rel=TOLERANCE["int8"])
+    assert all(full.tensors[name]["up_learned"].abs().sum() > 0 for name in EXPECTED)
+    # The plain LoRA comes from the adapter's factors: the same keys and shapes as without quantization.
+    for fmt in ("diffusers", "kohya"):
+        files = {}
+        for what, adapter in (("int8", straight), ("full", full)):
+            files[what] = tmp_path / f"{what}-{fmt}.safetensors"
+            save_lora(adapter.factors(), files[what], format=fmt, family="flux")
+        ours, theirs = (load_safetensors(files[w])[0] for w in ("int8", "full"))
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_sampling_runs_the_adapter_unmerged_on_an_8bit_base(models, tmp_path):
+    int8, full = models["int8"], models["auto"]
+    adapter = run(int8, tmp_path / "run", 1).adapter
+    inputs = _transformer_inputs(int8.denoiser)
+    weights = {n: m.weight.qdata.clone() for n, m in int8.denoiser.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="unmerged"), applied_adapter(int8, adapter, merge=True):
+            assert len(plp_layers(int8.denoiser)) == len(EXPECTED)  # attached, not merged
+            merged_asked = int8.denoiser(**inputs, return_dict=False)[0]
+            layers = plp_layers(int8.denoiser).values()
+            assert not any("_stack_cache" in layer.__dict__ for layer in layers)  # no full-width copy of a weight
+            with pytest.raises(B4MError, match="8-bit"):
+                next(iter(layers)).merge()
+        with applied_adapter(int8, adapter):
+            unmerged = int8.denoiser(**inputs, return_dict=False)[0]
+            with torch.enable_grad():  # the training path gives what sampling gives
+                trained = int8.denoiser(**inputs, return_dict=False)[0]
+        with applied_adapter(full, adapter, merge=True):
+            reference = full.denoiser(**inputs, return_dict=False)[0]
+    assert torch.equal(merged_asked, unmerged)
+    torch.testing.assert_close(trained, unmerged, rtol=1e-5, atol=1e-5)
+    assert (unmerged - reference).norm() <= TOLERANCE["int8"] * reference.norm()
+    for n, m in int8.denoiser.named_modules():  # the 8-bit weights untouched
+        if isinstance(m, nn.Linear):
+            assert torch.equal(m.weight.qdata, weights[n])
+
+
+# -- settings and the missing dependency ------------------------------------------------------------------------------
+
+
+def test_the_low_memory_8bit_preset_and_the_setting():
+    assert preset_settings("low-memory-8bit") == {
+        "base_weights": "int8",
+        "train": {"speed": "fixed", "gradient_checkpointing": True},
+    }
+    cfg = load_config(None, {"preset": "low-memory-8bit"})
+    assert cfg.base_weights == "int8" and cfg.train.gradient_checkpointing
+    assert load_config(None, {"preset": "low-memory"}).base_weights == "auto"  # SDXL's preset keeps full width
+    assert load_config(None, {"preset": "low-memory-8bit", "base_weights": "float8"}).base_weights == "float8"
+    with pytest.raises(B4MError, match="base_weights must be one of auto, int8, float8"):
+        StageConfig(base_weights="int4")
+    assert set(BASE_WEIGHTS) == {"auto", *CONFIGS}
+
+
+def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
+    import b4m.models.loading
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setattr(b4m.models.loading, "load_diffusers_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(B4MError) as error:
+        load_model(folder, base_weights="int8")
+    message = str(error.value)
+    assert "\n" not in message and "needs torchao" in message and "pip install 'b4m[lowmem]'" in message
+    load_model("world", base_weights="auto")  # full width needs no torchao
+
+    dog = _images(tmp_path / "dog", 2, (120, 60, 20))
+    args = ["content", "--images", dog, "--prompt", "a photo of sks dog", "-o", tmp_path / "c", "--model", folder]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--rank", "4", "--preset", "low-memory-8bit"]])
+    assert result.exit_code != 0 and "pip install 'b4m[lowmem]'" in str(result.exception)
+
+
+# -- the GPU measurement script ---------------------------------------------------------------------------------------
+
+
+def test_the_flux_memory_bench_runs_tiny_on_the_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("flux_memory", ROOT / "bench" / "flux_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse([])
+    assert (args.resolution, args.text_tokens, args.rank, args.base_weights) == (1024, 512, 64, bench.BASE_WEIGHTS)
+    assert bench.FLUX_DEV["num_layers"] == 19 and bench.FLUX_DEV["num_single_layers"] == 38
+    result = bench.main(["--tiny", "--base-weights", "bf16", "int8", "--json", str(tmp_path / "m.json")])
+    bf16, int8 = result["rows"]
+    assert int8["linears_quantized"] > 20 and bf16["linears_quantized"] == 0
+    assert int8["linear_weight_bytes"] < 0.6 * bf16["linear_weight_bytes"]
+    assert all(r["step_s_median"] > 0 and r["trainable_params"] > 0 for r in (bf16, int8))
+    assert (tmp_path / "m.json").is_file()

@@ -27,13 +27,14 @@ COMMON_ARGS = [
     *("-m", "m", "-o", "o", "--resolution", "64", "--preset", "low-memory", "--steps", "7", "--batch-size", "2"),
     *("--grad-accum", "3", "--lr", "0.5", "--mixed-precision", "bf16", "--no-gradient-checkpointing"),
     *("--checkpoint-every", "9", "--tensorboard", "--export-format", "kohya", "--export-dtype", "bf16"),
-    *("--checkpoint-minutes", "7.5", "--timestep-bias", "high-noise"),
+    *("--checkpoint-minutes", "7.5", "--timestep-bias", "high-noise", "--base-weights", "float8"),
 ]
 COMMON_KEYS = {
     "model": "m",
     "output": "o",
     "resolution": 64,
     "preset": "low-memory",
+    "base_weights": "float8",
     "train.steps": 7,
     "train.batch_size": 2,
     "train.grad_accum": 3,

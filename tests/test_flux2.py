@@ -188,7 +188,7 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     (caux / "obj0" / "prompt.txt").write_text("a photo of obj0")
     dog, yarn = _images(tmp_path / "dog", 2, (120, 60, 20)), _images(tmp_path / "yarn", 2, (250, 100, 200))
     out = _cli("content", "--images", dog, "--prompt", "a photo of sks dog", "--aux", aux, "-o", tmp_path / "c", *fast)
-    assert "diffusers format only" in out.output
+    assert "fused_lora_comfyui" not in out.output and "content_lora_comfyui.safetensors" in out.output
     _cli("style", "--images", yarn, "--prompt", "a cat in sks style", "--aux", caux, "-o", tmp_path / "s", *fast)
     _cli("make", "--content", tmp_path / "c", "--style", tmp_path / "s", "-o", tmp_path / "m", "--steps", "2")
     content = load_adapter(tmp_path / "c" / "content.b4m.safetensors")
@@ -198,7 +198,11 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     assert sorted(made.modules) == EXPECTED
     fused_qkv = content.tensors["single_transformer_blocks.0.attn.to_qkv_mlp_proj"]
     assert fused_qkv["up_learned"].abs().sum() > 0  # the content half (B, paper assignment) of a 16 → 144 layer
-    assert not (tmp_path / "m" / "fused_lora_comfyui.safetensors").exists()
+    # The kohya/BFL export (ComfyUI) reads back as the factors too (issue 17).
+    kohya, _ = load_lora(tmp_path / "m" / "fused_lora_comfyui.safetensors")
+    assert sorted(kohya) == EXPECTED
+    for name, (up, down) in made.factors().items():
+        torch.testing.assert_close(kohya[name][0] @ kohya[name][1], up @ down, rtol=1e-5, atol=1e-7)
 
     # The diffusers-format export loads with Flux2KleinPipeline.load_lora_weights and gives the transformer output
     # b4m's adapter gives.

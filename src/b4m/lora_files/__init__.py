@@ -24,7 +24,8 @@ converters; this module only pairs, checks and rescales the tensors.
 FLUX.1 transformers (``save_lora(..., family="flux")``; ``load_lora`` tells FLUX files by their keys): the diffusers
 format under ``transformer.`` (``FluxPipeline.load_lora_weights``), and the kohya/BFL naming of sd-scripts and
 ComfyUI (``lora_unet_double_blocks_0_img_attn_qkv``), whose fused qkv / linear1 layers carry block-diagonal factors
-(:mod:`.flux`).
+(:mod:`.flux`). FLUX.2 [klein] (``family="flux2"``) the same, in its own names (fused ``qkv`` only in the double
+blocks); files of either family are read back.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
-"""FLUX.1 transformer LoRA files: which Black Forest Labs (BFL) layer holds each diffusers module, and the kohya
-tensors of the fused ``qkv`` / ``linear1`` layers (writing) and the per-module factors in them (reading).
+"""FLUX.1 and FLUX.2 [klein] transformer LoRA files: which Black Forest Labs (BFL) layer holds each diffusers module
+(one :class:`Layout` per family: :data:`FLUX1`, :data:`FLUX2`), and the kohya tensors of the fused ``qkv`` /
+``linear1`` layers (writing) and the per-module factors in them (reading).
+
+FLUX.2 [klein] (``Flux2Transformer2DModel``) fuses in BFL's way already: its single blocks' ``attn.to_qkv_mlp_proj``
+and ``attn.to_out`` are BFL's ``linear1`` and ``linear2``, so only the double blocks' ``qkv`` carry block-diagonal
+factors; ComfyUI reads both formats (``model_base.Flux2`` is a ``Flux``: ``transformer.<module>`` keys through
+``flux_to_diffusers``, ``lora_unet_<BFL layer>`` keys directly). The rest of this note is FLUX.1's, and holds for
+klein's double blocks.
 
 Module names are relative to diffusers' ``FluxTransformer2DModel`` (``transformer_blocks.0.attn.to_q``). The
 diffusers format needs no renaming: peft keys under :data:`PREFIX` (``transformer.<module>.lora_A.weight``). The
@@ -26,10 +33,12 @@ b4m's reader and ComfyUI read any width.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import Counter
 from collections.abc import Mapping
+from fractions import Fraction
 
 import torch
 
@@ -43,6 +52,9 @@ PREFIX = "transformer"
 NAMINGS = ("auto", "bfl")
 #: Metadata entry describing the fused layers' block-diagonal factors.
 FUSED_KEY = "b4m_fused"
+#: Metadata entry naming the family of a kohya file b4m wrote (``flux``, ``flux2``): BFL names alone do not tell
+#: FLUX.1's ``linear1``/``linear2``/``img_mlp_*`` from klein's.
+FAMILY_KEY = "b4m_family"
 FUSED_ABOUT = (
     "fused BFL layers (qkv: q, k, v; linear1: q, k, v, proj_mlp) carry block-diagonal factors: down = [down_1; ...; "
     "down_k], up = blockdiag(up_1, ..., up_k), rank = sum(ranks) (k*r for parts of rank r), alpha = rank; 'ranks' "
@@ -112,6 +124,9 @@ _TOP2 = {
     "norm_out.linear": "final_layer_adaLN_modulation_1",
 }
 _SWAPPED = "lora_unet_final_layer_adaLN_modulation_1"
+# out/in of the BFL layers named alike in both families but holding other modules, at klein's widths (MLP 3·hidden,
+# SwiGLU); FLUX.1's are 7, 1/5, 4 and 1/4.
+_KLEIN_RATIOS = {"linear1": Fraction(9), "linear2": Fraction(1, 4), "mlp_0": Fraction(6), "mlp_2": Fraction(1, 3)}
 _MODULE = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 _LAYER = re.compile(r"lora_unet_(double_blocks|single_blocks)_(\d+)_(\w+)")
 # Keys of a FLUX kohya file (no SD/SDXL kohya name starts so).
@@ -222,28 +237,43 @@ def resolve_naming(naming: str, path: str | os.PathLike) -> str:
     return "bfl"
 
 
-def _check_with_diffusers(layers: Mapping[str, list[str]], path: str | os.PathLike) -> None:
-    """Run each layer's key through diffusers' FLUX kohya converter (placeholder tensors of FLUX.1's shapes): it
-    must come back as ``transformer.<module>`` for every part, or ``load_lora_weights`` would lose it."""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+def _check_with_diffusers(layers: Mapping[str, list[str]], path: str | os.PathLike, layout: Layout) -> None:
+    """Run each layer's key through diffusers' kohya converter of the family (FLUX.1's with placeholder tensors of
+    FLUX.1's shapes; FLUX.2's): it must come back as ``transformer.<module>`` for every part, or
+    ``load_lora_weights`` would lose it."""
+    from diffusers.loaders import lora_conversion_utils as conversion
 
-    for base, names in layers.items():
-        parts = layer_modules(base, path)
-        rows = _FLUX1_LINEAR1_ROWS if len(parts) == 4 else len(parts)
-        state = {
-            f"{base}.lora_down.weight": torch.zeros(len(parts), 1),
-            f"{base}.lora_up.weight": torch.zeros(rows, len(parts)),
-            f"{base}.alpha": torch.tensor(float(len(parts))),
-        }
-        try:
-            keys = set(_convert_kohya_flux_lora_to_diffusers(state))
-        except (ValueError, KeyError, IndexError, AssertionError) as e:
-            raise B4MError(f"{path}: diffusers cannot convert the kohya key {base} ({first_line(e)})") from None
-        if keys != {f"{PREFIX}.{m}.lora_{ab}.weight" for m in parts for ab in "AB"}:
-            raise B4MError(
-                f"{path}: module {names[0]}: diffusers' FLUX kohya loader does not load it (kohya key {base}); "
-                "export it with format='diffusers'"
-            )
+    convert = conversion._convert_kohya_flux_lora_to_diffusers
+    if layout is FLUX2:
+        convert = conversion._convert_kohya_flux2_lora_to_diffusers
+    log = logging.getLogger(convert.__module__)  # FLUX.2's warns of the keys it drops; the error below says so
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        for base, names in layers.items():
+            _check_layer(base, names, convert, path, layout)
+    finally:
+        log.setLevel(level)
+
+
+def _check_layer(base: str, names: list[str], convert, path: str | os.PathLike, layout: Layout) -> None:
+    """One layer's key through ``convert`` (see :func:`_check_with_diffusers`)."""
+    parts = layer_modules(base, path, layout)
+    rows = _FLUX1_LINEAR1_ROWS if len(parts) == 4 else len(parts)
+    state = {
+        f"{base}.lora_down.weight": torch.zeros(len(parts), 1),
+        f"{base}.lora_up.weight": torch.zeros(rows, len(parts)),
+        f"{base}.alpha": torch.tensor(float(len(parts))),
+    }
+    try:
+        keys = set(convert(state))
+    except (ValueError, KeyError, IndexError, AssertionError) as e:
+        raise B4MError(f"{path}: diffusers cannot convert the kohya key {base} ({first_line(e)})") from None
+    if keys != {f"{PREFIX}.{m}.lora_{ab}.weight" for m in parts for ab in "AB"}:
+        raise B4MError(
+            f"{path}: module {names[0]}: diffusers' {layout.title} kohya loader does not load it (kohya key "
+            f"{base}); export it with format='diffusers'"
+        )
 
 
 def _fuse(
@@ -273,21 +303,21 @@ def _fuse(
 
 
 def kohya_payload(
-    factors: Factors, dtype: torch.dtype, path: str | os.PathLike
+    factors: Factors, dtype: torch.dtype, path: str | os.PathLike, layout: Layout = FLUX1
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The BFL/kohya tensors of ``factors`` (fused layers block-diagonal, alpha = rank everywhere) and their
-    metadata (sd-scripts' network entries, :data:`FUSED_KEY`).
+    metadata (sd-scripts' network entries, :data:`FUSED_KEY`, :data:`FAMILY_KEY`).
 
     Raises:
         B4MError: An unknown module, a module diffusers' kohya loader would lose, or fused parts that do not fit.
     """
     layers: dict[str, list[str]] = {}
     for name in factors:
-        layers.setdefault(bfl_layer(name, path)[0], []).append(name)
-    _check_with_diffusers(layers, path)
+        layers.setdefault(bfl_layer(name, path, layout)[0], []).append(name)
+    _check_with_diffusers(layers, path, layout)
     tensors, fused = {}, {}
     for base in layers:
-        parts = layer_modules(base, path)
+        parts = layer_modules(base, path, layout)
         if len(parts) == 1:
             up, down = factors[parts[0]]
         else:
@@ -301,6 +331,7 @@ def kohya_payload(
     ranks = Counter(int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight"))
     dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     meta = {"ss_network_dim": dim, "ss_network_alpha": dim, "ss_network_module": KOHYA_NETWORK_MODULE}
+    meta[FAMILY_KEY] = layout.family
     if fused:
         meta[FUSED_KEY] = json.dumps({"about": FUSED_ABOUT, "layers": fused}, sort_keys=True)
     return tensors, meta
@@ -352,17 +383,45 @@ def _split(base: str, parts: list[str], up: torch.Tensor, down: torch.Tensor, in
     return {name: (rows[i].contiguous(), down.clone()) for i, name in enumerate(parts)}
 
 
+def _known(base: str, layout: Layout) -> bool:
+    try:
+        layer_modules(base, "", layout)
+    except B4MError:
+        return False
+    return True
+
+
+def kohya_layout(folded: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Layout:
+    """The family of a BFL/kohya FLUX file: the one :data:`FAMILY_KEY` names (files b4m wrote), else the only one
+    with every layer, else klein where a layer named alike in both has klein's widths (:data:`_KLEIN_RATIOS`), else
+    FLUX.1 (whose errors then name what is not its)."""
+    if metadata.get(FAMILY_KEY) in LAYOUTS:
+        return LAYOUTS[metadata[FAMILY_KEY]]
+    bases = {key.split(".")[0] for key in folded}
+    fits = [layout for layout in LAYOUTS.values() if all(_known(base, layout) for base in bases)]
+    if len(fits) == 1:
+        return fits[0]
+    for base in bases if fits else ():
+        ratio = _KLEIN_RATIOS.get(base.split("_", 5)[-1].removeprefix("img_").removeprefix("txt_"))
+        up, down = folded[f"{base}.lora_up.weight"], folded[f"{base}.lora_down.weight"]
+        if ratio is not None and Fraction(int(up.shape[0]), int(down.shape[1])) == ratio:
+            return FLUX2
+    return FLUX1
+
+
 def kohya_factors(folded: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | os.PathLike) -> Factors:
-    """Factors of a BFL/kohya FLUX file from its tensors (float32, alpha/rank folded into ``up``, no alpha keys).
+    """Factors of a BFL/kohya FLUX.1 or klein file (:func:`kohya_layout`) from its tensors (float32, alpha/rank
+    folded into ``up``, no alpha keys).
 
     Raises:
         B4MError: A key of no FLUX.1 layer, a fused layer that does not split, or unreadable :data:`FUSED_KEY`.
     """
     fused = _fused_metadata(metadata, path)
+    layout = kohya_layout(folded, metadata)
     factors: Factors = {}
     for base in sorted({key.split(".")[0] for key in folded}):
         up, down = folded[f"{base}.lora_up.weight"], folded[f"{base}.lora_down.weight"]
-        parts = layer_modules(base, path)
+        parts = layer_modules(base, path, layout)
         if len(parts) > 1:
             factors.update(_split(base, parts, up, down, fused.get(base), path))
         else:

@@ -29,12 +29,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 KOHYA_NETWORK_MODULE = "networks.lora"
 #: Model families ``save_lora`` writes for: SD/SDXL UNets (also ``None``), FLUX.1 and FLUX.2 [klein] transformers.
-FAMILIES = ("sd", "sdxl", flux.FAMILY, "flux2")
-#: Why a FLUX.2 [klein] run writes no kohya file (one line, for the CLI).
-FLUX2_KOHYA = (
-    "FLUX.2 [klein] LoRAs are written in the diffusers format only (transformer.<module> peft keys, which "
-    "Flux2KleinPipeline.load_lora_weights reads); b4m has no kohya/BFL writer for FLUX.2 yet"
-)
+FAMILIES = ("sd", "sdxl", *flux.LAYOUTS)
 
 # diffusers' safetensors metadata entry for the peft LoraConfig kwargs (diffusers.loaders.lora_base).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -46,6 +41,7 @@ _OWNED_KEYS = (
     "ss_network_alpha",
     "ss_network_module",
     flux.FUSED_KEY,
+    flux.FAMILY_KEY,
 )
 
 
@@ -166,6 +162,9 @@ def save_lora(
     With ``family="flux"`` the module names are those of a FLUX.1 transformer (diffusers' ``FluxTransformer2DModel``)
     and the formats are peft keys under ``transformer.`` (``FluxPipeline.load_lora_weights``) or the kohya/BFL naming
     of sd-scripts and ComfyUI, whose fused ``qkv``/``linear1`` layers get block-diagonal factors (:mod:`.flux`).
+    ``family="flux2"`` (FLUX.2 [klein], ``Flux2Transformer2DModel``) is the same with klein's BFL names, where only
+    the double blocks' ``qkv`` are fused (the single blocks' fused layers are diffusers modules themselves); ComfyUI
+    loads both formats.
 
     Args:
         factors: ``{module name: (up, down)}`` with ``ΔW = up @ down``.
@@ -182,7 +181,7 @@ def save_lora(
         family: The model family the module names belong to: ``None``, ``"sd"`` or ``"sdxl"`` (a UNet: the naming
             follows ``kohya_naming`` and ``unet_config``) or ``"flux"`` (a FLUX.1 transformer; ``kohya_naming`` must be
             ``"auto"`` or ``"bfl"``, ``unet_config`` is not used) or ``"flux2"`` (a FLUX.2 [klein] transformer,
-            ``Flux2Transformer2DModel``; the diffusers format only, :data:`FLUX2_KOHYA`).
+            ``Flux2Transformer2DModel``; as FLUX.1, with klein's BFL names: :data:`b4m.lora_files.flux.FLUX2`).
 
     Returns:
         The kohya naming the file was written in, so that callers can say which one ``"auto"`` chose: ``"sgm"``
@@ -204,18 +203,14 @@ def save_lora(
         raise B4MError(f"{path}: family must be None or one of {FAMILIES}, got {family!r}")
     check_factors(factors, path)
     naming = None
-    if family == "flux2":  # Flux2Transformer2DModel names: peft keys under transformer., as FLUX.1's
-        if format != "diffusers":
-            raise B4MError(f"{path}: {FLUX2_KOHYA}")
-        flux.check_modules(list(factors), path, flux.FLUX2)
-        tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)
-    elif family == flux.FAMILY:
-        flux.check_modules(list(factors), path)
+    if family in flux.LAYOUTS:  # FLUX.1's or klein's transformer names
+        layout = flux.LAYOUTS[family]
+        flux.check_modules(list(factors), path, layout)
         if format == "diffusers":
             tensors, owned = _diffusers_payload(factors, dtype, flux.PREFIX)
         else:
             naming = flux.resolve_naming(kohya_naming, path)
-            tensors, owned = flux.kohya_payload(factors, dtype, path)
+            tensors, owned = flux.kohya_payload(factors, dtype, path, layout)
     elif format == "diffusers":
         tensors, owned = _diffusers_payload(factors, dtype)
     else:

@@ -171,10 +171,7 @@ def export_loras(
     out: Path, name: str, adapter: AdapterFile, cfg: StageConfig, model: DiffusionModel, console=None
 ) -> list[Path]:
     """The run's plain LoRA files, one per export format (:data:`EXPORT_FILES`); kohya names follow the model (SGM
-    block names for SDXL, as kohya sd-scripts writes them; BFL layer names for FLUX.1). FLUX.2 [klein] runs write the
-    diffusers format only (:data:`b4m.lora_files.write.FLUX2_KOHYA`, said once where kohya was asked for)."""
-    from ..lora_files.write import FLUX2_KOHYA
-
+    block names for SDXL, as kohya sd-scripts writes them; BFL layer names for FLUX.1 and FLUX.2 [klein])."""
     dtype = dtype_from_name(cfg.export.dtype)
     family = getattr(model, "family", None)
     paths = []
@@ -182,10 +179,7 @@ def export_loras(
     for fmt in cfg.export.formats:
         pattern, tools = EXPORT_FILES[fmt]
         path = out / pattern.format(name=name)
-        if family == "flux2" and fmt != "diffusers":
-            say(console, f"no {fmt} LoRA: {FLUX2_KOHYA}")
-            continue
-        if family in ("flux", "flux2"):  # transformer names: peft keys under transformer. (FLUX.1: or kohya's BFL)
+        if family in ("flux", "flux2"):  # transformer names: peft keys under transformer. or kohya's BFL
             save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, family=family)
         else:
             save_lora(adapter.factors(), path, format=fmt, dtype=dtype, metadata=meta, unet_config=model.denoiser)

@@ -253,22 +253,27 @@ def test_preset_flag_sets_its_settings_and_flags_win():
     assert result.exit_code == 0 and "style_weight = 1.0" in result.output, result.output
 
 
-def test_models_module_filters_the_torchvision_notice():
-    """Importing diffusers' SD pipelines made transformers warn about torchvision on every command (b4m never uses
-    the image processors it names); loading b4m's models installs a filter for it. Other records still pass."""
+def test_third_party_import_notices_are_dropped_and_other_records_pass():
+    """Importing diffusers' SD pipelines made transformers warn about torchvision on every command, and with torchao
+    installed (the lowmem extra) torchao, torch and diffusers add notices about torchao's kernels and types (b4m uses
+    none of what they name); importing b4m filters exactly those records. Other records of the same loggers pass."""
     import logging
 
-    import b4m.models.loading  # noqa: F401  (installs the filter)
-    from b4m._quiet import _FILTER, _LOGGER
+    import b4m  # noqa: F401  (installs the filters)
+    from b4m._quiet import NOTICES
 
-    assert _FILTER in logging.getLogger(_LOGGER).filters
-
-    def record(msg: str) -> logging.LogRecord:
-        return logging.LogRecord(_LOGGER, logging.WARNING, __file__, 1, msg, None, None)
-
-    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
-    assert not _FILTER.filter(record(notice))
-    assert _FILTER.filter(record("`Foo` requires bar (not installed)"))
+    notices = {
+        "transformers.utils.import_utils": "`CLIPImageProcessor` requires torchvision (not installed); falling back",
+        "torchao": "Failed to load /x/torchao/_C_mxfp8.so: Could not load this library: /x/torchao/_C_mxfp8.so",
+        "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by …",
+        "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects. This may affect",
+    }
+    assert set(notices) == set(NOTICES)
+    for name, text in notices.items():
+        logger = logging.getLogger(name)
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, text, None, None)
+        other = logging.LogRecord(name, logging.WARNING, __file__, 1, "something a user should read", None, None)
+        assert not logger.filter(record) and logger.filter(other), name
 
 
 def test_outputs_never_overwrite_inputs_and_generate_checks_its_numbers(tmp_path):

@@ -7,8 +7,11 @@ loaders), so ``import b4m`` stays cheap. The layers of the package and what each
 from __future__ import annotations
 
 from ._lazy import lazy_names
+from ._quiet import quiet_import_notices
 from .errors import B4MError
 from .version import __version__
+
+quiet_import_notices()  # before any library whose notices it drops is imported (b4m._quiet)
 
 _api, __getattr__ = lazy_names(
     __name__,

@@ -23,22 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 
-from .._quiet import quiet_torchvision_notice
-
-quiet_torchvision_notice()  # before diffusers' pipelines import transformers' image processors
-
-from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from ..errors import B4MError, first_line  # noqa: E402
-from ..hub import looks_like_hub_id  # noqa: E402
-from .diffusers_common import DiffusersModel, default_dtype  # noqa: E402
-from .flux import FluxModel  # noqa: E402
-from .flux2 import Flux2KleinModel  # noqa: E402
-from .quantize import quantize_weights  # noqa: E402
-from .sd import StableDiffusionModel  # noqa: E402
-from .sdxl import StableDiffusionXLModel  # noqa: E402
+from ..errors import B4MError, first_line
+from ..hub import looks_like_hub_id
+from .diffusers_common import DiffusersModel, default_dtype
+from .flux import FluxModel
+from .flux2 import Flux2KleinModel
+from .quantize import quantize_weights
+from .sd import StableDiffusionModel
+from .sdxl import StableDiffusionXLModel
 
 #: A model class :func:`load_diffusers_model` builds from a diffusers pipeline (``family``, ``pipeline_class``,
 #: ``load_kwargs()``, ``from_pipeline``).

@@ -1,7 +1,7 @@
 """The app end to end through its API (gradio_client, as any script would drive it), on the built-in world with tiny
 step counts: train a content and a style from world concepts (one caption edited), make, generate, download the
 LoRA files and load them back with b4m's reader and diffusers'. The runs are the CLI's own folders: the CLI makes
-the app's two runs too. Errors come back as one line."""
+the app's two runs too, and the app lists a run the CLI trains into its workspace. Errors come back as one line."""
 
 from __future__ import annotations
 
@@ -140,3 +140,11 @@ def test_train_make_generate_download_through_the_api(tmp_path, client):
               "-o", str(tmp_path / "cli"), "--steps", "0"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # ... and the app lists what the CLI trains into its workspace (a content run on the app's teapot references)
+    teapot = json.loads((ws / "content" / "teapot" / "run.json").read_text())["config"]
+    args = ["content", "--images", teapot["images"], "--prompt", teapot["prompt"], "--steps", "1"]
+    args += ["--aux", teapot["aux"]] if teapot.get("aux") else []
+    result = CliRunner().invoke(cli, [*args, "-o", str(ws / "content" / "kettle")])
+    assert result.exit_code == 0, result.output
+    table = client.predict(api_name="/library")[0]
+    assert ["content", "kettle", "trained"] in [r[:3] for r in table["data"]]

@@ -71,3 +71,14 @@ def sd_unet() -> UNet2DConditionModel:
 @pytest.fixture
 def sdxl_unet() -> UNet2DConditionModel:
     return make_unet(TINY_SDXL_UNET)
+
+
+def cli_ok(*args):
+    """``b4m ARGS`` in this process (typer's runner), which must exit 0; returns the result."""
+    from typer.testing import CliRunner
+
+    from b4m.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result

@@ -20,7 +20,8 @@ from b4m.cli import app
 from b4m.loading import load_model
 from b4m.lora_files import load_lora
 from b4m.models.flux2 import Flux2KleinModel
-from tiny_pipelines import save_tiny_flux2
+from conftest import cli_ok
+from tiny_pipelines import dog_and_yarn, save_square_images, save_tiny_flux2
 
 runner = CliRunner()
 # The adapted modules of the tiny transformer (one double, one single block): the single block's fused
@@ -162,35 +163,17 @@ def test_add_noise_target_and_latents(model):
         model.encode_images(torch.zeros(1, 3, 30, 30))
 
 
-def _images(folder, n, colour):
-    folder.mkdir(parents=True)
-    for i in range(n):
-        a = np.full((40, 40, 3), 255, np.uint8)
-        a[8 + i : 32, 8:32] = colour
-        Image.fromarray(a).save(folder / f"{i}.png")
-    return str(folder)
-
-
-def _cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
 def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fast = ["--steps", "2", "--rank", "4", "--resolution", "32", "--model", folder]
-    aux = tmp_path / "aux"
-    _images(aux / "set0", 2, (0, 0, 200))
-    (aux / "set0" / "prompt.txt").write_text("a cat in style0 style")
-    caux = tmp_path / "caux"
-    _images(caux / "obj0", 2, (0, 150, 0))
-    (caux / "obj0" / "prompt.txt").write_text("a photo of obj0")
-    dog, yarn = _images(tmp_path / "dog", 2, (120, 60, 20)), _images(tmp_path / "yarn", 2, (250, 100, 200))
-    out = _cli("content", "--images", dog, "--prompt", "a photo of sks dog", "--aux", aux, "-o", tmp_path / "c", *fast)
+    refs = dog_and_yarn(tmp_path)
+    dog, yarn, aux, caux = refs["dog"], refs["yarn"], refs["aux"], refs["content_aux"]
+    out = cli_ok(
+        "content", "--images", dog, "--prompt", "a photo of sks dog", "--aux", aux, "-o", tmp_path / "c", *fast
+    )
     assert "fused_lora_comfyui" not in out.output and "content_lora_comfyui.safetensors" in out.output
-    _cli("style", "--images", yarn, "--prompt", "a cat in sks style", "--aux", caux, "-o", tmp_path / "s", *fast)
-    _cli("make", "--content", tmp_path / "c", "--style", tmp_path / "s", "-o", tmp_path / "m", "--steps", "2")
+    cli_ok("style", "--images", yarn, "--prompt", "a cat in sks style", "--aux", caux, "-o", tmp_path / "s", *fast)
+    cli_ok("make", "--content", tmp_path / "c", "--style", tmp_path / "s", "-o", tmp_path / "m", "--steps", "2")
     content = load_adapter(tmp_path / "c" / "content.b4m.safetensors")
     made = load_adapter(tmp_path / "m" / "fused.b4m.safetensors")
     assert content.config.base_model == "flux2:tiny-klein"
@@ -224,7 +207,7 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
 
     out = tmp_path / "g"
     args = ("generate", tmp_path / "m", "a sks dog in sks style", "-n", "2", "--seed", "7", "--steps", "2")
-    _cli(*args, "-o", out, "--resolution", "32")
+    cli_ok(*args, "-o", out, "--resolution", "32")
     a = np.asarray(Image.open(out / "00_seed7.png"))
     assert a.shape == (32, 32, 3) and not np.array_equal(a, np.asarray(Image.open(out / "00_seed8.png")))
 
@@ -238,7 +221,7 @@ def test_commands_end_to_end_and_the_exported_lora_in_diffusers(folder, tmp_path
     ]
     for combine in ("sum", "k-lora"):
         out = tmp_path / f"g-{combine}"
-        _cli(
+        cli_ok(
             "generate",
             "a sks dog in sks style",
             *loras,
@@ -273,7 +256,7 @@ def _transformer_inputs(transformer) -> dict:
 
 
 def test_dry_run_lists_the_klein_targets(folder):
-    output = _cli("dry-run", "--model", folder, "--rank", "4", "--modules").output
+    output = cli_ok("dry-run", "--model", folder, "--rank", "4", "--modules").output
     listed = sorted(set(re.findall(r"(?:single_)?transformer_blocks\.\d+\.[\w.]+", output)))
     assert listed == EXPECTED
     for name, shape in (("attn.to_qkv_mlp_proj", "16 → 144"), ("attn.to_out", "64 → 16")):
@@ -285,7 +268,7 @@ def test_a_rank_too_large_for_klein_is_refused_before_the_model_loads(folder, tm
     import b4m.runs.stages as stages
 
     monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    dog = _images(tmp_path / "dog", 2, (120, 60, 20))
+    dog = save_square_images(tmp_path / "dog", 2, (120, 60, 20))
     args = ["content", "--images", dog, "--prompt", "a photo of sks dog", "-o", tmp_path / "c", "--model", folder]
     result = runner.invoke(app, [str(a) for a in [*args, "--rank", "17"]])
     assert result.exit_code != 0 and "rank 17 is larger than the narrowest adapted layer" in str(result.exception)

@@ -26,7 +26,7 @@ from b4m.runs.config import stage_config
 from b4m.runs.stages import check_before_loading
 from b4m.training.config import TrainConfig
 from b4m.training.runs import train_adapter
-from conftest import TINY_SD_UNET, TINY_SDXL_UNET, make_unet
+from conftest import TINY_SD_UNET, TINY_SDXL_UNET, cli_ok, make_unet
 from tiny_pipelines import FLUX_TRANSFORMER, KLEIN_TRANSFORMER
 
 runner = CliRunner()
@@ -94,12 +94,6 @@ def hub_cache(tmp_path, monkeypatch, no_network):
     return cache
 
 
-def _cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
-
-
 def test_a_cached_hub_id_is_read_from_its_snapshot_and_an_uncached_one_from_nowhere(hub_cache):
     assert flux_family(HUB_FLUX) == "flux" and flux_family(HUB_KLEIN) == "flux2"
     assert flux_family(HUB_SDXL) is None and flux_family(UNCACHED) is None
@@ -118,9 +112,9 @@ def test_a_cached_hub_id_is_read_from_its_snapshot_and_an_uncached_one_from_nowh
 @pytest.mark.parametrize(("hub_id", "expected"), [(HUB_FLUX, FLUX_MODULES), (HUB_KLEIN, KLEIN_MODULES)])
 def test_dry_run_of_a_cached_hub_id_lists_its_transformers_targets_and_named_targets_win(hub_cache, hub_id, expected):
     pattern = r"(?:single_)?transformer_blocks\.\d+\.[\w.]+"
-    output = _cli("dry-run", "--model", hub_id, "--rank", "4", "--modules")
+    output = cli_ok("dry-run", "--model", hub_id, "--rank", "4", "--modules").output
     assert sorted(set(re.findall(pattern, output))) == expected
-    named = _cli("dry-run", "--model", hub_id, "--rank", "4", "--modules", "--targets", "to_q")
+    named = cli_ok("dry-run", "--model", hub_id, "--rank", "4", "--modules", "--targets", "to_q").output
     assert sorted(set(re.findall(pattern, named))) == [m for m in expected if m.endswith(".to_q")]
 
 
@@ -204,11 +198,10 @@ def test_train_adapter_on_flux_with_default_settings_adapts_and_records_its_targ
 
 
 def test_print_config_shows_no_targets_as_the_models_own_and_reads_back(hub_cache, tmp_path):
-    printed = _cli("content", "--model", HUB_FLUX, "--print-config")
+    printed = cli_ok("content", "--model", HUB_FLUX, "--print-config").output
     assert re.search(r"^targets = \[\] +# default; empty: the model's own", printed, re.M)
     (tmp_path / "c.toml").write_text(printed)
     assert stage_config("content", tmp_path / "c.toml").adapter.targets == []  # TOML has no null: an empty list
     (tmp_path / "n.toml").write_text('model = "black-forest-labs/FLUX.1-dev"\n[adapter]\ntargets = ["to_q"]\n')
-    assert tomllib.loads(_cli("content", "--config", tmp_path / "n.toml", "--print-config"))["adapter"]["targets"] == [
-        "to_q"
-    ]
+    named = cli_ok("content", "--config", tmp_path / "n.toml", "--print-config").output
+    assert tomllib.loads(named)["adapter"]["targets"] == ["to_q"]

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 import b4m.training.runs as runs_module
 from b4m import B4MError
 from b4m.adapter.file import load_adapter
-from b4m.cli import app
 from b4m.files import load_safetensors
 from b4m.lora_files import load_lora
 from b4m.runs.config import STAGE_DEFAULTS, load_config
 from b4m.runs.stages import run_break, run_make
+from conftest import cli_ok
 from tiny_pipelines import save_tiny_sd, save_tiny_sdxl
 
 runner = CliRunner()
@@ -58,12 +58,6 @@ def world(tmp_path_factory):
     }
 
 
-def _cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypatch):
     model = world[kind]
@@ -75,7 +69,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypat
         return real_train(model, plp, sets, config, out, **kwargs)
 
     monkeypatch.setattr(runs_module, "train", spy)
-    _cli(
+    cli_ok(
         "content",
         "--model",
         model,
@@ -89,7 +83,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypat
         tmp_path / "dog",
         *FAST,
     )
-    _cli(
+    cli_ok(
         "style",
         "--model",
         model,
@@ -104,7 +98,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypat
         *FAST,
     )
     made_dir = tmp_path / "made"
-    _cli("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", made_dir, "--steps", "2")
+    cli_ok("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", made_dir, "--steps", "2")
     # make's sets: content weight 1, style 0.5 (the default), both training both halves (routing none)
     assert loop_sets[-1] == [("content", 1.0, True), ("style", 0.5, True)]
 
@@ -139,7 +133,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypat
     # generate: deterministic per seed, metadata in the PNG, grid written.
     out1, out2 = tmp_path / "g1", tmp_path / "g2"
     for out in (out1, out2):
-        _cli(
+        cli_ok(
             "generate",
             tmp_path / "made",
             "a sks dog in sks style",
@@ -218,7 +212,7 @@ def test_bad_input_fails_before_the_model_loads(world, tmp_path):
 def test_make_names_what_differs(world, tmp_path):
     for name, rank in (("c", 4), ("s", 8)):
         role = "content" if name == "c" else "style"
-        _cli(
+        cli_ok(
             role,
             "--model",
             world["sd"],
@@ -257,7 +251,7 @@ def test_make_names_what_differs(world, tmp_path):
 
 def test_print_config_shows_the_merged_result(tmp_path):
     (tmp_path / "c.toml").write_text('model = "m"\n[train]\nsteps = 7\n')
-    result = _cli("content", "--config", tmp_path / "c.toml", "--lr", "0.001", "--print-config")
+    result = cli_ok("content", "--config", tmp_path / "c.toml", "--lr", "0.001", "--print-config")
     assert 'model = "m"' in result.output and "steps = 7" in result.output and "lr = 0.001" in result.output
 
 
@@ -320,7 +314,7 @@ def test_run_folders_are_never_mixed(world, tmp_path):
     run = tmp_path / "c"
     args = ["--model", world["sd"], "--images", world["dog"], "--prompt", "a photo of sks dog"]
     args += ["--aux", world["aux"], *FAST]
-    _cli("content", *args, "-o", run)
+    cli_ok("content", *args, "-o", run)
     for stage, message in (
         ("content", "holds a finished content run; --resume continues it, --overwrite"),
         ("style", "holds a content run \\(run.json\\); write the style run to another folder"),
@@ -333,7 +327,7 @@ def test_run_folders_are_never_mixed(world, tmp_path):
         run_make(make)
     stale = run / "checkpoints" / "step-000999"
     stale.mkdir(parents=True)
-    _cli("content", *args, "-o", run, "--overwrite")
+    cli_ok("content", *args, "-o", run, "--overwrite")
     assert not stale.exists() and json.loads((run / "run.json").read_text())["stage"] == "content"
 
     unfinished = tmp_path / "u"

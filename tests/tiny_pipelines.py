@@ -375,3 +375,38 @@ def save_tiny_flux2(path: str | Path) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference images for the commands' end-to-end tests
+
+
+def save_square_images(folder: str | Path, n: int, colour: tuple[int, int, int]) -> str:
+    """``n`` 40-px PNGs of a ``colour`` square on white (each a pixel taller than the one before) in a new
+    ``folder``; returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        a = np.full((40, 40, 3), 255, np.uint8)
+        a[8 + i : 32, 8:32] = colour
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def dog_and_yarn(root: str | Path) -> dict[str, str]:
+    """A content (``dog``), a style (``yarn``) and one auxiliary set for each run (``aux``: another style for the
+    content run, ``content_aux``: another object for the style run), two images each, under ``root``."""
+    root = Path(root)
+    save_square_images(root / "aux" / "set0", 2, (0, 0, 200))
+    (root / "aux" / "set0" / "prompt.txt").write_text("a cat in style0 style")
+    save_square_images(root / "caux" / "obj0", 2, (0, 150, 0))
+    (root / "caux" / "obj0" / "prompt.txt").write_text("a photo of obj0")
+    return {
+        "dog": save_square_images(root / "dog", 2, (120, 60, 20)),
+        "yarn": save_square_images(root / "yarn", 2, (250, 100, 200)),
+        "aux": str(root / "aux"),
+        "content_aux": str(root / "caux"),
+    }

@@ -34,8 +34,8 @@ from b4m.training.config import TrainConfig
 from b4m.training.loop import micro_step_loss
 from b4m.training.runs import train_adapter
 from b4m.training.sets import TrainSet
-from test_flux import EXPECTED, _images, _transformer_inputs
-from tiny_pipelines import save_tiny_flux
+from test_flux import EXPECTED, _transformer_inputs
+from tiny_pipelines import save_square_images, save_tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {"int8": 2e-2, "float8": 1e-1}
@@ -224,7 +224,7 @@ def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, m
     assert "\n" not in message and "needs torchao" in message and "pip install 'b4m[lowmem]'" in message
     load_model("world", base_weights="auto")  # full width needs no torchao
 
-    dog = _images(tmp_path / "dog", 2, (120, 60, 20))
+    dog = save_square_images(tmp_path / "dog", 2, (120, 60, 20))
     args = ["content", "--images", dog, "--prompt", "a photo of sks dog", "-o", tmp_path / "c", "--model", folder]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--rank", "4", "--preset", "low-memory-8bit"]])
     assert result.exit_code != 0 and "pip install 'b4m[lowmem]'" in str(result.exception)

@@ -88,11 +88,16 @@ class FluxModel(DiffusionModel):
         resolution: int | None = None,
         train_guidance: float = TRAIN_GUIDANCE,
     ) -> None:
-        self.vae = _to_float32(vae).eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
+        self._hold(vae, transformer, scheduler, identity, resolution, train_guidance)
+
+    def _hold(self, vae, transformer, scheduler, identity: str, resolution: int | None, train_guidance: float) -> None:
+        """What every FLUX family's model keeps beside its text encoders: the VAE (float32, frozen), the transformer
+        as :attr:`denoiser`, a fresh training scheduler and the sampling one, the latent geometry, the resolution."""
+        self.vae = _to_float32(vae).eval().requires_grad_(False)
         self.denoiser = transformer
         self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         self.sampling_scheduler = scheduler

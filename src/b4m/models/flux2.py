@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from diffusers.image_processor import VaeImageProcessor
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from torch import nn
 
 from ..errors import B4MError
 from .base import Conditioning, SampleRequest
-from .diffusers_common import _to_float32, module_device, vae_scale_factor
+from .diffusers_common import module_device
 from .flux import MAX_SEQUENCE_LENGTH, TRAIN_GUIDANCE, FluxModel
 
 #: Qwen3 layers whose hidden states Flux2KleinPipeline stacks (its ``text_encoder_out_layers`` default).
@@ -76,21 +75,12 @@ class Flux2KleinModel(FluxModel):
         is_distilled: bool = False,
         train_guidance: float = TRAIN_GUIDANCE,
     ) -> None:
-        self.vae = _to_float32(vae).eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.denoiser = transformer
-        self.train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        self.sampling_scheduler = scheduler
-        self.train_guidance = train_guidance
         self.is_distilled = bool(is_distilled)
         if self.is_distilled:
             self.default_guidance = 1.0
-        self.identity = identity
-        self.dtype = transformer.dtype
-        self.vae_factor = vae_scale_factor(vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_factor * 2)
-        self.resolution = resolution or self._native_resolution()
+        self._hold(vae, transformer, scheduler, identity, resolution, train_guidance)
 
     @classmethod
     def from_pipeline(cls, pipe: Flux2KleinPipeline, *, identity: str, resolution: int | None = None) -> FluxModel:

@@ -189,19 +189,20 @@ def load_model(
         _shared[key].restore_encoders()
         _shared[key].use_resolution(resolution)
         return _shared[key]
-    if model in MODEL_LOADERS:
-        loaded = MODEL_LOADERS[model](device=device, dtype=dtype, variant=variant, resolution=resolution)
-    elif (Path(model) / "world_model.json").is_file():
-        from .world.model import load_world_model
+    if model in MODEL_LOADERS or (Path(model) / "world_model.json").is_file():
+        if model in MODEL_LOADERS:
+            loaded = MODEL_LOADERS[model](device=device, dtype=dtype, variant=variant, resolution=resolution)
+        else:
+            from .world.model import load_world_model
 
-        loaded = load_world_model(model, device=str(device), identity=f"world:{Path(model).name}")
-    else:
+            loaded = load_world_model(model, device=str(device), identity=f"world:{Path(model).name}")
+        quantize_weights(loaded.denoiser, base_weights)  # the world's, once loaded: it is small
+    else:  # quantized while loading, layer by layer on the device
         from .models.loading import load_diffusers_model
 
         loaded = load_diffusers_model(
             model, device=device, dtype=dtype, variant=variant, resolution=resolution, base_weights=base_weights
         )
-    quantize_weights(loaded.denoiser, base_weights)  # the world's (diffusers models' are quantized already)
     if identity:
         loaded.identity = identity
     if _shared is not None:

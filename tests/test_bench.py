@@ -243,13 +243,13 @@ def test_b4m_against_itself_is_exactly_zero(quick):
 
 def test_renderer_upper_bound(tmp_path, world):
     """Ground truth through the shipped oracle: content and style ≥ 0.9, over 2 pairs × 4 prompts × 2 seeds (the
-    cluster bootstrap over pairs)."""
+    crossed bootstrap over contents and styles)."""
     model, oracle = world
     config = BenchConfig(
         pairs=[("teapot", "sunburst"), ("dog", "brick")], methods=["renderer"], prompts=4, seeds=2, refs=2, aux_sets=1
     )
     results = run_bench(tmp_path, config, model=model, oracle=oracle)
-    assert results["intervals"] == "cluster bootstrap over pairs"
+    assert results["intervals"] == "crossed bootstrap over contents and styles"
     summary = results["summary"]["renderer"]
     assert summary["content"]["mean"] >= 0.9 and summary["style"]["mean"] >= 0.9
     assert summary["style_leak"]["mean"] <= 0.1

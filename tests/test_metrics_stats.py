@@ -91,3 +91,51 @@ def test_format():
     assert format_interval((0.8312, 0.7781, 0.8749)) == "0.83 [0.78, 0.87]"
     assert Interval(0.0213, -0.0104, 0.0521).format(signed=True) == "+0.02 [-0.01, +0.05]"
     assert wilson_interval(8, 10).format(3) == "0.800 [0.490, 0.943]"
+
+
+def _crossed_grid(rng, rows=6, cols=6, per_cell=4, row_sd=0.3, col_sd=0.3, noise_sd=0.1):
+    """Scores of a rows × cols design with a random effect per row and per column (the benchmark's contents ×
+    styles, whose runs every pair of the concept shares), ``per_cell`` items per cell."""
+    r = rng.normal(0, row_sd, rows)
+    c = rng.normal(0, col_sd, cols)
+    labels = [(i, j) for i in range(rows) for j in range(cols) for _ in range(per_cell)]
+    x = np.array([r[i] + c[j] + rng.normal(0, noise_sd) for i, j in labels])
+    return x, [i for i, _ in labels], [j for _, j in labels], [f"{i}-{j}" for i, j in labels]
+
+
+def test_crossed_bootstrap_covers_where_the_pair_bootstrap_does_not():
+    # The true mean of the model is 0. Resampling pairs ignores that pairs share their row's and column's effect,
+    # so its intervals miss 0 far more often than 5%; resampling rows and columns (pigeonhole) keeps coverage.
+    rng = np.random.default_rng(7)
+    hits = {"pairs": 0, "crossed": 0}
+    trials = 150
+    for t in range(trials):
+        x, rows, cols, pairs = _crossed_grid(rng)
+        by_pair = bootstrap_mean(x, groups=pairs, n_resamples=400, seed=t)
+        by_both = bootstrap_mean(x, crossed=(rows, cols), n_resamples=400, seed=t)
+        hits["pairs"] += by_pair.low <= 0.0 <= by_pair.high
+        hits["crossed"] += by_both.low <= 0.0 <= by_both.high
+    assert hits["crossed"] / trials >= 0.88
+    assert hits["pairs"] / trials <= 0.6
+
+
+def test_crossed_bootstrap_is_the_row_bootstrap_with_one_column():
+    rng = np.random.default_rng(0)
+    x, rows, _, _ = _crossed_grid(rng, cols=1)
+    one = bootstrap_mean(x, crossed=(rows, [0] * len(x)), seed=3)
+    assert one.estimate == pytest.approx(x.mean())
+    by_row = bootstrap_mean(x, groups=rows, n_resamples=10_000, seed=4)
+    assert one.low == pytest.approx(by_row.low, abs=0.03) and one.high == pytest.approx(by_row.high, abs=0.03)
+
+
+def test_crossed_paired_differences_and_errors():
+    rng = np.random.default_rng(1)
+    a, rows, cols, _ = _crossed_grid(rng)
+    b = a - 0.05  # the same items, a constant apart: the paired difference has no spread at all
+    d = paired_bootstrap(a, b, crossed=(rows, cols))
+    assert d.estimate == pytest.approx(0.05) and d.low == pytest.approx(0.05) and d.high == pytest.approx(0.05)
+    assert bootstrap_mean(a, crossed=(rows, cols), seed=2) == bootstrap_mean(a, crossed=(rows, cols), seed=2)
+    with pytest.raises(ValueError, match="groups or crossed"):
+        bootstrap_mean(a, groups=rows, crossed=(rows, cols))
+    with pytest.raises(ValueError, match="crossed rows has 3 labels"):
+        bootstrap_mean(a, crossed=(rows[:3], cols))

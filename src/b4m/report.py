@@ -3,8 +3,9 @@ as inline PNGs, and the HTML page around them.
 
 - :func:`summarize`: per metric, the mean with a 95% interval. Proportions (0/1 scores such as oracle accuracy and
   leakage) get a Wilson interval and other scores a bootstrap interval of the mean, unless ``groups`` is given: then
-  every metric gets a cluster bootstrap that resamples whole groups (in the benchmark, the images of one
-  content-style pair share that pair's adapters, so treating them as independent makes intervals too narrow).
+  every metric gets a cluster bootstrap that resamples whole groups (the images of one content-style pair share
+  that pair's adapters, so treating them as independent makes intervals too narrow), or ``crossed``: whole contents
+  and whole styles are resampled (the benchmark's: pairs share their concepts' runs).
 - :func:`png_data_url`: a grid of small uint8 images as a ``data:image/png`` URL, upscaled with nearest neighbours
   (4× by default) so 32-px images stay visible in a browser.
 - :func:`image_table`: images as an HTML table (a row per prompt or method, a column per seed) with a small note
@@ -37,20 +38,22 @@ def summarize(
     binary: Iterable[str] = (),
     *,
     groups: Sequence[Hashable] | None = None,
+    crossed: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """``{metric: {"mean", "low", "high"}}`` for ``metrics`` (default: every key of ``scores``), 95% intervals.
 
-    Without ``groups``, a metric in ``binary`` (every score 0 or 1) gets the Wilson interval of its proportion and
-    the others a percentile bootstrap of the mean (items resampled); with ``groups`` (one label per score), every
-    metric gets the bootstrap that resamples whole groups.
+    Without ``groups`` or ``crossed``, a metric in ``binary`` (every score 0 or 1) gets the Wilson interval of its
+    proportion and the others a percentile bootstrap of the mean (items resampled); with ``groups`` (one label per
+    score) every metric gets the bootstrap that resamples whole groups, with ``crossed`` (two labels per score) the
+    one that resamples whole rows and columns (:mod:`b4m.metrics.stats`).
     """
     binary = set(binary)
     out = {}
     for k in scores if metrics is None else metrics:
         v = [float(x) for x in scores[k]]
-        if groups is not None:
-            iv = bootstrap_mean(v, groups=groups, seed=seed)
+        if groups is not None or crossed is not None:
+            iv = bootstrap_mean(v, groups=groups, crossed=crossed, seed=seed)
         elif k in binary:
             iv = wilson_interval(round(sum(v)), len(v))
         else:

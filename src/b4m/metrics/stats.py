@@ -11,6 +11,14 @@ Items are resampled independently unless ``groups`` is given: then whole groups 
 which is the honest choice when items share a source of variation. In the benchmark an item is one
 (content-style pair, prompt, seed); the images of one pair share that pair's trained adapters, so
 ``groups=pair_ids`` gives wider, truer intervals than treating every image as independent.
+
+``crossed=(rows, cols)`` is for items that sit in a crossed design, as the benchmark's pairs do: a content appears
+in a pair with every style, and B4M's stage-1 runs and the plain LoRAs of the merges are trained once per concept,
+then shared by all that concept's pairs, so two pairs with the same content are not independent. Whole rows
+(contents) and whole columns (styles) are then resampled, each with replacement and independently of the other,
+and every item of a drawn (row, column) cell counts once per draw of its row times per draw of its column (Owen's
+"pigeonhole" bootstrap, Ann. Appl. Stat. 2007, which is mildly conservative for crossed random effects). It is the
+interval of a mean over a population of contents and styles, not over these concepts only.
 """
 
 from __future__ import annotations
@@ -107,24 +115,66 @@ def _group_sums(x: np.ndarray, groups: Sequence[Hashable] | None) -> tuple[np.nd
     """Per-unit sums and counts: one unit per item, or one per group (in order of first appearance)."""
     if groups is None:
         return x, np.ones_like(x)
-    groups = list(groups)
-    if len(groups) != x.size:
-        raise ValueError(f"groups has {len(groups)} labels for {x.size} items; give one label per item")
-    index: dict[Hashable, int] = {}
-    codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), dtype=np.int64, count=len(groups))
-    sums = np.bincount(codes, weights=x, minlength=len(index))
-    counts = np.bincount(codes, minlength=len(index)).astype(np.float64)
+    codes, n = _codes(groups, x.size, "groups")
+    sums = np.bincount(codes, weights=x, minlength=n)
+    counts = np.bincount(codes, minlength=n).astype(np.float64)
     return sums, counts
 
 
+def _codes(labels: Sequence[Hashable], n: int, name: str) -> tuple[np.ndarray, int]:
+    """Integer codes of ``labels`` (in order of first appearance) and how many distinct labels there are."""
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"{name} has {len(labels)} labels for {n} items; give one label per item")
+    index: dict[Hashable, int] = {}
+    codes = np.fromiter((index.setdefault(g, len(index)) for g in labels), dtype=np.int64, count=n)
+    return codes, len(index)
+
+
+def _crossed_means(
+    x: np.ndarray, crossed: tuple[Sequence[Hashable], Sequence[Hashable]], n_resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The pigeonhole bootstrap's resampled means (see the module notes)."""
+    if len(crossed) != 2:
+        raise ValueError(f"crossed must be (rows, cols), two label sequences; got {len(crossed)}")
+    rows, n_rows = _codes(crossed[0], x.size, "crossed rows")
+    cols, n_cols = _codes(crossed[1], x.size, "crossed cols")
+    sums = np.zeros((n_rows, n_cols))
+    counts = np.zeros((n_rows, n_cols))
+    np.add.at(sums, (rows, cols), x)
+    np.add.at(counts, (rows, cols), 1.0)
+    means = np.empty(n_resamples, dtype=np.float64)
+    block = max(1, _BLOCK_ELEMENTS // (n_rows + n_cols))
+    for start in range(0, n_resamples, block):
+        k = min(block, n_resamples - start)
+        a = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=k).astype(np.float64)
+        b = rng.multinomial(n_cols, np.full(n_cols, 1.0 / n_cols), size=k).astype(np.float64)
+        num = np.einsum("kr,rc,kc->k", a, sums, b)
+        den = np.einsum("kr,rc,kc->k", a, counts, b)
+        # an incomplete design can draw rows and columns that share no item: such a draw has no mean
+        means[start : start + k] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return means[np.isfinite(means)]
+
+
 def _bootstrap(
-    x: np.ndarray, groups: Sequence[Hashable] | None, n_resamples: int, confidence: float, seed: int
+    x: np.ndarray,
+    groups: Sequence[Hashable] | None,
+    n_resamples: int,
+    confidence: float,
+    seed: int,
+    crossed: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
 ) -> Interval:
-    """Percentile bootstrap of the mean of ``x``, resampling items or whole groups with replacement."""
+    """Percentile bootstrap of the mean of ``x``, resampling items, whole groups, or whole rows and columns."""
     if isinstance(n_resamples, bool) or int(n_resamples) != n_resamples or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive whole number, got {n_resamples!r}")
     alpha = (1.0 - confidence) / 2.0
     _z(confidence)  # validates confidence
+    if crossed is not None:
+        if groups is not None:
+            raise ValueError("give groups or crossed, not both")
+        means = _crossed_means(x, crossed, n_resamples, np.random.default_rng(seed))
+        low, high = np.quantile(means, [alpha, 1.0 - alpha])
+        return Interval(float(x.mean()), float(low), float(high))
     sums, counts = _group_sums(x, groups)
     units = sums.size
     rng = np.random.default_rng(seed)
@@ -142,6 +192,7 @@ def bootstrap_mean(
     values: Sequence[float] | np.ndarray,
     *,
     groups: Sequence[Hashable] | None = None,
+    crossed: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = 0.95,
     seed: int = 0,
@@ -151,6 +202,8 @@ def bootstrap_mean(
     Args:
         values: One score per item.
         groups: Optional label per item; whole groups are resampled (see the module notes).
+        crossed: Optional ``(rows, cols)``, two labels per item (content and style): whole rows and columns are
+            resampled, the pigeonhole bootstrap of the module notes. Not with ``groups``.
         n_resamples: Bootstrap resamples.
         confidence: The interval's coverage.
         seed: Seeds numpy's PCG64; the same inputs and seed give the same interval.
@@ -158,7 +211,7 @@ def bootstrap_mean(
     Raises:
         ValueError: Empty, non-finite or non-1-D values; groups of the wrong length; bad settings.
     """
-    return _bootstrap(_as_scores(values, "values"), groups, n_resamples, confidence, seed)
+    return _bootstrap(_as_scores(values, "values"), groups, n_resamples, confidence, seed, crossed)
 
 
 def paired_bootstrap(
@@ -166,6 +219,7 @@ def paired_bootstrap(
     b: Sequence[float] | np.ndarray,
     *,
     groups: Sequence[Hashable] | None = None,
+    crossed: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = 0.95,
     seed: int = 0,
@@ -180,6 +234,8 @@ def paired_bootstrap(
         a: Method A's score per item.
         b: Method B's score per item, in the same item order.
         groups: Optional label per item; whole groups are resampled (see the module notes).
+        crossed: Optional ``(rows, cols)``, two labels per item (content and style): whole rows and columns are
+            resampled, the pigeonhole bootstrap of the module notes. Not with ``groups``.
         n_resamples: Bootstrap resamples.
         confidence: The interval's coverage.
         seed: Seeds numpy's PCG64.
@@ -190,4 +246,4 @@ def paired_bootstrap(
     xa, xb = _as_scores(a, "a"), _as_scores(b, "b")
     if xa.shape != xb.shape:
         raise ValueError(f"a and b must score the same items, got {xa.size} and {xb.size} scores")
-    return _bootstrap(xa - xb, groups, n_resamples, confidence, seed)
+    return _bootstrap(xa - xb, groups, n_resamples, confidence, seed, crossed)

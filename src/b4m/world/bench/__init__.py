@@ -53,7 +53,9 @@ means), ``results.csv`` (one row per method × metric), ``report.html`` (a table
 ``resume=True`` reads back so a long protocol can run as several commands (``max_minutes`` stops between units), and
 ``runs/`` (the runs' checkpoints, only with ``keep_runs=True``).
 
-Intervals: with two or more pairs every interval is a cluster bootstrap over pairs (the images of a pair share its
-adapters); with one pair, proportions get Wilson intervals and other scores an item bootstrap, and the paired
-differences resample items.
+Intervals: with two or more pairs every interval is a crossed bootstrap that resamples whole contents and whole
+styles (a concept's stage-1 runs and plain LoRAs are shared by all its pairs, so pairs are not independent;
+:mod:`b4m.metrics.stats`); results written before 2026-12-04 resampled pairs (``"intervals"`` in results.json says
+which, and ``python bench/intervals.py FOLDER…`` recomputes them); with one pair, proportions get Wilson intervals
+and other scores an item bootstrap, and the paired differences resample items.
 """

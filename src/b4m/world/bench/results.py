@@ -32,18 +32,9 @@ def make_results(
         for i, p in enumerate(d.task.prompts)
         for s in seeds
     ]
-    groups = [it["pair"] for it in items]
-    cluster = groups if len(data) >= 2 else None
     methods = list(units)
     per_image = {m: {k: [x for d in data for x in units[m][d.label].scores[k]] for k in METRICS} for m in methods}
     reference = REFERENCE if REFERENCE in per_image else methods[0]
-    summary = {m: summarize(per_image[m], METRICS, BINARY, groups=cluster) for m in methods}
-    differences = {}
-    for m in methods:
-        differences[m] = {}
-        for k in METRICS:
-            iv = paired_bootstrap(per_image[m][k], per_image[reference][k], groups=cluster)
-            differences[m][k] = {"mean": iv.estimate, "low": iv.low, "high": iv.high}
     per_pair = {
         m: {d.label: {k: float(np.mean(units[m][d.label].scores[k])) for k in METRICS} for d in data} for m in methods
     }
@@ -74,12 +65,9 @@ def make_results(
         "metrics": list(METRICS),
         "binary_metrics": sorted(BINARY),
         "lower_is_better": sorted(LOWER_IS_BETTER),
-        "intervals": "cluster bootstrap over pairs" if cluster else "Wilson (0/1 metrics) / item bootstrap (one pair)",
-        "reference": reference,
+        **intervals(per_image, items, reference),
         "methods": {m: VARIANTS[m].summary for m in methods},
         "method_configs": configs,
-        "summary": summary,
-        "differences": differences,
         "per_pair": per_pair,
         "wall_seconds": wall,
         "cost": cost,
@@ -88,6 +76,27 @@ def make_results(
         "items": items,
         "per_image": per_image,
     }
+
+
+INTERVALS = "crossed bootstrap over contents and styles"
+
+
+def intervals(per_image: dict, items: list[dict], reference: str) -> dict:
+    """``intervals`` (what they are), ``reference``, ``summary`` (each method's mean and 95% interval per metric) and
+    ``differences`` (each method minus ``reference``, paired by image) of results.json, from its ``per_image``
+    scores and ``items``. Whole contents and whole styles are resampled (:mod:`b4m.metrics.stats`, ``crossed``):
+    a concept's runs are shared by all its pairs. One pair: Wilson intervals (0/1 metrics) and an item bootstrap."""
+    several = len({it["pair"] for it in items}) >= 2
+    crossed = ([it["content"] for it in items], [it["style"] for it in items]) if several else None
+    summary = {m: summarize(scores, METRICS, BINARY, crossed=crossed) for m, scores in per_image.items()}
+    differences = {}
+    for m, scores in per_image.items():
+        differences[m] = {}
+        for k in METRICS:
+            iv = paired_bootstrap(scores[k], per_image[reference][k], crossed=crossed)
+            differences[m][k] = {"mean": iv.estimate, "low": iv.low, "high": iv.high}
+    label = INTERVALS if several else "Wilson (0/1 metrics) / item bootstrap (one pair)"
+    return {"intervals": label, "reference": reference, "summary": summary, "differences": differences}
 
 
 CSV_COLUMNS = (

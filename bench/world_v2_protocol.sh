@@ -18,14 +18,17 @@
 set -u
 phase=${1:?grid, levers, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
-OUT=${OUT:-runs/out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 [ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
 save_runs() {  # the device tool brings back files up to 16 MiB: without the stage-1 adapters if need be, then nothing
+  # (a temporary name, then a rename: a call killed while tar writes leaves no truncated runs.tgz behind)
   local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
-  tar czf "$OUT/runs.tgz" "${skip[@]}" runs 2>/dev/null
-  [ "$(stat -c %s "$OUT/runs.tgz")" -lt 16000000 ] && return
-  tar czf "$OUT/runs.tgz" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' runs 2>/dev/null
-  [ "$(stat -c %s "$OUT/runs.tgz")" -lt 16000000 ] || rm -f "$OUT/runs.tgz"
+  local tmp="$OUT/runs.tgz.part"
+  tar czf "$tmp" "${skip[@]}" runs 2>/dev/null
+  if [ "$(stat -c %s "$tmp")" -ge 16000000 ]; then
+    tar czf "$tmp" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' runs 2>/dev/null
+  fi
+  if [ "$(stat -c %s "$tmp")" -lt 16000000 ]; then mv "$tmp" "$OUT/runs.tgz"; else rm -f "$tmp"; fi
 }
 trap save_runs EXIT
 left() { echo $(( LIMIT - ($(date +%s) - START) - 30 )); }

@@ -4,6 +4,7 @@
 # same warm machine: runs/ is kept) until it says "done". Results are copied to $OUT (the device tool's folder).
 #
 #   bash bench/world_v2_protocol.sh grid     # the dev grid's configurations not yet in bench/results/world-v2/dev-grid
+#   bash bench/world_v2_protocol.sh grid-wide  # the wider grid's three 600-step configurations, every method alike
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
 #   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
@@ -16,7 +17,7 @@
 # scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
 # again).
 set -u
-phase=${1:?grid, levers, test SEED or demo}
+phase=${1:?grid, grid-wide, levers, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 [ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
@@ -46,8 +47,9 @@ chosen() {  # the dev grid's choices (committed configurations and those run her
   python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* $(ls -d runs/grid/* 2>/dev/null) --json runs/chosen.json >/dev/null
 }
 case $phase in
-  grid)
-    for cfg in 1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300; do
+  grid|grid-wide)  # grid-wide: the three 600-step configurations of docs/benchmarks.md, "A wider grid"
+    cfgs="1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300"; [ "$phase" = grid-wide ] && cfgs="5e-4:600 1e-3:600 2e-3:600"
+    for cfg in $cfgs; do
       lr=${cfg%:*}; st=${cfg#*:}
       [ -d "bench/results/world-v2/dev-grid/lr$lr-s$st" ] && continue
       bench "runs/grid/lr$lr-s$st" --split dev --lr "$lr" --steps "$st" || exit 0

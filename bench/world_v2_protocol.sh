@@ -67,7 +67,8 @@ case $phase in
     seed=${2:?seed}; chosen
     bench "runs/test-seed$seed" --split test --seed "$seed" --method-settings runs/chosen.json \
       && cp "runs/test-seed$seed/results.json" "$OUT/test-seed$seed.json" \
-      && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" && echo done ;;
+      && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" \
+      && cp "runs/test-seed$seed/figure-prompts.png" "$OUT/test-seed$seed-prompts.png" && echo done ;;
   demo)  # docs/world.md, "The demo's pair": the real demo (fp32, as on a CPU) over every pair; resumable per run
     mkdir -p runs/demo; cp -n .carry/demo-*.jsonl runs/demo/ 2>/dev/null
     for split in dev test; do

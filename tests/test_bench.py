@@ -250,6 +250,14 @@ def test_renderer_upper_bound(tmp_path, world):
     )
     results = run_bench(tmp_path, config, model=model, oracle=oracle)
     assert results["intervals"] == "crossed bootstrap over contents and styles"
+    # figure-prompts.png: the pairs with each prompt; the renderer's row is what each prompt asks for (seed 0)
+    figure = np.asarray(Image.open(tmp_path / "figure-prompts.png").convert("RGB"))
+    for label in ("teapot-sunburst", "dog-brick"):
+        shown = np.load(tmp_path / "units" / "renderer" / f"{label}.npz")["images"]
+        for prompt in (0, 3):
+            assert _contains(figure, shown[prompt * 2].repeat(3, 0).repeat(3, 1)), (label, prompt)
+    prompts = json.loads(Image.open(tmp_path / "figure-prompts.png").text["b4m"])["prompts"]
+    assert len(prompts) == 8 and prompts["dog-brick#4"].startswith("a ")
     summary = results["summary"]["renderer"]
     assert summary["content"]["mean"] >= 0.9 and summary["style"]["mean"] >= 0.9
     assert summary["style_leak"]["mean"] <= 0.1

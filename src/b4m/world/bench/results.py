@@ -240,25 +240,42 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
         tmp.write_text(html_page("b4m bench", body))
 
 
-FIGURE_PAIRS_PER_ROW = 12  # pairs side by side in figure.png before it wraps to another block
+FIGURE_COLUMNS = 12  # columns side by side in a figure before it wraps to another block
+FIGURE_PROMPT_PAIRS = 3  # pairs shown with every prompt in figure-prompts.png
 
 
-def write_figure(
-    results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], path: Path, upscale: int = 3
+def write_figures(results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], out: Path) -> None:
+    """``figure.png``: one column per pair (its first prompt, sampling seed 0); ``figure-prompts.png``: the first
+    :data:`FIGURE_PROMPT_PAIRS` pairs with each of their prompts (seed 0), where the renderer's row shows what each
+    prompt asks for. Rows: a content reference, a style reference and each scored method. The prompts are in each
+    PNG's text (``"prompts"``); the full grids are in report.html."""
+    seeds = results["settings"]["seeds"]
+    every_pair = [(d, 0) for d in data]
+    with_prompts = [(d, i) for d in data[:FIGURE_PROMPT_PAIRS] for i in range(len(d.task.prompts))]
+    _write_figure(results, every_pair, images, seeds, out / "figure.png")
+    _write_figure(results, with_prompts, images, seeds, out / "figure-prompts.png")
+
+
+def _write_figure(
+    results: dict,
+    columns: list[tuple[PairData, int]],
+    images: dict[str, dict[str, np.ndarray]],
+    seeds: int,
+    path: Path,
+    upscale: int = 3,
 ) -> None:
-    """``figure.png``: one column per pair (its first prompt, seed 0), rows a content reference, a style reference
-    and each scored method; blocks of :data:`FIGURE_PAIRS_PER_ROW` pairs stacked. The prompts and the full grids
-    are in report.html."""
+    """A figure of ``columns`` (pair, prompt index; sampling seed 0), in blocks of :data:`FIGURE_COLUMNS`."""
     from PIL import Image
 
     methods = [m for m in images if m in results["summary"]]
     labels = ["content ref", "style ref", *methods]
+    several = len({d.label for d, _ in columns}) < len(columns)  # a pair shown with several prompts
     blocks = []
-    for start in range(0, len(data), FIGURE_PAIRS_PER_ROW):
-        chunk = data[start : start + FIGURE_PAIRS_PER_ROW]
-        tiles = [d.task.content_refs.images[0] for d in chunk] + [d.task.style_refs.images[0] for d in chunk]
+    for start in range(0, len(columns), FIGURE_COLUMNS):
+        chunk = columns[start : start + FIGURE_COLUMNS]
+        tiles = [d.task.content_refs.images[0] for d, _ in chunk] + [d.task.style_refs.images[0] for d, _ in chunk]
         for m in methods:
-            tiles += [images[m][d.label][0] for d in chunk]  # prompt-major, seeds inner: prompt 0, seed 0
+            tiles += [images[m][d.label][i * seeds] for d, i in chunk]  # prompt-major, seeds inner
         tiles = [Image.fromarray(np.asarray(t)) for t in tiles]
         blocks.append(
             grid_image(
@@ -267,7 +284,8 @@ def write_figure(
                 gap=2,
                 upscale=upscale,
                 row_labels=labels,
-                column_labels=[f"{d.content} / {d.style}" for d in chunk],  # the default font has no ×
+                # the default font has no ×
+                column_labels=[f"{d.content} / {d.style}" + (f" #{i + 1}" if several else "") for d, i in chunk],
             )
         )
     width = max(b.width for b in blocks)
@@ -276,5 +294,5 @@ def write_figure(
     for block in blocks:
         figure.paste(block, (0, y))
         y += block.height
-    prompts = {d.label: d.task.prompts[0] for d in data}
+    prompts = {f"{d.label}#{i + 1}" if several else d.label: d.task.prompts[i] for d, i in columns}
     save_png(figure, path, {"benchmark": "b4m bench", "commit": results.get("commit"), "prompts": prompts})

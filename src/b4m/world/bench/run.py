@@ -16,7 +16,7 @@ import numpy as np
 from ...environment import record
 from ...errors import B4MError
 from ...files import atomic_path
-from .results import make_results, write_csv, write_figure, write_html
+from .results import make_results, write_csv, write_figures, write_html
 from .units import (
     Unit,
     failed_path,
@@ -188,7 +188,8 @@ def run_bench(
     write_csv(results, out / "results.csv")
     images = {name: {label: u.images for label, u in per_pair.items()} for name, per_pair in units.items()}
     write_html(results, data, images, out / "report.html")
-    write_figure(results, data, images, out / "figure.png")
+    write_figures(results, data, images, out)
     write_state(ran, True)
-    say(f"wrote {out / 'results.json'}, results.csv, report.html, figure.png ({results['seconds']['command']:.0f} s)")
+    seconds = results["seconds"]["command"]
+    say(f"wrote {out / 'results.json'}, results.csv, report.html, figure.png, figure-prompts.png ({seconds:.0f} s)")
     return results

@@ -1,6 +1,7 @@
 """8-bit frozen base weights (issue 17: ``base_weights``, the low-memory-8bit preset) on a tiny FLUX.1 pipeline: the
 denoiser's linear weights stored by torchao, the PLP adapter trained in float32 on top, and everything around
-training (checkpoints, exact resume, the LoRA export, sampling unmerged) as on full-width weights.
+training (checkpoints, exact resume, the LoRA export, sampling unmerged) as on full-width weights; and
+``b4m generate --base-weights``, which loads the base the same way.
 
 Tolerances: int8 weight-only stores each weight row as round(w / s) with s = max|w_row| / 127, an error of at most
 s / 2 per weight (about 0.4 % of the row's largest weight); the tiny transformer's outputs move by well under 1 %
@@ -10,16 +11,19 @@ through its two blocks, so losses and gradients are compared at rtol 2 % (float8
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
 from b4m.adapter.config import PLPConfig
-from b4m.adapter.file import load_adapter
+from b4m.adapter.file import load_adapter, save_adapter
 from b4m.adapter.walker import add_plp, plp_layers, remove_plp
 from b4m.cli import app
 from b4m.errors import B4MError
@@ -34,6 +38,7 @@ from b4m.training.config import TrainConfig
 from b4m.training.loop import micro_step_loss
 from b4m.training.runs import train_adapter
 from b4m.training.sets import TrainSet
+from conftest import cli_ok
 from test_flux import EXPECTED, _transformer_inputs
 from tiny_pipelines import save_square_images, save_tiny_flux
 
@@ -195,6 +200,52 @@ def test_sampling_runs_the_adapter_unmerged_on_an_8bit_base(models, tmp_path):
             assert torch.equal(m.weight.qdata, weights[n])
 
 
+# -- b4m generate --base-weights --------------------------------------------------------------------------------------
+
+
+def test_generate_with_int8_base_weights_runs_the_adapter_unmerged(models, folder, tmp_path, monkeypatch):
+    import b4m.runs.generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = save_adapter(run(models["int8"], tmp_path / "run", 1).adapter, tmp_path / "a.b4m.safetensors")
+    loaded = []
+    load = b4m.runs.generate.load_model
+    monkeypatch.setattr(b4m.runs.generate, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    args = ["generate", adapter, "a sks dog", "-n", "2", "--steps", "2", "--resolution", "32", "--model", folder]
+    with pytest.warns(UserWarning, match="unmerged") as warned:
+        cli_ok(*args, "-o", tmp_path / "g", "--base-weights", "int8", "--merge")
+    assert sum("unmerged" in str(w.message) for w in warned) == 1  # once, though --merge asked for it
+    assert is_quantized(loaded[-1].denoiser) and not plp_layers(loaded[-1].denoiser)  # 8-bit, the adapter taken off
+    images = [np.asarray(Image.open(tmp_path / "g" / f"00_seed{s}.png")) for s in (0, 1)]
+    assert images[0].shape == (32, 32, 3) and not np.array_equal(*images)
+    meta = json.loads(Image.open(tmp_path / "g" / "00_seed0.png").info["b4m"])
+    assert meta["base_weights"] == "int8" and meta["merged"] is False
+    # Full width: the same images up to the 8-bit rounding of the base weights.
+    cli_ok(*args, "-o", tmp_path / "full")
+    full = np.asarray(Image.open(tmp_path / "full" / "00_seed0.png"), np.int16)
+    assert not is_quantized(loaded[-1].denoiser) and "base_weights" not in json.loads(
+        Image.open(tmp_path / "full" / "00_seed0.png").info["b4m"]
+    )
+    assert np.abs(images[0].astype(np.int16) - full).mean() < 8
+
+
+def test_generate_refuses_a_bad_base_weights_in_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
+    import b4m.runs.generate
+
+    monkeypatch.setattr(b4m.runs.generate, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(b4m.runs.generate, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    args = ["generate", tmp_path / "run", "a sks dog", "--model", folder, "-o", tmp_path / "g"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--base-weights", "int4"]])
+    message = str(result.exception)
+    assert isinstance(result.exception, B4MError) and "\n" not in message
+    assert message == "base_weights must be auto, int8 or float8, got 'int4'"
+    loras = ["--content-lora", tmp_path / "c.safetensors", "--style-lora", tmp_path / "s.safetensors"]
+    result = CliRunner().invoke(
+        app, [str(a) for a in ["generate", *args[2:], *loras, "--combine", "sum", "--base-weights", "int8"]]
+    )
+    assert "--combine sum merges the LoRAs" in str(result.exception) and "\n" not in str(result.exception)
+
+
 # -- settings and the missing dependency ------------------------------------------------------------------------------
 
 
@@ -214,6 +265,7 @@ def test_the_low_memory_8bit_preset_and_the_setting():
 
 def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
     import b4m.models.loading
+    import b4m.runs.generate
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
@@ -228,6 +280,21 @@ def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, m
     args = ["content", "--images", dog, "--prompt", "a photo of sks dog", "-o", tmp_path / "c", "--model", folder]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--rank", "4", "--preset", "low-memory-8bit"]])
     assert result.exit_code != 0 and "pip install 'b4m[lowmem]'" in str(result.exception)
+    # b4m generate: the same line, before the adapter file is read.
+    monkeypatch.setattr(b4m.runs.generate, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    args = [
+        "generate",
+        tmp_path / "run",
+        "a sks dog",
+        "--model",
+        folder,
+        "-o",
+        tmp_path / "g",
+        "--base-weights",
+        "int8",
+    ]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code != 0 and str(result.exception) == message
 
 
 # -- the GPU measurement script ---------------------------------------------------------------------------------------

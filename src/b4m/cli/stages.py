@@ -136,6 +136,13 @@ def generate(
             "by --content-scale and --style-scale)."
         ),
     ] = "k-lora",
+    base_weights: Annotated[
+        str,
+        typer.Option(
+            help="The denoiser's linear weights: auto (the loading dtype), int8 or float8 (stored in 8 bits by "
+            "torchao, pip install 'b4m[lowmem]'; the adapter runs unmerged, --merge falls back with a warning)."
+        ),
+    ] = "auto",
 ) -> None:
     """Generate images with a made (or content/style) adapter, or with two plain LoRAs combined (--content-lora,
     --style-lora, --combine); PNG metadata holds prompt, seed and settings."""
@@ -165,6 +172,7 @@ def generate(
         content_lora=content_lora,
         style_lora=style_lora,
         combine=combine,
+        base_weights=base_weights,
         console=console,
     )
 

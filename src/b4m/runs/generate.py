@@ -29,6 +29,7 @@ from ..loading import denoiser_config, load_model, model_of_identity
 from ..lora_files import Factors, applied, check_factors_fit, detect_format, load_lora
 from ..method.stages import generate as generate_images
 from ..models.base import DiffusionModel, SampleRequest
+from ..models.quantize import is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
 from .folder import ADAPTER_NAMES, run_source
@@ -68,6 +69,7 @@ def generate(
     content_lora: str | None = None,
     style_lora: str | None = None,
     combine: str = "k-lora",
+    base_weights: str = "auto",
     console=None,
 ) -> list[Path]:
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter
@@ -79,7 +81,11 @@ def generate(
     With ``content_lora`` and ``style_lora`` (plain LoRA files, diffusers/peft or kohya; ``adapter_path`` None)
     the two LoRAs are combined as ``combine`` says (:data:`COMBINE`) on ``model`` (default: the built-in world),
     ``scale · content_scale`` and ``scale · style_scale`` weighting each; the files are checked (present, LoRAs,
-    of one base model, fitting the model) before the model loads wherever its config files say its layers."""
+    of one base model, fitting the model) before the model loads wherever its config files say its layers.
+
+    ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's linear weights in 8 bits, as training's setting
+    does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter then runs unmerged
+    (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused."""
     if upscale < 1:
         raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:
@@ -88,6 +94,7 @@ def generate(
         raise B4MError(f"steps must be at least 1, got {steps}")
     if not prompts:
         raise B4MError("no prompt given")
+    require_quantization(base_weights)  # an unknown value, or torchao missing: before any file or weight loads
     check_output(output, folder=True)
     out = Path(output)
     earlier = sorted(f.name for f in out.glob("*.png") if GENERATED.fullmatch(f.name)) if out.is_dir() else []
@@ -99,6 +106,11 @@ def generate(
     pair = content_lora is not None or style_lora is not None
     if pair:
         paths = lora_pair(content_lora, style_lora, combine, merge=merge, run=adapter_path)
+        if combine == "sum" and base_weights != "auto":
+            raise B4MError(
+                f"--combine sum merges the LoRAs into the weights, which --base-weights {base_weights} stores in 8 "
+                "bits (merging would round them); use --combine k-lora or --base-weights auto"
+            )
         model_name = model or "world"
         loras = read_loras_early(paths, model_name)
     else:
@@ -117,7 +129,7 @@ def generate(
                 "run.json beside it says where it is; pass --model"
             )
     check_before_loading(model_name, resolution, out)
-    base = load_model(model_name, device=device or default_device(), resolution=resolution)
+    base = load_model(model_name, device=device or default_device(), resolution=resolution, base_weights=base_weights)
     if pair and loras is None:  # the model's layers were unknown before it loaded (a Hub id, a single file)
         loras = read_loras(paths, base.denoiser.config)
         check_loras_fit(loras, paths, base.denoiser, model_name)
@@ -150,6 +162,7 @@ def generate(
         "scale": scale,
         "content_scale": content_scale,
         "style_scale": style_scale,
+        **({"base_weights": base_weights} if base_weights != "auto" else {}),
     }
     if pair:
         images, extra = sample_pair(base, loras, request, combine, scale * content_scale, scale * style_scale)
@@ -158,7 +171,7 @@ def generate(
         images = generate_images(
             base, adapter, request, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge
         )
-        settings = {"adapter": str(file), **common, "merged": merge}
+        settings = {"adapter": str(file), **common, "merged": merge and not is_quantized(base.denoiser)}
     scenes = world_scenes(base, prompts)
     written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
     say(console, f"wrote {len(written)} images and {grid}")

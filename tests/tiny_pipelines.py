@@ -194,9 +194,18 @@ FLUX_SCHEDULER = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
+# FLUX.1 schnell's scheduler config (a static shift of 1: none; its 4 sampling steps are what it was distilled for).
+SCHNELL_SCHEDULER = dict(
+    shift=1.0,
+    use_dynamic_shifting=False,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
 
 
-def make_t5_tokenizer() -> T5TokenizerFast:
+def make_t5_tokenizer(max_length: int = FLUX_T5_LENGTH) -> T5TokenizerFast:
     """A T5 (SentencePiece-style unigram) tokenizer built in code: every lower-case letter and digit, the words of
     :data:`WORDS` whole, ``</s>`` appended to every prompt, padded with ``<pad>`` (id 0) as T5's."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -211,16 +220,18 @@ def make_t5_tokenizer() -> T5TokenizerFast:
         pad_token="<pad>",
         unk_token="<unk>",
         extra_ids=0,
-        model_max_length=FLUX_T5_LENGTH,
+        model_max_length=max_length,
     )
 
 
-def save_tiny_flux(path: str | Path) -> Path:
+def save_tiny_flux(path: str | Path, *, schnell: bool = False) -> Path:
     """Save a tiny FLUX.1-dev-like pipeline folder at ``path`` and return it: one double and one single block,
-    guidance embedding, 16 latent channels with FLUX.1's VAE shift and scale, FLUX.1-dev's scheduler config."""
+    guidance embedding, 16 latent channels with FLUX.1's VAE shift and scale, FLUX.1-dev's scheduler config.
+    ``schnell``: FLUX.1-schnell-like instead: no guidance embedding, schnell's scheduler config, and T5's own 512-token
+    limit (so that schnell's 256 tokens show)."""
     path = Path(path)
     tokenizer = make_tokenizer()
-    tokenizer_2 = make_t5_tokenizer()
+    tokenizer_2 = make_t5_tokenizer(512 if schnell else FLUX_T5_LENGTH)
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(_text_config(tokenizer, FLUX_CLIP))
     torch.manual_seed(2)
@@ -254,13 +265,13 @@ def save_tiny_flux(path: str | Path) -> Path:
     )
     torch.manual_seed(4)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**(SCHNELL_SCHEDULER if schnell else FLUX_SCHEDULER)),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        transformer=FluxTransformer2DModel(**FLUX_TRANSFORMER),
+        transformer=FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "guidance_embeds": not schnell}),
     )
     pipe.save_pretrained(path)
     return path

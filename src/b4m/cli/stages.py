@@ -98,9 +98,13 @@ def generate(
         ),
     ] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Sampling steps (default: the model's: 25; FLUX.1 schnell 4).", show_default=False),
+    ] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance scale (default: the model's; 5 for SD/SDXL).")
+        float | None,
+        typer.Option(help="Classifier-free guidance scale (default: the model's; 5 for SD/SDXL, 0 FLUX.1 schnell)."),
     ] = None,
     scheduler: Annotated[str | None, typer.Option(help="euler, euler_a, dpm++, ddim, pndm, unipc.")] = None,
     scale: Annotated[float, typer.Option(help="Multiplier of the whole adapter (of both LoRAs).")] = 1.0,

@@ -54,7 +54,7 @@ class SampleRequest:
     prompts: list[str]
     seeds: list[int]
     negative_prompt: str = ""
-    steps: int = 25
+    steps: int | None = None  # None: the model's default (DiffusionModel.default_steps)
     guidance_scale: float | None = None  # None: the model's default (DiffusionModel.default_guidance)
     height: int | None = None  # None: the model's default resolution
     width: int | None = None
@@ -72,6 +72,8 @@ class DiffusionModel(ABC):
     resolution: int
     #: Classifier-free guidance scale used when a request leaves it as None.
     default_guidance: float = 5.0
+    #: Sampling steps used when a request leaves them as None (FLUX.1 schnell: 4).
+    default_steps: int = 25
 
     #: Reserved tokens meant as placeholders, where the text encoder has a closed vocabulary (the built-in world).
     placeholders: tuple[str, ...] = ()
@@ -89,6 +91,15 @@ class DiffusionModel(ABC):
     def guidance(self, request: SampleRequest) -> float:
         """The request's guidance scale, or this model's default."""
         return self.default_guidance if request.guidance_scale is None else request.guidance_scale
+
+    def sample_steps(self, request: SampleRequest) -> int:
+        """The request's sampling steps, or this model's default."""
+        return self.default_steps if request.steps is None else request.steps
+
+    def defaults_note(self) -> str:
+        """A line saying which defaults this model brings that differ from the usual ones (FLUX.1 schnell: steps,
+        guidance, T5 tokens), for a command's log; "" where none do."""
+        return ""
 
     @property
     @abstractmethod

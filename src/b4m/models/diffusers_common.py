@@ -338,7 +338,7 @@ class DiffusersModel(DiffusionModel):
                         **self._prompt_kwargs(prompt, request.negative_prompt, (height, width)),
                         height=height,
                         width=width,
-                        num_inference_steps=request.steps,
+                        num_inference_steps=self.sample_steps(request),
                         guidance_scale=self.guidance(request),
                         num_images_per_prompt=len(request.seeds),
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],

@@ -21,6 +21,11 @@ How FLUX fits :class:`~b4m.models.base.DiffusionModel` (facts from diffusers' ``
   transformer, not classifier-free guidance. Training feeds :data:`TRAIN_GUIDANCE` (3.5, the DreamBooth script's
   ``--guidance_scale`` default, which is also the pipeline's sampling default: the adapter learns at the guidance it
   is used at); sampling feeds the request's scale (default 3.5) and never runs an unconditional pass.
+- **FLUX.1 schnell** is timestep-distilled and has no guidance embedding (its transformer config says
+  ``guidance_embeds: false``). A FLUX.1 transformer without one gets schnell's sampling defaults from diffusers'
+  ``FluxPipeline`` documentation (:data:`SCHNELL_DEFAULTS`): 4 steps, guidance scale 0 (the pipeline ignores it) and
+  256 T5 tokens (``max_sequence_length``, in training too, so that training and sampling encode alike); a request's
+  own steps and guidance, and a :attr:`FluxModel.max_sequence_length` set on the model, win.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ TRAIN_GUIDANCE = 3.5
 MAX_SEQUENCE_LENGTH = 512
 #: FluxPipeline's ``default_sample_size`` (latent pixels): 128 × the VAE factor 8 = 1024 px for FLUX.1.
 DEFAULT_SAMPLE_SIZE = 128
+#: FLUX.1 schnell's sampling defaults (a FLUX.1 transformer without a guidance embedding), as diffusers'
+#: FluxPipeline documentation runs it: ``num_inference_steps=4``, ``guidance_scale=0.0``, ``max_sequence_length=256``.
+SCHNELL_DEFAULTS = {"steps": 4, "guidance": 0.0, "max_sequence_length": 256}
 
 
 class FluxModel(DiffusionModel):
@@ -93,6 +101,9 @@ class FluxModel(DiffusionModel):
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self._hold(vae, transformer, scheduler, identity, resolution, train_guidance)
+        self._text_tokens: int | None = None  # set: max_sequence_length as the user asked
+        if self.is_schnell:
+            self.default_steps, self.default_guidance = SCHNELL_DEFAULTS["steps"], SCHNELL_DEFAULTS["guidance"]
 
     def _hold(self, vae, transformer, scheduler, identity: str, resolution: int | None, train_guidance: float) -> None:
         """What every FLUX family's model keeps beside its text encoders: the VAE (float32, frozen), the transformer
@@ -163,8 +174,30 @@ class FluxModel(DiffusionModel):
     # Encoding
 
     @property
+    def is_schnell(self) -> bool:
+        """A FLUX.1 transformer without a guidance embedding: FLUX.1 schnell (timestep-distilled). Never klein."""
+        return self.family == "flux" and not self.denoiser.config.guidance_embeds
+
+    def defaults_note(self) -> str:
+        if not self.is_schnell:
+            return ""
+        steps, guidance, tokens = SCHNELL_DEFAULTS.values()
+        return (
+            f"{self.identity} has no guidance embedding (FLUX.1 schnell): {steps} sampling steps, guidance "
+            f"{guidance:g} (not used) and {tokens} T5 tokens unless set"
+        )
+
+    @property
     def max_sequence_length(self) -> int:
-        return min(MAX_SEQUENCE_LENGTH, int(self.tokenizer_2.model_max_length))
+        """T5 tokens per prompt: as set, else FluxPipeline's 512 (schnell: 256); capped by the tokenizer's limit."""
+        default = SCHNELL_DEFAULTS["max_sequence_length"] if self.is_schnell else MAX_SEQUENCE_LENGTH
+        return min(self._text_tokens or default, int(self.tokenizer_2.model_max_length))
+
+    @max_sequence_length.setter
+    def max_sequence_length(self, tokens: int) -> None:
+        if tokens < 1:
+            raise B4MError(f"max_sequence_length must be at least 1, got {tokens}")
+        self._text_tokens = int(tokens)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
@@ -289,10 +322,11 @@ class FluxModel(DiffusionModel):
     def sample(self, request: SampleRequest) -> list[Image.Image]:
         """One image per (prompt, seed), prompt-major, through ``FluxPipeline`` with precomputed embeddings.
 
-        ``request.steps`` steps of the pipeline's schedule (its resolution-dependent shift included); the guidance
-        scale goes to the guidance embedding (FLUX.1-dev; ignored by models without one), with no unconditional
-        pass, so ``request.negative_prompt`` is not used. Each seed gets its own CPU generator, so an image depends
-        only on its seed. The latents come back packed and are decoded here with the float32 VAE.
+        ``request.steps`` steps (default :attr:`default_steps`) of the pipeline's schedule (its resolution-dependent
+        shift included); the guidance scale goes to the guidance embedding (FLUX.1-dev; ignored by models without
+        one), with no unconditional pass, so ``request.negative_prompt`` is not used. Each seed gets its own CPU
+        generator, so an image depends only on its seed. The latents come back packed and are decoded here with the
+        float32 VAE.
         """
         if not request.prompts or not request.seeds:
             return []
@@ -312,7 +346,7 @@ class FluxModel(DiffusionModel):
                         pooled_prompt_embeds=cond.extra["pooled"].expand(n, -1),
                         height=height,
                         width=width,
-                        num_inference_steps=request.steps,
+                        num_inference_steps=self.sample_steps(request),
                         guidance_scale=self.guidance(request),
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],
                         output_type="latent",

@@ -219,7 +219,7 @@ class Flux2KleinModel(FluxModel):
                         negative_prompt_embeds=negative,
                         height=height,
                         width=width,
-                        num_inference_steps=request.steps,
+                        num_inference_steps=self.sample_steps(request),
                         guidance_scale=scale,
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],
                         output_type="latent",

@@ -54,8 +54,11 @@ def generated_aux_sets(
     res = model.resolution
     dist = distributed.current()
     folders = []
+    # The steps the model samples with (None: its default), so that the cache key names them.
+    steps = cfg.auto_aux.steps if cfg.auto_aux.steps is not None else model.sample_steps(SampleRequest([], []))
+    auto = dataclasses.replace(cfg.auto_aux, steps=steps)
     for prompt in prompts:
-        key = hashlib.sha256(json.dumps([model.identity, prompt, res, dataclasses.asdict(cfg.auto_aux)]).encode())
+        key = hashlib.sha256(json.dumps([model.identity, prompt, res, dataclasses.asdict(auto)]).encode())
         folder = cache_dir() / "aux" / key.hexdigest()[:16]
         folders.append(folder)
         files = [folder / f"{i}.png" for i in range(cfg.auto_aux.images)]
@@ -65,7 +68,7 @@ def generated_aux_sets(
             request = SampleRequest(
                 [prompt],
                 seeds,
-                steps=cfg.auto_aux.steps,
+                steps=auto.steps,
                 guidance_scale=cfg.auto_aux.guidance_scale,
                 height=res,
                 width=res,

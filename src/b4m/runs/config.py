@@ -55,7 +55,7 @@ class ValidationConfig:
 
     prompts: list[str] = setting(help="Prompts to sample; empty: the run's own.", factory=list)
     seeds: list[int] = setting(help="One image per prompt and seed.", factory=lambda: [0, 1])
-    steps: int = setting(25, "Sampler steps.")
+    steps: int | None = setting(None, "Sampler steps; None: the base model's default (25; FLUX.1 schnell: 4).")
     guidance_scale: float | None = setting(None, "Classifier-free guidance scale; None: the base model's default.")
 
 
@@ -65,7 +65,7 @@ class AutoAuxConfig:
 
     sets: int = setting(3, "Auxiliary sets.")
     images: int = setting(4, "Images per set.")
-    steps: int = setting(25, "Sampler steps.")
+    steps: int | None = setting(None, "Sampler steps; None: the base model's default (25; FLUX.1 schnell: 4).")
     guidance_scale: float | None = setting(None, "Classifier-free guidance scale; None: the base model's default.")
 
 

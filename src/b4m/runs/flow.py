@@ -50,7 +50,7 @@ class FlowImages:
     prompts: list[str] = field(default_factory=list)  # empty: "a <content placeholder> in <style placeholder> style"
     n: int = 4
     seed: int = 0
-    steps: int = 25
+    steps: int | None = None  # None: the base model's default (25; FLUX.1 schnell: 4)
     upscale: int = 1
 
 

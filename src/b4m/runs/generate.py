@@ -33,7 +33,7 @@ from ..models.quantize import is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
 from .folder import ADAPTER_NAMES, run_source
-from .stages import check_before_loading
+from .stages import check_before_loading, defaults_note
 
 #: The files a generate call writes: ``NN_seedS.png`` per image and the grid.
 GENERATED = re.compile(r"\d+_seed-?\d+\.png|grid\.png")
@@ -54,7 +54,7 @@ def generate(
     n: int = 4,
     seed: int = 0,
     negative_prompt: str = "",
-    steps: int = 25,
+    steps: int | None = None,
     guidance_scale: float | None = None,
     scheduler: str | None = None,
     scale: float = 1.0,
@@ -83,6 +83,7 @@ def generate(
     ``scale · content_scale`` and ``scale · style_scale`` weighting each; the files are checked (present, LoRAs,
     of one base model, fitting the model) before the model loads wherever its config files say its layers.
 
+    ``steps`` and ``guidance_scale`` None take the model's defaults (25 steps; FLUX.1 schnell: 4 steps, guidance 0).
     ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's linear weights in 8 bits, as training's setting
     does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter then runs unmerged
     (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused."""
@@ -90,7 +91,7 @@ def generate(
         raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:
         raise B4MError(f"n (images per prompt) must be at least 1, got {n}")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise B4MError(f"steps must be at least 1, got {steps}")
     if not prompts:
         raise B4MError("no prompt given")
@@ -156,7 +157,7 @@ def generate(
     common = {
         "model": model_name,
         "negative_prompt": negative_prompt,
-        "steps": steps,
+        "steps": base.sample_steps(request),
         "guidance_scale": base.guidance(request),
         "scheduler": scheduler or "default",
         "scale": scale,
@@ -174,7 +175,7 @@ def generate(
         settings = {"adapter": str(file), **common, "merged": merge and not is_quantized(base.denoiser)}
     scenes = world_scenes(base, prompts)
     written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
-    say(console, f"wrote {len(written)} images and {grid}")
+    say(console, f"wrote {len(written)} images and {grid}{defaults_note(base)}")
     if scenes is not None and score and not pair:
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
         world_scores(arrays, [scenes[i // n] for i in range(len(images))], written, file, run, console)

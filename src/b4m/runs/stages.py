@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,20 @@ DEFAULT_TRAIN_RESOLUTION = 512
 def train_resolution(model: DiffusionModel) -> int:
     """512 px as in the official code, or the model's own resolution if that is smaller (the built-in world)."""
     return min(model.resolution, DEFAULT_TRAIN_RESOLUTION)
+
+
+_noted: weakref.WeakSet = weakref.WeakSet()
+
+
+def defaults_note(model: DiffusionModel) -> str:
+    """``"; "`` and the defaults ``model`` brings (:meth:`~b4m.models.base.DiffusionModel.defaults_note`: FLUX.1
+    schnell's steps, guidance and T5 tokens) the first time a command's log line names them for this loaded model
+    (once per process: ``b4m run``'s stages share one model); else ``""``."""
+    note = model.defaults_note()
+    if not note or model in _noted:
+        return ""
+    _noted.add(model)
+    return f"; {note}"
 
 
 def _warn_once() -> Callable[[str], None]:
@@ -181,7 +196,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     say(
         console,
         f"{role} run: {len(main_set.images)} images, {len(aux_sets)} auxiliary sets "
-        f"({', '.join(s.name for s in aux_sets)}); {cfg.train.steps} steps",
+        f"({', '.join(s.name for s in aux_sets)}); {cfg.train.steps} steps{defaults_note(model)}",
     )
     validate = _validator(model, cfg, out, console)
     record = break_run(
@@ -301,7 +316,8 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     say(
         console,
         f"make: {c_file.parent.name} × {s_file.parent.name}; {make_cfg.steps} steps"
-        + (f" on {counts}" if counts else " (fuse only)"),
+        + (f" on {counts}" if counts else " (fuse only)")
+        + defaults_note(model),
     )
     record = make(
         fused,

@@ -203,7 +203,7 @@ class WorldModel(DiffusionModel):
                 [torch.randn(3, res, res, generator=torch.Generator().manual_seed(s)) for _, s in chunk]
             ).to(self.device, cond.hidden.dtype)
             x = noise * scheduler.init_noise_sigma
-            scheduler.set_timesteps(request.steps, device=self.device)
+            scheduler.set_timesteps(self.sample_steps(request), device=self.device)
             ctx = torch.cat([uncond.hidden.expand(len(chunk), -1, -1), cond.hidden])
             for t in scheduler.timesteps:
                 inp = scheduler.scale_model_input(torch.cat([x, x]), t)

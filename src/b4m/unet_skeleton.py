@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from diffusers import UNet2DConditionModel
+from typing import TYPE_CHECKING
 
 from .errors import B4MError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 def read_unet_config(model: str | Path) -> dict:
@@ -29,6 +30,8 @@ def read_unet_config(model: str | Path) -> dict:
             return config
     if path.exists():
         raise B4MError(f"{path}: no unet/config.json or config.json here; is it a diffusers model folder?")
+    from diffusers import UNet2DConditionModel  # here, not at the top: importing diffusers takes seconds
+
     try:  # a Hub id: users with network access get the config (a few KB) from the Hub cache or the Hub
         return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet"))
     except Exception as e:  # the Hub client raises many types
@@ -37,6 +40,9 @@ def read_unet_config(model: str | Path) -> dict:
 
 def unet_skeleton(model: str | Path | dict) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` with the model's structure on the meta device (no memory for weights)."""
-    config = model if isinstance(model, dict) else read_unet_config(model)
+    config = model if isinstance(model, dict) else read_unet_config(model)  # a bad folder fails before the imports
+    import torch
+    from diffusers import UNet2DConditionModel
+
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)

@@ -52,7 +52,6 @@ def dry_run(
     all_modules: Annotated[bool, typer.Option("--modules", help="List every matched module.")] = False,
 ) -> None:
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
-    from ..adapter import walker
     from ..adapter.config import PLPConfig
     from ..errors import B4MError
     from ..loading import denoiser_config, flux_family, transformer_skeleton
@@ -68,6 +67,8 @@ def dry_run(
     else:
         found = denoiser_config(model)  # the world, local folders and cached Hub ids: their config files
         skeleton = unet_skeleton(found[0] if found else model)
+    from ..adapter import walker  # torch: after the model's config files were found
+
     result = walker.dry_run(skeleton, config)
     lines = result.lines()
     if not all_modules and len(lines) > 12:

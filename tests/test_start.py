@@ -1,0 +1,91 @@
+"""A command's start (issue 19): the command line's help and the argument checks of the commands import none of the
+heavy packages, and bad input fails with its one-line error before diffusers (seconds on a CPU) is imported.
+bench/start_time.py measures the times; these tests keep the imports from coming back unnoticed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "gradio", "torchao")
+
+# Runs the b4m entry point with the given arguments in this process and prints its status, its error line and the
+# heavy packages it imported.
+PROBE = """
+import json, sys
+from contextlib import redirect_stderr
+from io import StringIO
+from b4m.cli import main
+heavy = {heavy!r}
+sys.argv = ["b4m", *{args!r}]
+err, code = StringIO(), 0
+with redirect_stderr(err):
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+print(json.dumps({{"code": code, "stderr": err.getvalue(), "imported": [h for h in heavy if h in sys.modules]}}))
+"""
+
+
+def _probe(args: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY, args=args)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_importing_the_command_line_loads_no_heavy_package():
+    code = f"import sys, b4m.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["content", "generate", "ui"])
+def test_help_loads_no_heavy_package(command):
+    result = _probe([command, "--help"])
+    assert result["code"] == 0
+    assert result["imported"] == []
+
+
+def test_dry_run_of_a_folder_without_a_model_fails_before_torch(tmp_path):
+    result = _probe(["dry-run", "--model", str(tmp_path)])
+    assert result["code"] == 2
+    assert (
+        result["stderr"]
+        == f"error: {tmp_path}: no unet/config.json or config.json here; is it a diffusers model folder?\n"
+    )
+    assert result["imported"] == []
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (
+            ["content", "--images", "{missing}", "--prompt", "a photo of sks dog", "-o", "{out}"],
+            "{missing}: no such folder",
+        ),
+        (
+            ["make", "--content", "{missing}", "--style", "{missing}", "-o", "{out}"],
+            "{missing}: no such file or folder",
+        ),
+        (
+            ["generate", "{missing}.b4m.safetensors", "a sks dog", "-o", "{out}"],
+            "{missing}.b4m.safetensors: no such file or folder",
+        ),
+    ],
+    ids=["content", "make", "generate"],
+)
+def test_bad_input_fails_before_diffusers(tmp_path, args, error):
+    where = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
+    result = _probe([a.format(**where) for a in args])
+    assert result["code"] == 2
+    assert result["stderr"] == f"error: {error.format(**where)}\n"  # the one-line error, as before
+    assert not {"diffusers", "transformers", "peft", "gradio", "torchao"} & set(result["imported"])
+    assert not Path(where["out"]).exists()

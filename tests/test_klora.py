@@ -331,7 +331,7 @@ def test_generate_combines_two_lora_files(world_loras, tmp_path, combine):
 
 
 def test_generate_refuses_bad_lora_files_in_one_line_before_loading_a_model(world_loras, tmp_path, monkeypatch):
-    import b4m.runs.generate as generate_module
+    import b4m.runs.generation as generate_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")

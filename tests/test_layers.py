@@ -165,3 +165,23 @@ def test_files_stay_readable_in_one_sitting(limit):
     """docs/design.md: files of about 500 lines at most (a module that grows past it should split by job)."""
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > limit * 1.1}
     assert not long, f"files over {limit} lines: {long}"
+
+
+def test_no_public_name_of_a_lazy_package_is_also_one_of_its_submodules():
+    # `from b4m.runs import generate` must give the function: a submodule of the same name would be set on the
+    # package as soon as it is imported, and the import would then give the module.
+    import importlib
+    import pkgutil
+
+    import b4m
+
+    clashes = []
+    for info in pkgutil.walk_packages(b4m.__path__, "b4m."):
+        if not info.ispkg:
+            continue
+        package = importlib.import_module(info.name)
+        if getattr(package, "__getattr__", None) is None:  # eager packages bind their names after their imports
+            continue
+        submodules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        clashes += [f"{info.name}.{name}" for name in package.__all__ if name in submodules]
+    assert clashes == []

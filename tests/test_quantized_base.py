@@ -204,13 +204,13 @@ def test_sampling_runs_the_adapter_unmerged_on_an_8bit_base(models, tmp_path):
 
 
 def test_generate_with_int8_base_weights_runs_the_adapter_unmerged(models, folder, tmp_path, monkeypatch):
-    import b4m.runs.generate
+    import b4m.runs.generation
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     adapter = save_adapter(run(models["int8"], tmp_path / "run", 1).adapter, tmp_path / "a.b4m.safetensors")
     loaded = []
-    load = b4m.runs.generate.load_model
-    monkeypatch.setattr(b4m.runs.generate, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    load = b4m.runs.generation.load_model
+    monkeypatch.setattr(b4m.runs.generation, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     args = ["generate", adapter, "a sks dog", "-n", "2", "--steps", "2", "--resolution", "32", "--model", folder]
     with pytest.warns(UserWarning, match="unmerged") as warned:
         cli_ok(*args, "-o", tmp_path / "g", "--base-weights", "int8", "--merge")
@@ -230,10 +230,10 @@ def test_generate_with_int8_base_weights_runs_the_adapter_unmerged(models, folde
 
 
 def test_generate_refuses_a_bad_base_weights_in_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
-    import b4m.runs.generate
+    import b4m.runs.generation
 
-    monkeypatch.setattr(b4m.runs.generate, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    monkeypatch.setattr(b4m.runs.generate, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    monkeypatch.setattr(b4m.runs.generation, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(b4m.runs.generation, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
     args = ["generate", tmp_path / "run", "a sks dog", "--model", folder, "-o", tmp_path / "g"]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--base-weights", "int4"]])
     message = str(result.exception)
@@ -265,7 +265,7 @@ def test_the_low_memory_8bit_preset_and_the_setting():
 
 def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
     import b4m.models.loading
-    import b4m.runs.generate
+    import b4m.runs.generation
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
@@ -281,7 +281,7 @@ def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, m
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--rank", "4", "--preset", "low-memory-8bit"]])
     assert result.exit_code != 0 and "pip install 'b4m[lowmem]'" in str(result.exception)
     # b4m generate: the same line, before the adapter file is read.
-    monkeypatch.setattr(b4m.runs.generate, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    monkeypatch.setattr(b4m.runs.generation, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
     args = [
         "generate",
         tmp_path / "run",

@@ -150,7 +150,7 @@ def generate(
 ) -> None:
     """Generate images with a made (or content/style) adapter, or with two plain LoRAs combined (--content-lora,
     --style-lora, --combine); PNG metadata holds prompt, seed and settings."""
-    from ..runs.generate import generate as run_generate
+    from ..runs.generation import generate as run_generate
 
     prompts = list(prompts or [])
     if content_lora is not None or style_lora is not None:  # no run: the first argument is a prompt too

@@ -6,7 +6,7 @@ module             job
 =================  ==========================================================================================
 ``config``         :class:`StageConfig`: the TOML file < flags, presets, each stage's defaults
 ``stages``         :func:`run_break` (content, style) and :func:`run_make`
-``generate``       :func:`generate`
+``generation``     :func:`generate`
 ``flow``           :func:`run_flow`: ``b4m run``, the four stages in one process, the model loaded once
 ``folder``         one run per folder, run.json, plain LoRA exports, reading a run back
 ``aux``            auxiliary sets generated with the base model, cached
@@ -22,7 +22,7 @@ __all__, __getattr__ = lazy_names(
     {
         "config": "StageConfig load_config",
         "flow": "run_flow",
-        "generate": "generate",
+        "generation": "generate",
         "stages": "run_break run_make",
     },
 )

@@ -31,7 +31,7 @@ from ..progress import say
 from ..training.checkpoint import checkpoints
 from .config import StageConfig, paths_beside, read_toml, stage_config
 from .folder import ADAPTER_NAMES, check_run_folder
-from .generate import GENERATED, generate
+from .generation import GENERATED, generate
 from .stages import run_break, run_make
 
 #: Each stage's folder under the flow's output.

@@ -1,0 +1,72 @@
+"""bench/flux_speed.py (issue 17's GPU measurement) end to end with --tiny on the CPU, in a subprocess: every row of
+both families is in the JSON with positive numbers and its ratio to the plain step (training) or to no adapter
+(generation); --resume runs only the rows an earlier JSON lacks; --budget-s stops before a row."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "flux_speed.py"
+
+
+def run(*args: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", *args]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_flux_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_row_on_a_tiny_transformer(tmp_path, capsys):
+    done = run("--family", "both", out=tmp_path)
+    path = tmp_path / "flux-speed.json"
+    data = json.loads(path.read_text())
+    assert data["device"].startswith("cpu") and data["matmul"]["tflops"] > 0
+    assert data["diffusers"] and data["peft"] and data["torch"] and data["commit"] and "--tiny" in data["command"]
+    script = load_script()
+    expected = script.ROWS
+    assert len(expected) >= 11 and expected[:3] == ["plain/512", "b4m/fast/512", "b4m/default/512"]
+    rows = {(r["family"], r["id"]): r for r in data["rows"]}
+    assert sorted(rows) == sorted((f, r) for f in ("flux", "klein") for r in expected)
+    for (family, row_id), r in rows.items():
+        assert "error" not in r, (family, row_id, r["error"])
+        for key in ("ms_per_step", "images_per_s", "peak_gib", "tflop_per_step", "fraction_of_matmul_rate"):
+            assert r[key] > 0, (family, row_id, key)
+        assert all(ms > 0 for ms in r["ms_all"])
+        if row_id.startswith("b4m/"):
+            assert r["speedup_vs_plain"] > 0, (family, row_id)
+            assert r.get("speedup_vs_plain_fp32", 1) > 0 and ("speedup_vs_plain_fp32" in r) == row_id.endswith("512")
+            assert r["settings"]["adapted_layers"] == rows[(family, "plain/512")]["settings"]["adapted_layers"]
+        if row_id.startswith("gen/"):
+            assert r["ratio_to_none"] > 0 and r["resolution"] == 64
+    assert rows[("flux", "gen/none")]["ratio_to_none"] == 1.0
+    assert rows[("flux", "plain/512")]["resolution"] == 32 and rows[("flux", "plain/1024")]["resolution"] == 64
+    assert rows[("flux", "b4m/fast/512")]["settings"]["fold_accumulation"] is True
+    assert rows[("flux", "b4m/graphs/512")]["settings"]["fold_accumulation"] is False
+    assert rows[("flux", "plain/512")]["plan"] == "no checkpointing"  # nothing runs out of memory on the toy
+    # 8 double-block and 5 single-block projections per block pair of the toy FLUX.1; 8 + 2 for klein's.
+    assert rows[("flux", "plain/512")]["settings"]["adapted_layers"] == 13
+    assert rows[("klein", "plain/512")]["settings"]["adapted_layers"] == 10
+    assert "| flux | b4m/fast/512 |" in done.stdout
+
+    # --resume keeps the measured rows and runs only the missing one; --budget-s stops before it.
+    data["rows"] = [r for r in data["rows"] if (r["family"], r["id"]) != ("klein", "gen/merged")]
+    path.write_text(json.dumps(data))
+    resume = ["--tiny", "--device", "cpu", "--family", "both", "--resume", "--budget-s", "1e-9"]
+    script.main([*resume, "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "klein: transformer built" in out and "flux: transformer built" not in out
+    resumed = json.loads(path.read_text())
+    assert resumed["stopped_before"] == "klein/gen/merged" and len(resumed["runs"]) == 2
+    assert [(r["family"], r["id"]) for r in resumed["rows"]] == [(r["family"], r["id"]) for r in data["rows"]]

@@ -1,38 +1,34 @@
 """Issue 17's GPU measurement: B4M's training step on FLUX.1-dev (or FLUX.2 [klein] 4B) against a plain diffusers +
 peft LoRA step on the same transformer, side by side in one process, plus unmerged and merged generation.
 
-The transformer has the model's full size with random bf16 weights (values do not change cost), built on the meta
-device and materialised on the GPU (``bench/flux_memory.py``'s ``build``); no text encoders and no VAE: random
-conditioning of T5's ``(512, 4096)`` and CLIP's pooled ``768`` shapes (klein: Qwen3's stacked ``(512, 7680)``) and
-random latents (FLUX.1: ``(16, H/8, W/8)``; klein: ``(128, H/16, W/16)``). A training step is one optimizer step over
-16 images: 4 micro-steps of one image from each of 4 sets (a content run's main set and 3 auxiliary ones). Rows:
+A full-size transformer with random bf16 weights (values do not change cost), built on the meta device and
+materialised on the GPU (``bench/flux_memory.py``'s ``build``); random conditioning of T5's ``(512, 4096)`` and CLIP's
+pooled ``768`` shapes (klein: Qwen3's stacked ``(512, 7680)``) and random latents (FLUX.1 ``(16, H/8, W/8)``, klein
+``(128, H/16, W/16)``): no text encoders, no VAE. A training step: one optimizer step over 16 images, 4 micro-steps of
+one image from each of 4 sets (a content run's main set and 3 auxiliary ones). Rows:
 
-- ``plain/<res>``: shaped like diffusers' ``train_dreambooth_lora_flux.py`` (klein: ``..._flux2_klein.py``) run with
-  ``--mixed_precision bf16 --rank 64 --train_batch_size 4 --gradient_accumulation_steps 4`` and cached latents and
-  embeddings: peft ``LoraConfig`` (rank 64, gaussian init) on b4m's targets (``FLUX_TARGETS``/``KLEIN_TARGETS``), the
-  LoRA parameters in bf16 (the script upcasts them only under fp16) and accelerate's bf16 autocast, uniform timesteps
-  with the script's sigma lookup, flow-matching loss on packed latents, guidance 3.5 (dev), the loss divided by the
-  accumulation count, clipping over the transformer's parameters, AdamW, a loss ``.item()`` per micro-step. A row that
-  runs out of memory is measured again with the script's ``--gradient_checkpointing`` (``plan`` says which).
-  ``plain-fp32/512``: the same with fp32 LoRA parameters and no autocast (peft casts the LoRA input to fp32).
-- ``b4m/fast/<res>``: ``b4m content --preset fast``'s step (:func:`b4m.training.loop.train_step`, clean routing, the
+- ``plain/<res>``: diffusers' ``train_dreambooth_lora_flux.py`` (klein: ``..._flux2_klein.py``) as run with
+  ``--mixed_precision bf16 --rank 64 --train_batch_size 4 --gradient_accumulation_steps 4`` on cached latents and
+  embeddings: peft LoRA (gaussian init) on b4m's targets, its parameters in bf16 (the script upcasts them only under
+  fp16) under accelerate's bf16 autocast, the script's timesteps and sigma lookup, flow-matching loss on packed
+  latents, guidance 3.5 (dev), clipping, AdamW, a loss ``.item()`` per micro-step; out of memory, it runs again with
+  ``--gradient_checkpointing`` (``plan``). ``plain-fp32/512``: fp32 LoRA parameters, no autocast.
+- ``b4m/fast/<res>``: ``b4m content --preset fast``'s step (:func:`b4m.training.loop.train_step`: clean routing, the
   16 images in one batch, a CUDA graph, fused AdamW); ``b4m/default/<res>``: ``b4m content``'s default
-  (``speed = "auto"``: the plans of :func:`b4m.training.speed.speed_plans`, the next one when the first step runs out
-  of memory, as :func:`b4m.training.loop.train` does; on a CPU: TrainConfig's settings as they are);
-  ``b4m/graphs/<res>``: the fast preset without folding (4 micro-steps of 4 images, a CUDA graph each: the plain
-  step's activation memory); ``b4m/eager/<res>``: that without CUDA graphs.
-- ``gen/none``, ``gen/unmerged``, ``gen/merged``: one denoising step at the high resolution, no gradients: no adapter,
-  the PLP adapter attached unmerged (its no-grad path), merged into the weights (klein base: two calls, true CFG).
+  (``speed = "auto"``: :func:`b4m.training.speed.speed_plans`, the next plan when the first step runs out of memory,
+  as :func:`b4m.training.loop.train` does); ``b4m/graphs/<res>``: the fast preset unfolded (4 micro-steps of 4
+  images, a CUDA graph each: the plain step's activation memory); ``b4m/eager/<res>``: that without CUDA graphs.
+- ``gen/none``, ``gen/unmerged``, ``gen/merged``: one denoising step at 1024 px without gradients: no adapter, the PLP
+  adapter unmerged (its no-grad path), merged into the weights (klein base: two calls, true CFG).
 
-Each row: median ms per step of ``--repeats`` synchronised steps after ``--warmup``, peak memory of those steps, FLOPs
-of one eager step (torch's flop counter, once), the fraction of the bf16 matrix rate measured in the same run, and
-``speedup_vs_plain`` (plain ms ÷ this row's ms, same family and resolution) or ``ratio_to_none`` (gen). The JSON
-(``$OUT/flux-speed.json``, OUT defaults to ``runs``) is written after every row; ``--resume`` keeps the rows of an
-earlier file and runs only the missing ones; ``--budget-s`` starts no row after that many seconds.
+Each row: median ms per step of ``--repeats`` synchronised steps after ``--warmup``, their peak memory, the FLOPs of
+one eager step (torch's flop counter), the fraction of the bf16 matrix rate measured in the same run, and
+``speedup_vs_plain`` (plain ms ÷ this ms, same family and resolution) or ``ratio_to_none`` (gen). The JSON
+(``$OUT/flux-speed.json``, OUT default ``runs``) is written after every row; ``--resume`` runs only the rows missing
+from it; ``--budget-s`` starts no row after that many seconds.
 
-    python bench/flux_speed.py --budget-s 520                # FLUX.1-dev, H200: ~6 min (estimated)
+    python bench/flux_speed.py --budget-s 420                # FLUX.1-dev, H200: ~6-7 min (estimated)
     python bench/flux_speed.py --family klein                # FLUX.2 [klein] 4B
-    python bench/flux_speed.py --resume --family both        # what an earlier call left out
     python bench/flux_speed.py --tiny --device cpu           # every row on a tiny transformer (the test's)
 """
 
@@ -97,9 +93,9 @@ IMAGES = GRAD_ACCUM * N_SETS
 
 
 #: Every row of a family, most important first: a 10-minute call that stops early keeps what matters.
-ROWS = ["plain/512", "b4m/fast/512", "b4m/default/512", "b4m/graphs/512", "b4m/eager/512", "plain/1024"]
-ROWS += ["b4m/fast/1024", "gen/none", "gen/unmerged", "gen/merged", "b4m/default/1024", "plain-fp32/512"]
-ROWS += ["b4m/graphs/1024", "b4m/eager/1024"]
+ROWS = ["plain/512", "b4m/fast/512", "b4m/default/512", "b4m/eager/512", "plain/1024", "b4m/fast/1024", "gen/none"]
+ROWS += ["gen/unmerged", "gen/merged", "b4m/default/1024", "b4m/graphs/512", "plain-fp32/512", "b4m/eager/1024"]
+ROWS += ["b4m/graphs/1024"]
 
 
 def reset_peak(device: torch.device) -> None:
@@ -465,6 +461,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep the measured rows of the JSON; run the rest")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny transformer at 32 and 64 px: every row on a CPU")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
     parser.add_argument("--json", type=Path, default=None, help="default: $OUT/flux-speed.json (OUT: runs)")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -504,7 +501,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     command = "python bench/flux_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
         **dict(device=speed.device_name(device), date=datetime.date.today().isoformat(), command=command),
-        **dict(commit=speed.git_commit(), torch=torch.__version__, diffusers=diffusers.__version__),
+        **dict(commit=args.commit or speed.git_commit(), torch=torch.__version__, diffusers=diffusers.__version__),
         **dict(peft=peft.__version__, python=platform.python_version()),
         "transformers": {"flux": "tiny" if args.tiny else "FLUX.1-dev", "klein": "tiny" if args.tiny else "klein 4B"},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -11,8 +11,9 @@ one image from each of 4 sets (a content run's main set and 3 auxiliary ones). R
   ``--mixed_precision bf16 --rank 64 --train_batch_size 4 --gradient_accumulation_steps 4`` on cached latents and
   embeddings: peft LoRA (gaussian init) on b4m's targets, its parameters in bf16 (the script upcasts them only under
   fp16) under accelerate's bf16 autocast, the script's timesteps and sigma lookup, flow-matching loss on packed
-  latents, guidance 3.5 (dev), clipping, AdamW, a loss ``.item()`` per micro-step; out of memory, it runs again with
-  ``--gradient_checkpointing`` (``plan``). ``plain-fp32/512``: fp32 LoRA parameters, no autocast.
+  latents, guidance 3.5 (dev), clipping, AdamW, a loss ``.item()`` per micro-step. Out of memory, the same 16 images
+  go as ``--train_batch_size 1 --gradient_accumulation_steps 16``, then as 4 × 4 with ``--gradient_checkpointing``
+  (``plan`` says which ran). ``plain-fp32/512``: fp32 LoRA parameters, no autocast.
 - ``b4m/fast/<res>``: ``b4m content --preset fast``'s step (:func:`b4m.training.loop.train_step`: clean routing, the
   16 images in one batch, a CUDA graph, fused AdamW); ``b4m/default/<res>``: ``b4m content``'s default
   (``speed = "auto"``: :func:`b4m.training.speed.speed_plans`, the next plan when the first step runs out of memory,
@@ -245,10 +246,10 @@ class Bench:
             idx = [(schedule == t).nonzero().item() for t in timesteps.to(dev)]
             return sigmas[idx].flatten().view(-1, *([1] * (n_dim - 1)))
 
-        def micro() -> torch.Tensor:
-            pick = [int(torch.randint(0, len(s.latents), (1,), generator=g)) for s in sets]
-            x = torch.cat([s.latents[i : i + 1] for s, i in zip(sets, pick, strict=True)]).to(dtype)
-            cond = Conditioning.cat([s.cond[i] for s, i in zip(sets, pick, strict=True)])
+        def micro(drawn: list[TrainSet], accumulation: int) -> torch.Tensor:  # one image of each drawn set
+            pick = [int(torch.randint(0, len(s.latents), (1,), generator=g)) for s in drawn]
+            x = torch.cat([s.latents[i : i + 1] for s, i in zip(drawn, pick, strict=True)]).to(dtype)
+            cond = Conditioning.cat([s.cond[i] for s, i in zip(drawn, pick, strict=True)])
             noise = torch.randn_like(x)
             u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=len(x))
             timesteps = sched.timesteps[(u * sched.config.num_train_timesteps).long()].to(dev)
@@ -278,10 +279,12 @@ class Bench:
                 pred = FluxPipeline._unpack_latents(pred, h * 8, w * 8, 8)
             target = noise - x
             loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
-            (loss / GRAD_ACCUM).backward()  # accelerator.backward under gradient accumulation
+            (loss / accumulation).backward()  # accelerator.backward under gradient accumulation
             return loss
 
-        def run(checkpointing: bool) -> dict:
+        def run(checkpointing: bool, batch: int) -> dict:
+            """``batch`` images per micro-step (one of each of ``batch`` sets), the step's 16 images in all."""
+            accumulation = IMAGES // batch
             if checkpointing:
                 den.enable_gradient_checkpointing()
             den.train()
@@ -289,15 +292,15 @@ class Bench:
             opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 
             def step() -> None:
-                for k in range(GRAD_ACCUM):
-                    loss = micro()
-                    if k == GRAD_ACCUM - 1:  # accelerator.sync_gradients: clip, step, zero
+                for k in range(accumulation):
+                    loss = micro([sets[(k * batch + j) % N_SETS] for j in range(batch)], accumulation)
+                    if k == accumulation - 1:  # accelerator.sync_gradients: clip, step, zero
                         torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
                         opt.step()
                         opt.zero_grad()
                     loss.detach().item()  # the progress bar's loss
 
-            settings = dict(gradient_checkpointing=checkpointing, train_batch_size=N_SETS, accumulation=GRAD_ACCUM)
+            settings = dict(gradient_checkpointing=checkpointing, train_batch_size=batch, accumulation=accumulation)
             settings.update(lora_dtype=str(self.lora_dtype).removeprefix("torch."), autocast=amp)
             settings["adapted_layers"] = sum(isinstance(m, LoraLayer) for m in den.modules())
             try:
@@ -306,7 +309,8 @@ class Bench:
                 den.disable_gradient_checkpointing()
                 den.eval()
 
-        row = self.attempt([("no checkpointing", lambda: run(False)), ("--gradient_checkpointing", lambda: run(True))])
+        plans = [("batch 4 × 4", lambda: run(False, N_SETS)), ("batch 1 × 16", lambda: run(False, 1))]
+        row = self.attempt([*plans, ("batch 4 × 4, --gradient_checkpointing", lambda: run(True, N_SETS))])
         lora = "fp32, no autocast" if fp32 else f"{str(self.lora_dtype).removeprefix('torch.')}, autocast {amp}"
         return {**row, "description": f"diffusers script + peft LoRA rank {self.args.rank} ({lora})"}
 

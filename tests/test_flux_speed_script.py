@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from b4m.errors import B4MError
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "flux_speed.py"
 
@@ -54,7 +59,8 @@ def test_every_row_on_a_tiny_transformer(tmp_path, capsys):
     assert rows[("flux", "plain/512")]["resolution"] == 32 and rows[("flux", "plain/1024")]["resolution"] == 64
     assert rows[("flux", "b4m/fast/512")]["settings"]["fold_accumulation"] is True
     assert rows[("flux", "b4m/graphs/512")]["settings"]["fold_accumulation"] is False
-    assert rows[("flux", "plain/512")]["plan"] == "no checkpointing"  # nothing runs out of memory on the toy
+    assert rows[("flux", "plain/512")]["plan"] == "batch 4 × 4"  # nothing runs out of memory on the toy
+    assert rows[("flux", "plain/512")]["settings"]["accumulation"] == 4
     # 8 double-block and 5 single-block projections per block pair of the toy FLUX.1; 8 + 2 for klein's.
     assert rows[("flux", "plain/512")]["settings"]["adapted_layers"] == 13
     assert rows[("klein", "plain/512")]["settings"]["adapted_layers"] == 10
@@ -70,3 +76,40 @@ def test_every_row_on_a_tiny_transformer(tmp_path, capsys):
     resumed = json.loads(path.read_text())
     assert resumed["stopped_before"] == "klein/gen/merged" and len(resumed["runs"]) == 2
     assert [(r["family"], r["id"]) for r in resumed["rows"]] == [(r["family"], r["id"]) for r in data["rows"]]
+
+
+def test_a_plan_that_runs_out_of_memory_gives_way_to_the_next():
+    script = load_script()
+    bench = script.Bench(script.parse_args(["--tiny", "--device", "cpu"]), "flux")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def capture():  # b4m.cuda_graphs wraps what goes wrong in a capture
+        raise B4MError("CUDA graph capture of the training step failed (CUDA out of memory. Tried to allocate 2 GiB)")
+
+    row = bench.attempt([("a", oom), ("b", capture), ("c", lambda: {"ms_all": [1.0]})])
+    assert row["plan"] == "c" and row["out_of_memory"] == ["a", "b"] and "error" not in row
+    assert bench.attempt([("a", oom)]) == {
+        "plan": None,
+        "out_of_memory": ["a"],
+        "error": "out of memory with every plan",
+    }
+    with pytest.raises(B4MError, match="stream is capturing"):
+        bench.attempt(
+            [("a", lambda: (_ for _ in ()).throw(B4MError("operation not permitted when stream is capturing")))]
+        )
+
+    # The plain step's second plan: the same 16 images as 16 micro-steps of one.
+    timed, calls = bench.time_step, []
+
+    def first_runs_out(step, eager=None):
+        calls.append(1)
+        if len(calls) == 1:
+            oom()
+        return timed(step, eager)
+
+    bench.time_step = first_runs_out
+    row = bench.row("plain/512")
+    assert row["plan"] == "batch 1 × 16" and row["out_of_memory"] == ["batch 4 × 4"]
+    assert row["settings"]["accumulation"] == 16 and row["settings"]["train_batch_size"] == 1 and row["ms_all"][0] > 0

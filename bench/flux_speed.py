@@ -100,8 +100,7 @@ ROWS += ["b4m/graphs/1024"]
 
 
 def reset_peak(device: torch.device) -> None:
-    """bench/speed.py's, on a GPU only: on a CPU the peak is the process's (never reset) and a full collection of a
-    process that imported diffusers costs half a second."""
+    """bench/speed.py's, on a GPU only (on a CPU the peak is the process's; a full collection costs 0.5 s there)."""
     if device.type == "cuda":
         speed.reset_peak(device)
 
@@ -136,11 +135,8 @@ class Bench:
         self.targets = resolve_targets(self.denoiser, PLPConfig()).targets
         self.adapter, self.plp, self.lora_dtype = "none", None, None
 
-    # -- adapters ----------------------------------------------------------------------------------------------------
-
     def use(self, kind: str, lora_dtype: torch.dtype | None = None) -> None:
-        """Switch to ``none``, ``plp`` (built once, then swapped in and out) or ``peft`` (LoRA params in
-        ``lora_dtype``)."""
+        """Switch to ``none``, ``plp`` (built once, then swapped in and out) or ``peft`` (params in ``lora_dtype``)."""
         if kind == self.adapter and (kind != "peft" or lora_dtype == self.lora_dtype):
             return
         den = self.denoiser
@@ -170,11 +166,8 @@ class Bench:
                     p.data = p.data.to(lora_dtype)
         self.adapter, self.lora_dtype = kind, lora_dtype
 
-    # -- data --------------------------------------------------------------------------------------------------------
-
     def sets(self, res: int) -> list[TrainSet]:
-        """4 sets of 4 random images each, as a content run caches them (latents float32, embeddings in the model's
-        dtype)."""
+        """4 sets of 4 random images, cached as a content run caches them (float32 latents, embeddings in bf16)."""
         klein, n, dev = self.family == "klein", 4, self.device
         g = torch.Generator(dev).manual_seed(res)
         shape = (n, 128, res // 16, res // 16) if klein else (n, 16, res // 8, res // 8)
@@ -189,8 +182,6 @@ class Bench:
             main = i == 0
             out.append(TrainSet(f"set{i}", rand(*shape, dtype=torch.float32), cond, 1.0 if main else 1 / 3, main))
         return out
-
-    # -- timing ------------------------------------------------------------------------------------------------------
 
     def time_step(self, step: Callable[[], object], eager: Callable[[], object] | None = None) -> dict:
         """FLOPs of one eager call (``eager`` or ``step``), the warm-up, then ``--repeats`` timed calls."""
@@ -226,8 +217,6 @@ class Bench:
                     p.grad = None
                 reset_peak(self.device)
         return {"plan": None, "out_of_memory": oom, "error": "out of memory with every plan"}
-
-    # -- rows --------------------------------------------------------------------------------------------------------
 
     def plain(self, res: int, fp32: bool) -> dict:
         """diffusers' DreamBooth LoRA script's loop (see the module docstring)."""

@@ -54,13 +54,21 @@ def test_help_loads_no_heavy_package(command):
     assert result["imported"] == []
 
 
-def test_dry_run_of_a_folder_without_a_model_fails_before_torch(tmp_path):
-    result = _probe(["dry-run", "--model", str(tmp_path)])
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (
+            ["dry-run", "--model", "{tmp}"],
+            "{tmp}: no unet/config.json or config.json here; is it a diffusers model folder?",
+        ),
+        (["inspect", "{tmp}/missing.safetensors"], "{tmp}/missing.safetensors: no such file"),
+    ],
+    ids=["dry-run", "inspect"],
+)
+def test_bad_input_fails_before_torch(tmp_path, args, error):
+    result = _probe([a.format(tmp=tmp_path) for a in args])
     assert result["code"] == 2
-    assert (
-        result["stderr"]
-        == f"error: {tmp_path}: no unet/config.json or config.json here; is it a diffusers model folder?\n"
-    )
+    assert result["stderr"] == f"error: {error.format(tmp=tmp_path)}\n"
     assert result["imported"] == []
 
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapter.file import is_adapter_file, load_adapter
 from .files import load_safetensors
 
 
 def describe(path: str | Path) -> dict:
     """A flat summary of a b4m adapter file or a plain LoRA file (keys in display order)."""
     path = Path(path)
-    _, metadata = load_safetensors(path, check_finite=False)
+    _, metadata = load_safetensors(path, check_finite=False)  # a missing or bad file fails here, before torch loads
+    from .adapter.file import is_adapter_file
+
     if is_adapter_file(metadata):
         return _describe_adapter(path)
     return _describe_lora(path)
 
 
 def _describe_adapter(path: Path) -> dict:
+    from .adapter.file import load_adapter
+
     adapter = load_adapter(path)
     c = adapter.config
     learned, frozen = adapter.num_parameters()

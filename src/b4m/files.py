@@ -9,12 +9,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open  # safetensors' own module: no torch
 
 from .errors import B4MError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -78,6 +80,14 @@ def check_output(output: str | os.PathLike, *inputs: str | os.PathLike, folder: 
         raise B4MError(f"{out}: is a file, not a folder; choose another output folder")
 
 
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' writer, imported when a file is written (it imports torch, seconds on a CPU; a command that
+    fails on bad input before writing never does)."""
+    from safetensors.torch import save_file as write
+
+    write(tensors, filename, metadata=metadata)
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write ``tensors`` atomically; metadata values that are not strings are stored as JSON."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -106,6 +116,8 @@ def load_safetensors(path: str | os.PathLike, check_finite: bool = True) -> tupl
     except (SafetensorError, OSError, ValueError) as e:
         raise B4MError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
     if check_finite:
+        import torch
+
         for k, t in tensors.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise B4MError(f"{path}: tensor {k} holds NaN or Inf values")

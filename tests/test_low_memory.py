@@ -234,3 +234,42 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
     model, plp = attached()
     with pytest.raises(torch.OutOfMemoryError, match="at step 2"):
         train(model, plp, sets_of(model), config, tmp_path / "later")
+
+
+def test_auto_speed_starts_again_without_cuda_graphs_when_their_capture_fails(tmp_path, monkeypatch):
+    """speed = auto: a first step whose CUDA graph cannot be captured (simulated on a CPU) starts the run again with
+    the same settings, graphs off, and no later plan captures; one warning, the adapter of a run started that way.
+    With a fixed speed the capture error is the run's one-line error."""
+    import b4m.training.loop as loop
+    from b4m.cuda_graphs import GraphCaptureFailed
+
+    config = TrainConfig(steps=3, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
+    model, plp = attached()
+    train(model, plp, sets_of(model), config, tmp_path / "direct")
+    want = learned(model)
+
+    graphed = TrainConfig(**{**config.__dict__, "cuda_graphs": True})
+    monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("graphs", graphed), ("also graphs", graphed)])
+    step = loop.train_step
+    seen = []
+
+    def capture_fails(model, sets, config, *args, **kwargs):
+        seen.append(config.cuda_graphs)
+        if config.cuda_graphs:
+            raise GraphCaptureFailed("CUDA graph capture of the training step failed (operation not permitted)")
+        return step(model, sets, config, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", capture_fails)
+    model, plp = attached()
+    with pytest.warns(UserWarning, match="CUDA graph capture failed at the first step with graphs"):
+        result = train(model, plp, sets_of(model), config, tmp_path / "auto")
+    assert result.speed == "graphs, without CUDA graphs (their capture failed)" and result.steps == 3
+    assert seen == [True, False, False, False]
+    for a, b in zip(want, learned(model), strict=True):
+        assert torch.equal(a, b)
+
+    fixed = TrainConfig(**{**graphed.__dict__, "speed": "fixed"})
+    monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("as configured", fixed)])
+    model, plp = attached()
+    with pytest.raises(B4MError, match="CUDA graph capture of the training step failed"):
+        train(model, plp, sets_of(model), fixed, tmp_path / "fixed")

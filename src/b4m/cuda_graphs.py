@@ -30,6 +30,10 @@ from .errors import B4MError
 WARMUP = 3  # eager iterations on a side stream before capture (cuBLAS/cuDNN workspaces, lazy init)
 
 
+class GraphCaptureFailed(B4MError):
+    """The training step could not be captured as a CUDA graph (e.g. the model copies from the host inside it)."""
+
+
 class GraphedMicroStep:
     """``step(batch)`` runs ``loss_fn(batch)`` and its backward as one CUDA graph replay; returns the loss (a new
     tensor, detached). Captured on the first call, whose batch fixes the shapes.
@@ -71,7 +75,7 @@ class GraphedMicroStep:
             with torch.cuda.graph(graph):
                 self.static_loss = self._run(self.static)
         except RuntimeError as e:
-            raise B4MError(
+            raise GraphCaptureFailed(
                 f"CUDA graph capture of the training step failed ({str(e).splitlines()[0]}); "
                 "set train.cuda_graphs = false"
             ) from e

@@ -30,7 +30,7 @@ How FLUX fits :class:`~b4m.models.base.DiffusionModel` (facts from diffusers' ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,6 +118,16 @@ class FluxModel(DiffusionModel):
         self.vae_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_factor * 2)
         self.resolution = resolution or self._native_resolution()
+        # Tensors a training step needs that depend only on shapes and devices (the schedule's tables, position
+        # ids), made once on their device: building them on the CPU and copying them over in every step is not
+        # allowed while a CUDA graph of the step is captured (train.cuda_graphs, the fast preset).
+        self._constants: dict[tuple, torch.Tensor] = {}
+
+    def _constant(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` the first time ``key`` is asked for, the same tensor afterwards (see :meth:`_hold`)."""
+        if key not in self._constants:
+            self._constants[key] = build()
+        return self._constants[key]
 
     @classmethod
     def from_pipeline(cls, pipe: FluxPipeline, *, identity: str, resolution: int | None = None) -> FluxModel:
@@ -244,22 +254,29 @@ class FluxModel(DiffusionModel):
         return self.train_scheduler.config.num_train_timesteps
 
     def _schedule_index(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Index into the training scheduler's descending schedule of the loop's timesteps (higher is noisier)."""
-        t = timesteps.long().cpu()
+        """Index into the training scheduler's descending schedule of the loop's timesteps (higher is noisier), on
+        their device. The range check reads the values, so it is skipped while a CUDA graph is captured (the
+        warm-up steps before the capture have checked the same code path)."""
+        t = timesteps.long()
         n = self.num_train_timesteps
-        if t.numel() and (t.min() < 0 or t.max() >= n):
+        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and t.numel() and (t.min() < 0 or t.max() >= n):
             raise B4MError(f"timesteps must be in 0 … {n - 1}")
         return n - 1 - t
 
+    def _schedule(self, name: str, device: torch.device) -> torch.Tensor:
+        """The training scheduler's ``sigmas`` or ``timesteps``, float32 on ``device`` (kept per scheduler object)."""
+        scheduler = self.train_scheduler
+        return self._constant((name, scheduler, device), lambda: getattr(scheduler, name).to(device, torch.float32))
+
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """σ of the loop's integer ``timesteps`` (float32, on their device): ``train_scheduler.sigmas[N-1-t]``."""
-        return self.train_scheduler.sigmas[self._schedule_index(timesteps)].to(timesteps.device, torch.float32)
+        return self._schedule("sigmas", timesteps.device)[self._schedule_index(timesteps)]
 
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input: ``train_scheduler.timesteps[N-1-t] / 1000`` (what the pipeline and the
         DreamBooth script pass; ``σ`` itself for FLUX.1's N = 1000)."""
-        values = self.train_scheduler.timesteps[self._schedule_index(timesteps)]
-        return values.to(timesteps.device, torch.float32) / 1000
+        return self._schedule("timesteps", timesteps.device)[self._schedule_index(timesteps)] / 1000
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigma = self.sigmas(timesteps.to(latents.device)).view(-1, *([1] * (latents.dim() - 1)))
@@ -281,7 +298,10 @@ class FluxModel(DiffusionModel):
                 f"{2 * self.vae_factor} px)"
             )
         packed = FluxPipeline._pack_latents(noisy.to(device, dtype), b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        img_ids = self._constant(
+            ("img_ids", h, w, device, dtype),
+            lambda: FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+        )
         hidden = cond.hidden.to(device, dtype)
         txt_ids = torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype)
         guidance = None

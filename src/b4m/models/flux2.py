@@ -172,8 +172,12 @@ class Flux2KleinModel(FluxModel):
             timestep=self.model_timesteps(timesteps).to(device, dtype),
             guidance=guidance,
             encoder_hidden_states=hidden,
-            txt_ids=Flux2KleinPipeline._prepare_text_ids(hidden).to(device),
-            img_ids=Flux2KleinPipeline._prepare_latent_ids(noisy).to(device),
+            txt_ids=self._constant(
+                ("txt_ids", *hidden.shape[:2], device), lambda: Flux2KleinPipeline._prepare_text_ids(hidden).to(device)
+            ),
+            img_ids=self._constant(
+                ("img_ids", b, h, w, device), lambda: Flux2KleinPipeline._prepare_latent_ids(noisy).to(device)
+            ),
             return_dict=False,
         )[0]
         return out.transpose(1, 2).reshape(b, c, h, w)  # _unpack_latents_with_ids for these ids

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..adapter.config import PLPConfig
 from ..adapter.optim import create_optimizer
 from ..adapter.walker import plp_layers, routing
-from ..cuda_graphs import GraphedMicroStep
+from ..cuda_graphs import GraphCaptureFailed, GraphedMicroStep
 from ..errors import B4MError, DivergedError, Interrupted, first_line
 from ..models.base import Conditioning, DiffusionModel
 from . import distributed
@@ -58,7 +58,7 @@ from .checkpoint import (
 from .config import TrainConfig, folded, resolve_precision
 from .objective import Objective
 from .sets import TrainSet
-from .speed import FirstStepOutOfMemory, enable_gradient_checkpointing, speed_plans
+from .speed import FirstStepNotGraphable, FirstStepOutOfMemory, enable_gradient_checkpointing, speed_plans
 
 
 @dataclass
@@ -321,11 +321,14 @@ def train(
 ) -> TrainResult:
     """Train the PLP layers already attached to ``model.denoiser`` for ``config.steps`` optimizer steps, at the speed
     settings :func:`b4m.training.speed.speed_plans` chooses (``config.speed``): when the first step of one runs out
-    of GPU memory (nothing trained or written yet), the next is tried, with one warning. Arguments: see
-    :func:`train_once`."""
-    plans = speed_plans(config, model.device)
+    of GPU memory (nothing trained or written yet), the next is tried, with one warning; when its CUDA graph cannot
+    be captured, the same settings are tried without CUDA graphs. Arguments: see :func:`train_once`."""
+    plans = list(speed_plans(config, model.device))
     checkpointing = bool(getattr(model.denoiser, "is_gradient_checkpointing", False))
+    graphs = True  # False once a capture failed: no later plan captures either
     for i, (label, settings) in enumerate(plans):
+        settings = settings if graphs else dataclasses.replace(settings, cuda_graphs=False)
+        capture_failed = False
         try:
             result = train_once(
                 model,
@@ -342,6 +345,9 @@ def train(
             return dataclasses.replace(result, speed=label)
         except FirstStepOutOfMemory as e:
             error = str(e)
+        except FirstStepNotGraphable as e:
+            error, graphs, capture_failed = str(e), False, True
+            plans.insert(i + 1, (f"{label}, without CUDA graphs (their capture failed)", settings))
         finally:  # the denoiser as it was: the next run on this model (b4m run, the bench) starts clean
             if settings.gradient_checkpointing and not checkpointing:
                 model.denoiser.disable_gradient_checkpointing()
@@ -349,6 +355,12 @@ def train(
             p.grad = None
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+        if capture_failed:
+            warnings.warn(
+                f"CUDA graph capture failed at the first step with {label} ({error}); starting again without",
+                stacklevel=2,
+            )
+            continue
         if i + 1 == len(plans):
             raise B4MError(
                 f"out of GPU memory at the first step with {label} ({error}); use a smaller batch or resolution"
@@ -459,6 +471,10 @@ def train_once(
             except torch.OutOfMemoryError as e:  # at the first step nothing is trained or written: try other settings
                 if step == start_step + 1:
                     raise FirstStepOutOfMemory(first_line(e)) from e
+                raise
+            except GraphCaptureFailed as e:  # the capture happens at the first step: likewise
+                if step == start_step + 1 and config.speed == "auto":
+                    raise FirstStepNotGraphable(first_line(e)) from e
                 raise
 
             regular = step % config.checkpoint_every == 0 or step == config.steps

@@ -27,6 +27,10 @@ class FirstStepOutOfMemory(RuntimeError):
     """The first step of a run ran out of GPU memory (nothing was trained or written yet)."""
 
 
+class FirstStepNotGraphable(RuntimeError):
+    """The first step of a run could not be captured as a CUDA graph (nothing was trained or written yet)."""
+
+
 def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
     """The settings to try in order, each with the line a run reports: one entry unless auto applies."""
     if config.speed != "auto" or getattr(device, "type", str(device)) != "cuda":

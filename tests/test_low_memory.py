@@ -183,8 +183,12 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
 
     assert [label for label, _ in speed_plans(TrainConfig(), torch.device("cpu"))] == ["as configured"]
     assert len(speed_plans(TrainConfig(speed="fixed"), torch.device("cuda"))) == 1
-    (_, fast), (low_label, low) = speed_plans(TrainConfig(), torch.device("cuda"))
+    (_, fast), (low_label, low) = speed_plans(TrainConfig(grad_accum=1), torch.device("cuda"))
     assert fast.cuda_graphs and fast.fused_optimizer and fast.fold_accumulation and not fast.gradient_checkpointing
+    # with accumulation, the micro-steps one at a time (graphs kept) come between one batch and checkpointing
+    (_, fast4), (middle_label, middle), (_, low4) = speed_plans(TrainConfig(grad_accum=4), torch.device("cuda"))
+    assert fast4.fold_accumulation and middle.cuda_graphs and not middle.fold_accumulation
+    assert not middle.gradient_checkpointing and low4.gradient_checkpointing and "out of memory" in middle_label
     assert (
         low.gradient_checkpointing and not (low.cuda_graphs or low.fold_accumulation) and "out of memory" in low_label
     )

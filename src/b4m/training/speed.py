@@ -38,13 +38,17 @@ def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
     fast = replace(
         config, cuda_graphs=True, fused_optimizer=True, gradient_checkpointing=False, fold_accumulation=True
     )
+    unfolded = replace(fast, fold_accumulation=False)
     low = replace(
         config, cuda_graphs=False, fused_optimizer=True, gradient_checkpointing=True, fold_accumulation=False
     )
-    return [
-        ("auto: CUDA graphs, fused AdamW, a step's micro-steps as one batch", fast),
-        ("auto: gradient checkpointing (CUDA graphs ran out of memory at the first step)", low),
-    ]
+    plans = [("auto: CUDA graphs, fused AdamW, a step's micro-steps as one batch", fast)]
+    if config.grad_accum > 1:  # a folded step is grad_accum micro-steps in one batch: one at a time needs less memory
+        plans.append(
+            ("auto: CUDA graphs, fused AdamW, one micro-step at a time (one batch ran out of memory)", unfolded)
+        )
+    plans.append(("auto: gradient checkpointing (CUDA graphs ran out of memory at the first step)", low))
+    return plans
 
 
 def enable_gradient_checkpointing(model: DiffusionModel) -> None:

@@ -61,9 +61,10 @@ def test_help_loads_no_heavy_package(command):
             ["dry-run", "--model", "{tmp}"],
             "{tmp}: no unet/config.json or config.json here; is it a diffusers model folder?",
         ),
+        (["dry-run", "--model", "{tmp}/missing"], "{tmp}/missing: no such file or folder"),  # not tried on the Hub
         (["inspect", "{tmp}/missing.safetensors"], "{tmp}/missing.safetensors: no such file"),
     ],
-    ids=["dry-run", "inspect"],
+    ids=["dry-run", "dry-run-missing", "inspect"],
 )
 def test_bad_input_fails_before_torch(tmp_path, args, error):
     result = _probe([a.format(tmp=tmp_path) for a in args])

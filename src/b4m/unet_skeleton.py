@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import B4MError
+from .errors import B4MError, first_line
+from .hub import looks_like_hub_id
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -30,12 +31,15 @@ def read_unet_config(model: str | Path) -> dict:
             return config
     if path.exists():
         raise B4MError(f"{path}: no unet/config.json or config.json here; is it a diffusers model folder?")
+    if not looks_like_hub_id(str(model)):
+        raise B4MError(f"{model}: no such file or folder")
     from diffusers import UNet2DConditionModel  # here, not at the top: importing diffusers takes seconds
 
     try:  # a Hub id: users with network access get the config (a few KB) from the Hub cache or the Hub
         return dict(UNet2DConditionModel.load_config(str(model), subfolder="unet"))
     except Exception as e:  # the Hub client raises many types
-        raise B4MError(f"{model}: not a local diffusers model and could not be read as a Hub id ({e})") from e
+        reason = first_line(e)
+        raise B4MError(f"{model}: not a local diffusers model and could not be read as a Hub id ({reason})") from e
 
 
 def unet_skeleton(model: str | Path | dict) -> UNet2DConditionModel:

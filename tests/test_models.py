@@ -374,3 +374,27 @@ def test_offload_encoders_keeps_encoding_working(folders):
     after = model.encode_prompts(["a cat"])
     assert isinstance(after, Conditioning)
     assert torch.equal(before.hidden, after.hidden)
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["unreachable", "HF_HUB_OFFLINE"])
+def test_an_uncached_hub_id_without_the_hub_is_one_line_at_once(tmp_path, offline):
+    # The Hub client would retry for about 40 s, printing each retry, then fail in several lines.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "b4m.cli", "dry-run", "--model", "someone/some-model"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert time.perf_counter() - start < 30
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Retrying" not in proc.stderr
+    why = "HF_HUB_OFFLINE is set" if offline else "http://127.0.0.1:9 cannot be reached"
+    assert proc.stderr.startswith(f"error: someone/some-model: not in the local Hugging Face cache and {why}")
+    assert "hf download someone/some-model" in proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import B4MError, first_line
-from .hub import looks_like_hub_id
+from .hub import check_hub_reachable, looks_like_hub_id
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -33,6 +33,7 @@ def read_unet_config(model: str | Path) -> dict:
         raise B4MError(f"{path}: no unet/config.json or config.json here; is it a diffusers model folder?")
     if not looks_like_hub_id(str(model)):
         raise B4MError(f"{model}: no such file or folder")
+    check_hub_reachable(str(model))
     from diffusers import UNet2DConditionModel  # here, not at the top: importing diffusers takes seconds
 
     try:  # a Hub id: users with network access get the config (a few KB) from the Hub cache or the Hub

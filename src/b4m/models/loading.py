@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from ..errors import B4MError, first_line
-from ..hub import looks_like_hub_id
+from ..hub import check_hub_reachable, looks_like_hub_id
 from .diffusers_common import DiffusersModel, default_dtype
 from .flux import FluxModel
 from .flux2 import Flux2KleinModel
@@ -104,6 +104,7 @@ def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple
         cls = detect_checkpoint(path)
         return cls, _from_single_file(cls, path, dtype), path.name
     if looks_like_hub_id(model):
+        check_hub_reachable(model)
         cls = hub_model_class(model)
         return cls, _from_pretrained(cls, model, dtype, variant, where=model), model
     raise B4MError(f"{model}: no such file or folder")

@@ -195,14 +195,7 @@ FLUX_SCHEDULER = dict(
     max_image_seq_len=4096,
 )
 # FLUX.1 schnell's scheduler config (a static shift of 1: none; its 4 sampling steps are what it was distilled for).
-SCHNELL_SCHEDULER = dict(
-    shift=1.0,
-    use_dynamic_shifting=False,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+SCHNELL_SCHEDULER = {**FLUX_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
 
 
 def make_t5_tokenizer(max_length: int = FLUX_T5_LENGTH) -> T5TokenizerFast:

@@ -255,12 +255,11 @@ class FluxModel(DiffusionModel):
 
     def _schedule_index(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Index into the training scheduler's descending schedule of the loop's timesteps (higher is noisier), on
-        their device. The range check reads the values, so it is skipped while a CUDA graph is captured (the
-        warm-up steps before the capture have checked the same code path)."""
+        their device. The range is checked on CPU tensors only: on a GPU the check would wait for the device in
+        every step (and cannot run inside a CUDA graph); the loop draws its timesteps in range on the CPU."""
         t = timesteps.long()
         n = self.num_train_timesteps
-        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and t.numel() and (t.min() < 0 or t.max() >= n):
+        if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= n):
             raise B4MError(f"timesteps must be in 0 … {n - 1}")
         return n - 1 - t
 

@@ -230,10 +230,11 @@ def test_generate_with_int8_base_weights_runs_the_adapter_unmerged(models, folde
 
 
 def test_generate_refuses_a_bad_base_weights_in_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
+    import b4m.adapter.file  # generate imports its load_adapter when it reads the file
     import b4m.runs.generation
 
     monkeypatch.setattr(b4m.runs.generation, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    monkeypatch.setattr(b4m.runs.generation, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    monkeypatch.setattr(b4m.adapter.file, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
     args = ["generate", tmp_path / "run", "a sks dog", "--model", folder, "-o", tmp_path / "g"]
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--base-weights", "int4"]])
     message = str(result.exception)
@@ -264,6 +265,7 @@ def test_the_low_memory_8bit_preset_and_the_setting():
 
 
 def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
+    import b4m.adapter.file
     import b4m.models.loading
     import b4m.runs.generation
 
@@ -281,7 +283,7 @@ def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, m
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--rank", "4", "--preset", "low-memory-8bit"]])
     assert result.exit_code != 0 and "pip install 'b4m[lowmem]'" in str(result.exception)
     # b4m generate: the same line, before the adapter file is read.
-    monkeypatch.setattr(b4m.runs.generation, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
+    monkeypatch.setattr(b4m.adapter.file, "load_adapter", lambda *a, **k: pytest.fail("the adapter loaded"))
     args = [
         "generate",
         tmp_path / "run",

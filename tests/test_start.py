@@ -1,6 +1,7 @@
 """A command's start (issue 19): the command line's help and the argument checks of the commands import none of the
-heavy packages, and bad input fails with its one-line error before diffusers (seconds on a CPU) is imported.
-bench/start_time.py measures the times; these tests keep the imports from coming back unnoticed."""
+heavy packages, and bad input (a missing folder, run or file) fails with its one-line error before torch (2–2.5 s on
+a CPU) or diffusers is imported. bench/start_time.py measures the times; these tests keep the imports from coming
+back unnoticed."""
 
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ def test_bad_input_fails_before_torch(tmp_path, args, error):
             "{missing}: no such folder",
         ),
         (
+            ["style", "--images", "{missing}", "--prompt", "a cat in zwx style", "-o", "{out}"],
+            "{missing}: no such folder",
+        ),
+        (
             ["make", "--content", "{missing}", "--style", "{missing}", "-o", "{out}"],
             "{missing}: no such file or folder",
         ),
@@ -88,13 +93,21 @@ def test_bad_input_fails_before_torch(tmp_path, args, error):
             ["generate", "{missing}.b4m.safetensors", "a sks dog", "-o", "{out}"],
             "{missing}.b4m.safetensors: no such file or folder",
         ),
+        (
+            [
+                *("run", "--content-images", "{missing}", "--content-prompt", "a photo of sks dog"),
+                *("--style-images", "{missing}", "--style-prompt", "a cat in zwx style", "-o", "{out}"),
+            ],
+            "{missing}: no such folder",
+        ),
     ],
-    ids=["content", "make", "generate"],
+    ids=["content", "style", "make", "generate", "run"],
 )
-def test_bad_input_fails_before_diffusers(tmp_path, args, error):
+def test_a_stage_refuses_bad_input_before_torch(tmp_path, args, error):
     where = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
     result = _probe([a.format(**where) for a in args])
     assert result["code"] == 2
     assert result["stderr"] == f"error: {error.format(**where)}\n"  # the one-line error, as before
-    assert not {"diffusers", "transformers", "peft", "gradio", "torchao"} & set(result["imported"])
-    assert not Path(where["out"]).exists()
+    assert result["imported"] == []  # not even torch
+    if args[0] != "run":  # (b4m run leaves its -o folder, empty: its first stage's lock made OUT/content's parent)
+        assert not Path(where["out"]).exists()

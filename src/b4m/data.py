@@ -18,12 +18,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import B4MError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MAX_PIXELS", "ImageSet", "load_aux_sets", "load_image_set", "to_tensor"]
 
@@ -162,6 +165,8 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
         raise ValueError(f"to_tensor needs RGB images, got modes {sorted({im.mode for im in images})}")
     if len({im.size for im in images}) > 1:
         raise ValueError(f"to_tensor needs images of one size, got {sorted({im.size for im in images})}")
+    import torch  # here, not at the top: a command stopped by bad images never loads torch
+
     batch = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
     return (batch.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0).contiguous()
 

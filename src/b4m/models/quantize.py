@@ -20,12 +20,13 @@ weights load.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ..device import is_plain
 from ..errors import B4MError
+
+if TYPE_CHECKING:  # torch where a module is handled: require_quantization, a check of the settings, needs none
+    import torch
+    from torch import nn
 
 #: ``base_weights`` values that quantize, and torchao's config class of each (``"auto"``: the loading dtype's full
 #: width, nothing quantized).
@@ -59,7 +60,10 @@ def quantize_weights(module: nn.Module, base_weights: str, device: torch.device 
     require_quantization(base_weights)
     if base_weights == "auto":
         return 0
+    from torch import nn
     from torchao import quantization
+
+    from ..device import is_plain
 
     config = getattr(quantization, CONFIGS[base_weights])()
     picked = [
@@ -74,11 +78,17 @@ def quantize_weights(module: nn.Module, base_weights: str, device: torch.device 
 
 def is_quantized(module: nn.Module) -> bool:
     """Some linear layer of ``module`` has a weight that is not a plain tensor (8-bit: :func:`quantize_weights`)."""
+    from torch import nn
+
+    from ..device import is_plain
+
     return any(isinstance(m, nn.Linear) and not is_plain(m.weight) for m in module.modules())
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes that ``t`` holds: a tensor subclass's inner tensors (torchao's ``qdata``, ``scale``, …), else its own."""
+    from ..device import is_plain
+
     if is_plain(t) or not hasattr(t, "__tensor_flatten__"):
         return t.numel() * t.element_size()
     names, _ = t.__tensor_flatten__()
@@ -87,4 +97,6 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def linear_weight_bytes(module: nn.Module) -> int:
     """Bytes of the weights of ``module``'s ``nn.Linear`` layers (quantized ones at their stored size)."""
+    from torch import nn
+
     return sum(tensor_bytes(m.weight) for m in module.modules() if isinstance(m, nn.Linear))

@@ -28,7 +28,6 @@ from ..errors import B4MError
 from ..files import atomic_path
 from ..loading import shared_models
 from ..progress import say
-from ..training.checkpoint import checkpoints
 from .config import StageConfig, paths_beside, read_toml, stage_config
 from .folder import ADAPTER_NAMES, check_run_folder
 from .generation import GENERATED, generate
@@ -168,7 +167,11 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
                 say(console, f"{stage}: finished in {folder}, reused")
                 continue
             t0 = time.perf_counter()
-            again = resume and bool(checkpoints(folder))  # an interrupted stage continues from its checkpoint
+            again = False
+            if resume:  # an interrupted stage continues from its checkpoint (that module imports torch: only here)
+                from ..training.checkpoint import checkpoints
+
+                again = bool(checkpoints(folder))
             if stage == "make":
                 summaries[stage] = run_make(cfg, resume=again, overwrite=overwrite, console=console)
             else:

@@ -1,5 +1,8 @@
 """Run folders: one run per folder, what a finished run leaves in it (adapter, plain LoRA files, ``run.json``), and
-reading a run back (its adapter file and record)."""
+reading a run back (its adapter file and record).
+
+The checks a stage makes of its folder before any work import no torch (nor the modules that do: imported where a
+run's tensors or checkpoints are handled), so a command refused on its input stops in well under a second."""
 
 from __future__ import annotations
 
@@ -12,21 +15,18 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..adapter.file import AdapterFile
-from ..environment import device_name, versions
 from ..errors import B4MError
 from ..files import atomic_path, check_output
-from ..lora_files import dtype_from_name, save_lora
-from ..models.base import DiffusionModel
 from ..progress import say
 from ..training import distributed
-from ..training.checkpoint import checkpoints as complete_checkpoints
-from ..training.checkpoint import clean_leftovers
-from ..training.loop import TrainResult
 from .config import StageConfig
+
+if TYPE_CHECKING:
+    from ..adapter.file import AdapterFile
+    from ..models.base import DiffusionModel
+    from ..training.loop import TrainResult
 
 try:
     import fcntl
@@ -63,7 +63,11 @@ def check_run_folder(out: Path, stage: str, *, resume: bool, overwrite: bool, in
     if previous is not None and previous != stage:
         raise B4MError(f"{out}: holds a {previous} run (run.json); write the {stage} run to another folder")
     checkpoints = out / "checkpoints"
-    unfinished = bool(complete_checkpoints(out))  # step-N.tmp leftovers of a killed write do not count
+    unfinished = False
+    if checkpoints.is_dir():  # (the checkpoint module imports torch: only for a folder that has checkpoints)
+        from ..training.checkpoint import checkpoints as complete_checkpoints
+
+        unfinished = bool(complete_checkpoints(out))  # step-N.tmp leftovers of a killed write do not count
     if resume or not (previous or unfinished):
         return
     if not overwrite:
@@ -100,7 +104,10 @@ def run_folder_lock(output: str | os.PathLike | None) -> Iterator[None]:
     try:
         for leftover in out.glob(".*.tmp"):  # files a killed atomic write left (b4m.files.atomic_path)
             leftover.unlink(missing_ok=True)
-        clean_leftovers(out)  # and checkpoint folders a kill left half-written (checkpoints/step-N.tmp)
+        if (out / "checkpoints").is_dir():  # and checkpoint folders a kill left half-written (checkpoints/step-N.tmp)
+            from ..training.checkpoint import clean_leftovers
+
+            clean_leftovers(out)
         yield
     finally:
         path.unlink(missing_ok=True)  # before the unlock: a process that opened the old file then retries
@@ -152,6 +159,10 @@ def _lock(path: Path, out: Path) -> int:
 
 def write_run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionModel, timings: dict, extra: dict) -> None:
     """``run.json``: the stage, versions, device, base model, the whole config, timings and the run's summary."""
+    import torch
+
+    from ..environment import device_name, versions
+
     info = {
         "stage": stage,
         "b4m": versions()["b4m"],
@@ -172,6 +183,8 @@ def export_loras(
 ) -> list[Path]:
     """The run's plain LoRA files, one per export format (:data:`EXPORT_FILES`); kohya names follow the model (SGM
     block names for SDXL, as kohya sd-scripts writes them; BFL layer names for FLUX.1 and FLUX.2 [klein])."""
+    from ..lora_files import dtype_from_name, save_lora
+
     dtype = dtype_from_name(cfg.export.dtype)
     family = getattr(model, "family", None)
     paths = []

@@ -14,26 +14,24 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from ..adapter.file import load_adapter
-from ..baselines.direct_merge import direct_merge
-from ..baselines.klora import klora_applied, scaled
-from ..device import default_device
 from ..errors import B4MError
 from ..files import check_output, load_safetensors
 from ..images import save_grid, save_png, upscaled
 from ..loading import denoiser_config, load_model, model_of_identity
-from ..lora_files import Factors, applied, check_factors_fit, detect_format, load_lora
-from ..method.stages import generate as generate_images
-from ..models.base import DiffusionModel, SampleRequest
 from ..models.quantize import is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
 from .folder import ADAPTER_NAMES, run_source
 from .stages import check_before_loading, defaults_note
+
+if TYPE_CHECKING:  # the modules that import torch are imported where they are used, after the input's checks
+    from ..lora_files import Factors
+    from ..models.base import DiffusionModel, SampleRequest
 
 #: The files a generate call writes: ``NN_seedS.png`` per image and the grid.
 GENERATED = re.compile(r"\d+_seed-?\d+\.png|grid\.png")
@@ -122,6 +120,8 @@ def generate(
         if p.is_dir():
             role = next((r for r in ("fused", "content", "style") if (p / ADAPTER_NAMES[r]).exists()), "fused")
         file, run = run_source(adapter_path, role)
+        from ..adapter.file import load_adapter
+
         adapter = load_adapter(file)
         model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
         if not model_name:
@@ -130,6 +130,10 @@ def generate(
                 "run.json beside it says where it is; pass --model"
             )
     check_before_loading(model_name, resolution, out)
+    from ..device import default_device
+    from ..method.stages import generate as generate_images
+    from ..models.base import SampleRequest
+
     base = load_model(model_name, device=device or default_device(), resolution=resolution, base_weights=base_weights)
     if pair and loras is None:  # the model's layers were unknown before it loaded (a Hub id, a single file)
         loras = read_loras(paths, base.denoiser.config)
@@ -209,6 +213,8 @@ def lora_pair(
 def read_loras(paths: dict[str, Path], unet_config) -> dict[str, Factors]:
     """Both files as factors (:func:`b4m.lora_files.load_lora`), refused when they are of different base models:
     a module the two adapt in different shapes, or different ``ss_base_model_version`` (kohya's metadata)."""
+    from ..lora_files import load_lora
+
     loras, bases = {}, {}
     for role, path in paths.items():
         loras[role], meta = load_lora(path, unet_config=unet_config)
@@ -228,6 +234,8 @@ def read_loras(paths: dict[str, Path], unet_config) -> dict[str, Factors]:
 
 def check_loras_fit(loras: dict[str, Factors], paths: dict[str, Path], denoiser, model_name: str) -> None:
     """Each LoRA's modules exist in ``denoiser`` in its shapes; the error names the file and the base model."""
+    from ..lora_files import check_factors_fit
+
     for role, factors in loras.items():
         try:
             check_factors_fit(factors, denoiser, paths[role])
@@ -242,6 +250,8 @@ def read_loras_early(paths: dict[str, Path], model_name: str) -> dict[str, Facto
     UNet config)."""
     found = denoiser_config(model_name)
     if found is None:
+        from ..lora_files import detect_format
+
         for path in paths.values():
             detect_format(load_safetensors(path)[0], path)
         return None
@@ -260,6 +270,10 @@ def sample_pair(
 ) -> tuple[list[Image.Image], dict]:
     """Images with the two LoRAs weighted ``content`` and ``style`` and combined as ``combine`` says; and what the
     metadata records of it (K-LoRA: its settings and the γ it computed)."""
+    from ..baselines.direct_merge import direct_merge
+    from ..baselines.klora import klora_applied, scaled
+    from ..lora_files import applied
+
     if combine == "sum":
         with applied(model.denoiser, direct_merge(loras["content"], loras["style"], content, style)):
             return model.sample(request), {"combine": "sum"}

@@ -3,7 +3,8 @@
 folder; nothing here trains or merges by itself.
 
 Every stage checks its inputs (images, captions, files, settings) before the model is loaded, so bad input fails in
-seconds with a one-line error, and writes its outputs under temporary names first.
+seconds with a one-line error, and writes its outputs under temporary names first. The modules that import torch are
+imported once the checks that need no model have passed: a missing folder or file is refused in well under a second.
 """
 
 from __future__ import annotations
@@ -16,23 +17,17 @@ import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..adapter.config import PLPConfig
-from ..adapter.file import attached, fuse, load_adapter, save_adapter
-from ..adapter.walker import check_rank
 from ..data import ImageSet, load_aux_sets, load_image_set
-from ..device import default_device
 from ..errors import B4MError
 from ..images import save_grid
 from ..loading import denoiser_config, flux_family, load_model, model_of_identity, transformer_skeleton
 from ..method.config import MakeConfig
-from ..method.stages import break_run, make
-from ..models.base import DiffusionModel, SampleRequest
 from ..progress import progress_printer, say
 from ..training import distributed
-from ..training.sets import encode_set, encode_sets
 from ..unet_skeleton import unet_skeleton
-from .aux import generated_aux_sets
 from .config import StageConfig
 from .folder import (
     ADAPTER_NAMES,
@@ -44,6 +39,9 @@ from .folder import (
     train_stats,
     write_run_json,
 )
+
+if TYPE_CHECKING:
+    from ..models.base import DiffusionModel
 
 #: Training resolution when none is given: the official B4M scripts train SDXL at 512 px.
 DEFAULT_TRAIN_RESOLUTION = 512
@@ -114,6 +112,8 @@ def check_before_loading(model: str, resolution: int | None, out: Path, plp: PLP
             raise B4MError(f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}× {name}'s native 1024 px")
         skeleton = transformer_skeleton(model, family)
         if plp is not None and skeleton is not None:  # no targets given: the transformer's own (the walker's rule)
+            from ..adapter.walker import check_rank
+
             check_rank(skeleton, plp)
         return
     found = denoiser_config(model)
@@ -127,10 +127,14 @@ def check_before_loading(model: str, resolution: int | None, out: Path, plp: PLP
             f"(at most {limit})"
         )
     if plp is not None:
+        from ..adapter.walker import check_rank
+
         check_rank(unet_skeleton(unet), plp)
 
 
 def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None) -> Callable[[int], None]:
+    from ..models.base import SampleRequest
+
     prompts = cfg.validation.prompts or [cfg.prompt]
 
     def validate(step: int) -> None:
@@ -170,6 +174,12 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
     check_before_loading(cfg.model, cfg.resolution, out, cfg.adapter)
+    from ..adapter.file import attached, save_adapter  # torch, once the input is checked
+    from ..device import default_device
+    from ..method.stages import break_run
+    from ..training.sets import encode_sets
+    from .aux import generated_aux_sets
+
     model = load_model(
         cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution, base_weights=cfg.base_weights
     )
@@ -258,6 +268,11 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     check_run_folder(Path(cfg.output), "make", resume=resume, overwrite=overwrite, inputs=(cfg.content, cfg.style))
     c_file, c_run = run_source(cfg.content, "content")
     s_file, s_run = run_source(cfg.style, "style")
+    from ..adapter.file import attached, fuse, load_adapter, save_adapter  # torch, once both runs are found
+    from ..device import default_device
+    from ..method.stages import make
+    from ..training.sets import encode_set
+
     content, style = load_adapter(c_file), load_adapter(s_file)
     fused = fuse(content, style)  # names what differs when the runs don't match
     shared = sorted(

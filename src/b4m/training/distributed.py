@@ -20,12 +20,15 @@ process :func:`current` is a no-op :class:`Dist` and accelerate is not imported.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import B4MError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is handled: one process checking its input never loads it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Dist:
         if not self.enabled:
             return None
         self.check_batch(batch_size)
+        import torch
+
         per = batch_size // self.world_size
         start = self.rank * per
         return torch.cat([torch.arange(k * batch_size + start, k * batch_size + start + per) for k in range(n_sets)])
@@ -68,6 +73,7 @@ class Dist:
         """Sum ``tensors`` over the ranks, in place: one collective per dtype (the tensors packed into one buffer)."""
         if not self.enabled or not tensors:
             return
+        import torch
         import torch.distributed as td
 
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -120,9 +126,12 @@ def reset() -> None:
 
 
 def _from_environment() -> Dist:
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # A process that has not imported torch has no process group yet: only the environment can say there are several.
+    loaded = sys.modules.get("torch")
+    initialized = loaded is not None and loaded.distributed.is_available() and loaded.distributed.is_initialized()
     if not initialized and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
+    import torch
     from accelerate import PartialState
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")

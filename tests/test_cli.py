@@ -28,6 +28,7 @@ COMMON_ARGS = [
     *("--grad-accum", "3", "--lr", "0.5", "--mixed-precision", "bf16", "--no-gradient-checkpointing"),
     *("--checkpoint-every", "9", "--tensorboard", "--export-format", "kohya", "--export-dtype", "bf16"),
     *("--checkpoint-minutes", "7.5", "--timestep-bias", "high-noise", "--base-weights", "float8"),
+    *("--transformer", "t.safetensors"),
 ]
 COMMON_KEYS = {
     "model": "m",
@@ -35,6 +36,7 @@ COMMON_KEYS = {
     "resolution": 64,
     "preset": "low-memory",
     "base_weights": "float8",
+    "transformer": "t.safetensors",
     "train.steps": 7,
     "train.batch_size": 2,
     "train.grad_accum": 3,

@@ -100,6 +100,7 @@ EVERY_SETTING_CHANGED = {
     "placeholder": "sks",
     "device": "cpu",
     "base_weights": "int8",
+    "transformer": "t.safetensors",
     "adapter": {
         "rank": 8,
         "ratio": 0.25,

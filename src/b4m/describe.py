@@ -1,4 +1,5 @@
-"""What a file holds, for ``b4m inspect``: b4m adapter files and plain LoRAs alike."""
+"""What a file holds, for ``b4m inspect``: b4m adapter files and plain LoRAs alike, and FLUX transformer files (the
+``--transformer`` of the FLUX families, read from their header only)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from .files import load_safetensors
 
 
 def describe(path: str | Path) -> dict:
-    """A flat summary of a b4m adapter file or a plain LoRA file (keys in display order)."""
+    """A flat summary of a b4m adapter file, a plain LoRA file or a FLUX transformer file (keys in display order)."""
     path = Path(path)
+    transformer = _describe_transformer(path)
+    if transformer is not None:
+        return transformer
     _, metadata = load_safetensors(path, check_finite=False)  # a missing or bad file fails here, before torch loads
     from .adapter.file import is_adapter_file
 
@@ -42,6 +46,25 @@ def _describe_adapter(path: Path) -> dict:
         info[key] = ", ".join(json.loads(value)) if key == "trigger_words" else value
     info["modules"] = adapter.modules
     return info
+
+
+def _describe_transformer(path: Path) -> dict | None:
+    """A FLUX.1 or FLUX.2 transformer file from its header (no tensor read: such files are 12-24 GB); None for any
+    other file."""
+    from .errors import B4MError
+    from .models.flux_file import read_transformer_file
+
+    try:
+        file = read_transformer_file(path)
+    except B4MError:
+        return None
+    return {
+        "file": str(path),
+        "kind": file.describe(),
+        **file.geometry(),
+        "use": f"--transformer {path} --model FOLDER (a diffusers FLUX folder or Hub id: text encoders, VAE)",
+        "modules": [],
+    }
 
 
 def _describe_lora(path: Path) -> dict:

@@ -5,7 +5,8 @@
 1. a registered name (:data:`MODEL_LOADERS`): ``world``, the built-in world model shipped in the package;
 2. a world model folder (one with ``world_model.json``, e.g. written by ``b4m world pretrain``);
 3. a diffusers pipeline folder, a single-file ``.safetensors`` checkpoint or a Hub id
-   (:func:`b4m.models.loading.load_diffusers_model`).
+   (:func:`b4m.models.loading.load_diffusers_model`); a FLUX.1 or FLUX.2 [klein] folder or Hub id with its
+   transformer from one ``.safetensors`` file (``transformer=``, :mod:`b4m.models.flux_file`).
 
 This module sits above both :mod:`b4m.models` and :mod:`b4m.world`, so neither has to know the other.
 """
@@ -112,6 +113,25 @@ def transformer_skeleton(model: str, family: str):
     return skeleton(config.parent.parent)
 
 
+def check_transformer(model: str, transformer: str):
+    """The header of transformer file ``transformer`` (:class:`b4m.models.flux_file.TransformerFile`), checked against
+    base model ``model`` from its config files alone (:func:`model_file`: a local folder, or a Hub id in the local
+    cache; an uncached Hub id is checked once it loads): one line naming the file when it is no FLUX transformer,
+    of another family, or of another shape than ``model``'s."""
+    from .errors import B4MError
+    from .models.flux_file import check_transformer_fits, read_transformer_file
+
+    file = read_transformer_file(transformer)
+    if is_world_model(model):
+        raise B4MError(f"{file.path}: --transformer replaces a FLUX transformer; the world model has none")
+    family = flux_family(model)
+    config = model_file(model, "transformer/config.json")
+    if family is None and model_file(model, "model_index.json") is None:  # an uncached Hub id, a file: known later
+        return file
+    check_transformer_fits(file, family, json.loads(config.read_text(encoding="utf-8")) if config else None, model)
+    return file
+
+
 def training_defaults(model: str, stage: str) -> dict[str, Any]:
     """The settings base model ``model`` brings to ``stage`` (TOML layout), under the preset, the config file and the
     flags: the world's (:data:`b4m.world.defaults.TRAINING_DEFAULTS`); none for the diffusers families, whose
@@ -163,6 +183,7 @@ def load_model(
     resolution: int | None = None,
     identity: str | None = None,
     base_weights: str = "auto",
+    transformer: str | None = None,
 ) -> DiffusionModel:
     """Load a base model (see the module docstring for what ``model`` may be).
 
@@ -176,15 +197,19 @@ def load_model(
         identity: Override of the base model identity recorded in adapter files.
         base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's linear weights stored in
             8 bits (:mod:`b4m.models.quantize`; needs torchao, checked before anything loads).
+        transformer: A FLUX.1 or FLUX.2 transformer ``.safetensors`` file that replaces the transformer of ``model``
+            (a FLUX folder or Hub id), checked from its header before anything loads (:func:`check_transformer`).
 
     Raises:
         B4MError: The path does not exist, is not a supported model, loading failed, or ``base_weights`` asks for
-            torchao, which is not installed.
+            torchao, which is not installed, or the transformer file does not fit ``model``.
     """
     from .models.quantize import quantize_weights, require_quantization
 
     require_quantization(base_weights)  # before any weights load
-    key = (model, str(device), dtype, variant, identity, base_weights)
+    if transformer:
+        check_transformer(model, transformer)
+    key = (model, str(device), dtype, variant, identity, base_weights, transformer)
     if _shared is not None and key in _shared:  # inside shared_models(): the model an earlier stage loaded
         _shared[key].restore_encoders()
         _shared[key].use_resolution(resolution)
@@ -201,7 +226,13 @@ def load_model(
         from .models.loading import load_diffusers_model
 
         loaded = load_diffusers_model(
-            model, device=device, dtype=dtype, variant=variant, resolution=resolution, base_weights=base_weights
+            model,
+            device=device,
+            dtype=dtype,
+            variant=variant,
+            resolution=resolution,
+            base_weights=base_weights,
+            transformer=transformer,
         )
     if identity:
         loaded.identity = identity

@@ -38,6 +38,14 @@ def dry_run(
             "model folder."
         ),
     ] = "world",
+    transformer: Annotated[
+        str | None,
+        typer.Option(
+            help="A FLUX transformer .safetensors file to use with --model (a FLUX folder): checked against it from "
+            "its header.",
+            show_default=False,
+        ),
+    ] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 64,
     ratio: Annotated[float, typer.Option(help="Frozen fraction d of each factor.")] = 0.5,
     targets: Annotated[
@@ -54,8 +62,14 @@ def dry_run(
     """List the modules a PLP adapter would adapt, with trainable and frozen parameter counts (no weights loaded)."""
     from ..adapter.config import PLPConfig
     from ..errors import B4MError
-    from ..loading import denoiser_config, flux_family, transformer_skeleton
+    from ..loading import check_transformer, denoiser_config, flux_family, transformer_skeleton
     from ..unet_skeleton import unet_skeleton
+
+    if transformer:  # the file fits the folder (family, blocks, width): its header against the folder's config
+        described = check_transformer(model, transformer).describe()
+        console.print(f"transformer: {transformer}, {described}", highlight=False, soft_wrap=True)
+    elif Path(model).suffix.lower() == ".safetensors" and Path(model).is_file():
+        _refuse_flux_file(model)
 
     # no --targets: the model's own, which the walker takes from the skeleton's class (FLUX.1's, klein's, the UNets')
     config = PLPConfig(rank=rank, ratio=ratio, targets=_patterns(targets), exclude=_patterns(exclude))
@@ -77,6 +91,18 @@ def dry_run(
         console.print(line, highlight=False, soft_wrap=True)
     mib = (result.trainable + result.frozen) * 4 / 2**20
     console.print(f"adapter file size (fp32): {mib:.1f} MiB", highlight=False)
+
+
+def _refuse_flux_file(model: str) -> None:
+    """A FLUX transformer file given as ``--model``: the one-line error naming ``--transformer`` (as loading says)."""
+    from ..errors import B4MError
+    from ..models.flux_file import not_a_whole_model, read_transformer_file
+
+    try:
+        file = read_transformer_file(model)
+    except B4MError:
+        return  # another kind of file: the usual path says what it is
+    raise not_a_whole_model(file)
 
 
 def _patterns(text: str) -> list[str] | str:

@@ -97,6 +97,14 @@ def generate(
             help="Diffusers folder, single file, Hub id, a world model folder, or world (default: the run's).",
         ),
     ] = None,
+    transformer: Annotated[
+        str | None,
+        typer.Option(
+            help="A FLUX.1 or FLUX.2 [klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
+            "replaces the transformer of --model, a diffusers FLUX folder or Hub id (default: the run's).",
+            show_default=False,
+        ),
+    ] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     steps: Annotated[
         int | None,
@@ -177,6 +185,7 @@ def generate(
         style_lora=style_lora,
         combine=combine,
         base_weights=base_weights,
+        transformer=transformer,
         console=console,
     )
 
@@ -204,6 +213,14 @@ def run(
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Diffusers folder, single file, Hub id, or world (default).")
+    ] = None,
+    transformer: Annotated[
+        str | None,
+        typer.Option(
+            help="A FLUX.1 or FLUX.2 [klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
+            "replaces the transformer of --model, then a diffusers FLUX folder or Hub id.",
+            show_default=False,
+        ),
     ] = None,
     preset: Annotated[str | None, typer.Option(help="fast or low-memory, for every stage.")] = None,
     resolution: Annotated[
@@ -236,6 +253,7 @@ def run(
     flags = {
         "output": output,
         "model": model,
+        "transformer": transformer,
         "preset": preset,
         "resolution": resolution,
         "adapter.rank": rank,

@@ -8,8 +8,14 @@ right class.
 2. a single-file ``.safetensors`` checkpoint (SD 1.x/2.x or SDXL, told apart by its keys);
 3. a Hugging Face Hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
 
+A FLUX.1 or FLUX.2 [klein] folder or Hub id may take its transformer from one ``.safetensors`` file instead
+(``transformer=``, the ``--transformer`` setting: :mod:`b4m.models.flux_file`); its identity then names that file
+(``flux:flux1-dev.safetensors``). A FLUX transformer file given as ``model`` itself is refused in one line that names
+this fix.
+
 A model's :attr:`~b4m.models.base.DiffusionModel.identity` is ``"{family}:{name}"`` (``sdxl:`` or ``sd:`` followed by
-the folder's name, the Hub id or the checkpoint's file name). Adapter files record it and fusing refuses files of
+the folder's name, the Hub id or the checkpoint's file name; with ``transformer``, ``flux:`` or ``flux2:`` and the
+transformer file's name). Adapter files record it and fusing refuses files of
 different identities, so the same weights reached two ways (a Hub id and a local copy) get different identities:
 pass ``identity=`` to :func:`b4m.loading.load_model` (or set ``model.identity``) to pin one.
 """
@@ -27,10 +33,18 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from ..errors import B4MError, first_line
-from ..hub import check_hub_reachable, looks_like_hub_id
+from ..hub import cached_hub_file, check_hub_reachable, looks_like_hub_id
 from .diffusers_common import DiffusersModel, default_dtype
 from .flux import FluxModel
 from .flux2 import Flux2KleinModel
+from .flux_file import (
+    COMFY_PREFIX,
+    FAMILY_NAMES,
+    check_transformer_fits,
+    load_transformer,
+    not_a_whole_model,
+    read_transformer_file,
+)
 from .quantize import quantize_weights
 from .sd import StableDiffusionModel
 from .sdxl import StableDiffusionXLModel
@@ -40,7 +54,7 @@ from .sdxl import StableDiffusionXLModel
 ModelClass = type[DiffusersModel] | type[FluxModel]
 
 #: Pipeline ``_class_name`` values of model_index.json, per model class. FLUX.1 and FLUX.2 [klein] load from diffusers
-#: folders and Hub ids only (no single-file checkpoints).
+#: folders and Hub ids, with their own transformer or one from a single file (``transformer=``).
 PIPELINE_CLASSES: dict[str, ModelClass] = {
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "StableDiffusionPipeline": StableDiffusionModel,
@@ -65,6 +79,7 @@ def load_diffusers_model(
     variant: str | None = None,
     resolution: int | None = None,
     base_weights: str = "auto",
+    transformer: str | None = None,
 ) -> DiffusersModel | FluxModel:
     """Load a diffusers base model (see the module docstring for what ``model`` may be).
 
@@ -79,15 +94,21 @@ def load_diffusers_model(
         base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's linear weights stored in
             8 bits (:func:`b4m.models.quantize.quantize_weights`), layer by layer on ``device`` before the rest of
             the model moves there.
+        transformer: A FLUX.1 or FLUX.2 transformer ``.safetensors`` file (BFL/ComfyUI or diffusers names; bf16,
+            fp16 or fp8, cast to ``dtype``) that replaces the transformer of ``model``, then a FLUX folder or Hub id.
 
     Returns:
         The model, on ``device``.
 
     Raises:
-        B4MError: The path does not exist, is not a supported model, or loading failed.
+        B4MError: The path does not exist, is not a supported model, loading failed, or the transformer file is
+            not one of this model (checked from its header before anything loads).
     """
     dtype = dtype or default_dtype(device)
-    cls, pipe, name = _load_pipeline(model, dtype, variant)
+    if transformer:
+        cls, pipe, name = _with_transformer(model, transformer, dtype, variant)
+    else:
+        cls, pipe, name = _load_pipeline(model, dtype, variant)
     loaded = cls.from_pipeline(pipe, identity=f"{cls.family}:{name}", resolution=resolution)
     quantize_weights(loaded.denoiser, base_weights, device)  # in dtype already: from_pretrained loaded it so
     loaded.to(device, dtype)
@@ -108,6 +129,31 @@ def _load_pipeline(model: str, dtype: torch.dtype, variant: str | None) -> tuple
         cls = hub_model_class(model)
         return cls, _from_pretrained(cls, model, dtype, variant, where=model), model
     raise B4MError(f"{model}: no such file or folder")
+
+
+def _with_transformer(
+    model: str, transformer: str, dtype: torch.dtype, variant: str | None
+) -> tuple[ModelClass, Any, str]:
+    """:func:`_load_pipeline` for a FLUX folder or Hub id whose transformer comes from the file ``transformer``: the
+    file's header is checked against the model's transformer config before anything loads."""
+    file = read_transformer_file(transformer)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        cls, source, config = folder_model_class(path), str(path), path / "transformer" / "config.json"
+    elif path.is_file():
+        raise B4MError(
+            f"{model}: with --transformer, --model is the diffusers folder or Hub id of the rest of the model (text "
+            "encoders, VAE, scheduler), not a single file"
+        )
+    elif looks_like_hub_id(model):
+        check_hub_reachable(model)
+        cls, source, config = hub_model_class(model), model, cached_hub_file(model, "transformer/config.json")
+    else:
+        raise B4MError(f"{model}: no such file or folder")
+    family = cls.family if cls.family in FAMILY_NAMES else None
+    check_transformer_fits(file, family, _read_json(config) if config and config.is_file() else None, model)
+    module = load_transformer(file, source, dtype, local=path.is_dir())
+    return cls, _from_pretrained(cls, source, dtype, variant, where=model, transformer=module), file.path.name
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,7 +222,8 @@ def detect_checkpoint(path: str | Path) -> type[DiffusersModel]:
     under ``model.diffusion_model.`` and no such key.
 
     Raises:
-        B4MError: A pickle checkpoint (``.ckpt``/``.pt``...), an unreadable file, or unknown tensor names.
+        B4MError: A pickle checkpoint (``.ckpt``/``.pt``...), an unreadable file, unknown tensor names, or a FLUX
+            transformer file (the message names ``--transformer FILE --model FOLDER``, which loads it).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -189,6 +236,8 @@ def detect_checkpoint(path: str | Path) -> type[DiffusersModel]:
             keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error type for malformed files
         raise B4MError(f"{path}: not a readable .safetensors file ({first_line(e)})") from e
+    if any(k.startswith(("double_blocks.", "transformer_blocks.", f"{COMFY_PREFIX}double_blocks.")) for k in keys):
+        raise not_a_whole_model(read_transformer_file(path))
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return StableDiffusionXLModel
     if any(k.startswith("model.diffusion_model.") for k in keys):
@@ -201,10 +250,11 @@ def detect_checkpoint(path: str | Path) -> type[DiffusersModel]:
 
 
 def _from_pretrained(
-    cls: ModelClass, source: str, dtype: torch.dtype, variant: str | None, where: str
+    cls: ModelClass, source: str, dtype: torch.dtype, variant: str | None, where: str, **components: Any
 ) -> DiffusionPipeline:
-    """``from_pretrained`` with the VAE in float32 and everything else in ``dtype``."""
-    kwargs: dict[str, Any] = {**cls.load_kwargs(), _DTYPE_KEY: {"default": dtype, "vae": torch.float32}}
+    """``from_pretrained`` with the VAE in float32 and everything else in ``dtype``; ``components`` (a loaded
+    ``transformer``) are used as they are."""
+    kwargs: dict[str, Any] = {**cls.load_kwargs(), **components, _DTYPE_KEY: {"default": dtype, "vae": torch.float32}}
     if variant:
         kwargs["variant"] = variant
     try:

@@ -161,6 +161,15 @@ class StageConfig:
         commands=_STAGES,
         unset={"content": "world", "style": "world", "make": "the content run's"},
     )
+    transformer: str | None = setting(
+        None,
+        "A FLUX.1 or FLUX.2 [klein] transformer .safetensors file (e.g. flux1-dev.safetensors: BFL/ComfyUI or "
+        "diffusers names; bf16, fp16 or fp8) that replaces the transformer of --model, then the diffusers folder or "
+        "Hub id of the rest (text encoders, VAE, scheduler).",
+        flag="--transformer",
+        commands=_STAGES,
+        unset={"content": "the model's own", "style": "the model's own", "make": "the content run's"},
+    )
     images: str = setting(
         "", "Folder of training images (+ optional same-name .txt).", flag="--images", commands=_BREAK
     )
@@ -204,6 +213,8 @@ class StageConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if self.transformer:  # recorded in run.json: make and generate, run from anywhere, load the same file
+            self.transformer = os.path.abspath(os.path.expanduser(self.transformer))
         if self.base_weights not in BASE_WEIGHTS:
             raise B4MError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {self.base_weights!r}")
         if self.resolution is not None and not (8 <= self.resolution <= 4096 and self.resolution % 8 == 0):
@@ -399,6 +410,14 @@ def recorded_model(run: str | Path) -> str | None:
         return None
 
 
+def recorded_transformer(given: str | None, model: str | None, run: dict) -> str | None:
+    """The transformer file a command on an earlier run loads: ``given`` (``--transformer``), else the one the run's
+    record (its run.json, ``run``) names, unless ``model`` (``--model``) names another base model."""
+    if given:
+        return os.path.abspath(os.path.expanduser(given))
+    return None if model else run.get("config", {}).get("transformer") or None
+
+
 def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key, value in data.items():
@@ -407,7 +426,7 @@ def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 #: Settings that name files or folders: relative ones in a config file are relative to the file's folder.
-PATH_KEYS = ("images", "aux", "output", "content", "style")
+PATH_KEYS = ("images", "aux", "output", "content", "style", "transformer")
 
 
 def read_toml(path: Path, kind: str) -> dict[str, Any]:

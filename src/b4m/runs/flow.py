@@ -8,9 +8,10 @@ can pair ``OUT/content`` with another style run later::
     OUT/style/     b4m style's                       OUT/images/   b4m generate's
     OUT/flow.json  the flow's settings and each stage's wall time
 
-A flow file (TOML) can replace every flag: top-level ``model``, ``preset``, ``resolution``, ``device``, ``output``
-and the ``[adapter]`` and ``[export]`` tables apply to every stage; ``[content]``, ``[style]`` and ``[make]`` hold
-each stage's own settings, as that stage's config file would (``images``, ``prompt``, ``[content.train]``, …);
+A flow file (TOML) can replace every flag: top-level ``model``, ``transformer``, ``preset``, ``resolution``,
+``device``, ``output`` and the ``[adapter]`` and ``[export]`` tables apply to every stage; ``[content]``, ``[style]``
+and ``[make]`` hold each stage's own settings, as that stage's config file would (``images``, ``prompt``,
+``[content.train]``, …);
 ``[generate]`` the images' (``prompts``, ``n``, ``seed``, ``steps``, ``upscale``). Paths are relative to the file.
 ``--resume`` skips the stages that finished and continues the one that was interrupted.
 """
@@ -36,7 +37,7 @@ from .stages import run_break, run_make
 #: Each stage's folder under the flow's output.
 FOLDERS = {"content": "content", "style": "style", "make": "made", "generate": "images"}
 #: Top-level keys of a flow file that every stage gets.
-SHARED_KEYS = ("model", "preset", "resolution", "device")
+SHARED_KEYS = ("model", "transformer", "preset", "resolution", "device")
 SHARED_TABLES = ("adapter", "export")
 #: The placeholders when none is given: a content and a style run must not share one.
 PLACEHOLDERS = {"content": "sks", "style": "zwx"}

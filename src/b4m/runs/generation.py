@@ -26,6 +26,7 @@ from ..loading import denoiser_config, load_model, model_of_identity
 from ..models.quantize import is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
+from .config import recorded_transformer
 from .folder import ADAPTER_NAMES, run_source
 from .stages import check_before_loading, defaults_note
 
@@ -68,6 +69,7 @@ def generate(
     style_lora: str | None = None,
     combine: str = "k-lora",
     base_weights: str = "auto",
+    transformer: str | None = None,
     console=None,
 ) -> list[Path]:
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter
@@ -84,7 +86,8 @@ def generate(
     ``steps`` and ``guidance_scale`` None take the model's defaults (25 steps; FLUX.1 schnell: 4 steps, guidance 0).
     ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's linear weights in 8 bits, as training's setting
     does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter then runs unmerged
-    (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused."""
+    (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused. ``transformer`` (a FLUX
+    transformer file that replaces ``model``'s own) defaults to the one the run recorded, unless ``model`` is given."""
     if upscale < 1:
         raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:
@@ -111,6 +114,7 @@ def generate(
                 "bits (merging would round them); use --combine k-lora or --base-weights auto"
             )
         model_name = model or "world"
+        transformer = recorded_transformer(transformer, None, {})
         loras = read_loras_early(paths, model_name)
     else:
         if adapter_path is None:
@@ -124,6 +128,7 @@ def generate(
 
         adapter = load_adapter(file)
         model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
+        transformer = recorded_transformer(transformer, model, run)
         if not model_name:
             raise B4MError(
                 f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
@@ -134,7 +139,13 @@ def generate(
     from ..method.stages import generate as generate_images
     from ..models.base import SampleRequest
 
-    base = load_model(model_name, device=device or default_device(), resolution=resolution, base_weights=base_weights)
+    base = load_model(
+        model_name,
+        device=device or default_device(),
+        resolution=resolution,
+        base_weights=base_weights,
+        transformer=transformer,
+    )
     if pair and loras is None:  # the model's layers were unknown before it loaded (a Hub id, a single file)
         loras = read_loras(paths, base.denoiser.config)
         check_loras_fit(loras, paths, base.denoiser, model_name)
@@ -160,6 +171,7 @@ def generate(
     )
     common = {
         "model": model_name,
+        **({"transformer": transformer} if transformer else {}),
         "negative_prompt": negative_prompt,
         "steps": base.sample_steps(request),
         "guidance_scale": base.guidance(request),

@@ -28,7 +28,7 @@ from ..method.config import MakeConfig
 from ..progress import progress_printer, say
 from ..training import distributed
 from ..unet_skeleton import unet_skeleton
-from .config import StageConfig
+from .config import StageConfig, recorded_transformer
 from .folder import (
     ADAPTER_NAMES,
     check_run_folder,
@@ -181,7 +181,11 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     from .aux import generated_aux_sets
 
     model = load_model(
-        cfg.model, device=cfg.device or default_device(), resolution=cfg.resolution, base_weights=cfg.base_weights
+        cfg.model,
+        device=cfg.device or default_device(),
+        resolution=cfg.resolution,
+        base_weights=cfg.base_weights,
+        transformer=cfg.transformer,
     )
     res = cfg.resolution or train_resolution(model)
     if cfg.resolution is None:  # load again at the model's resolution, now that it is known
@@ -314,8 +318,13 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     check_before_loading(model_name, resolution, out)
     out.mkdir(parents=True, exist_ok=True)
 
+    transformer = recorded_transformer(cfg.transformer, cfg.model, c_run)  # the content run's, with its model
     model = load_model(
-        model_name, device=cfg.device or default_device(), resolution=resolution, base_weights=cfg.base_weights
+        model_name,
+        device=cfg.device or default_device(),
+        resolution=resolution,
+        base_weights=cfg.base_weights,
+        transformer=transformer,
     )
     if fused.config.base_model and fused.config.base_model != model.identity:
         raise B4MError(f"{c_file}: made with base model {fused.config.base_model!r}, not {model.identity!r}")
@@ -371,7 +380,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
         "final_loss": record.result.final_loss if record.result else None,
         "train": train_stats(record.result) if record.result else None,
     }
-    cfg = dataclasses.replace(cfg, model=model_name)
+    cfg = dataclasses.replace(cfg, model=model_name, transformer=transformer)
     if writer:
         write_run_json(out, cfg, "make", model, durations(t), summary)
         say(console, f"wrote {path}")

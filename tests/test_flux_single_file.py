@@ -192,6 +192,13 @@ def test_commands_take_the_transformer_and_the_run_records_it(files, tmp_path, n
     assert result.exit_code == 0, result.output + repr(result.exception)
     settings = json.loads(Image.open(again / "00_seed0.png").text["b4m"])
     assert settings["transformer"] == str(tmp_path / "tiny-dev.safetensors")
+    alone = tmp_path / "alone" / "fused.b4m.safetensors"  # without its run.json: the error names both flags
+    alone.parent.mkdir()
+    shutil.copy(out / "made" / "fused.b4m.safetensors", alone)
+    message = _one_line_error("generate", alone, "a sks dog", "-o", tmp_path / "g2")
+    assert message.endswith(
+        "pass --transformer (the file tiny-dev.safetensors) and --model (the FLUX folder or Hub id of the rest)"
+    )
     assert no_network == []
 
 
@@ -346,3 +353,27 @@ def test_dry_run_checks_the_file_against_the_folder_and_inspect_reads_its_header
     info = describe(bfl)  # from the header alone
     assert info["kind"].startswith("a FLUX.1 transformer (BFL/ComfyUI names, F32, 1 double and 1 single blocks")
     assert info["width"] == 16 and info["use"].startswith(f"--transformer {bfl} --model FOLDER")
+
+
+def test_a_cached_hub_id_takes_the_file_too_offline(files, tmp_path, no_network, monkeypatch):
+    """--model a Hub id in the local Hugging Face cache (as hf download leaves it) works as a folder does."""
+    import huggingface_hub.constants
+
+    repo, revision = "black-forest-labs/FLUX.1-dev", "0123456789abcdef0123456789abcdef01234567"
+    cached = tmp_path / "hf-cache" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files["folder"], cached / "snapshots" / revision)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder of the Hub id's name
+    loaded = load_model(repo, transformer=files["other"])
+    assert loaded.identity == "flux:tiny-dev.safetensors"
+    torch.testing.assert_close(_output(loaded.denoiser), _output(files["other_model"]), rtol=0, atol=0)
+    bigger = _save(
+        FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": 2}).state_dict(), tmp_path / "b.safetensors"
+    )
+    with pytest.raises(B4MError, match=f"does not fit {repo}'s transformer config \\(double blocks 2 vs 1\\)"):
+        load_model(repo, transformer=bigger)  # its config read from the cache, before anything loads
+    assert no_network == []

@@ -60,9 +60,20 @@ def model_of_identity(identity: str) -> str | None:
     if identity == "world":
         return "world"
     family, _, name = identity.partition(":")
+    if family in ("flux", "flux2") and name.endswith(".safetensors"):  # a transformer file's name: not a whole model
+        return None
     if family in ("sd", "sdxl", "flux", "flux2") and name and (Path(name).exists() or looks_like_hub_id(name)):
         return name
     return None
+
+
+def model_hint(identity: str) -> str:
+    """What a command asks for where a run's record does not say where its base model is: ``--model``, and
+    ``--transformer`` too where the identity names a FLUX transformer file (``flux:flux1-dev.safetensors``)."""
+    family, _, name = identity.partition(":")
+    if family in ("flux", "flux2") and name.endswith(".safetensors"):
+        return f"pass --transformer (the file {name}) and --model (the FLUX folder or Hub id of the rest)"
+    return "pass --model"
 
 
 def model_file(model: str, filename: str) -> Path | None:

@@ -22,7 +22,7 @@ from PIL import Image
 from ..errors import B4MError
 from ..files import check_output, load_safetensors
 from ..images import save_grid, save_png, upscaled
-from ..loading import denoiser_config, load_model, model_of_identity
+from ..loading import denoiser_config, load_model, model_hint, model_of_identity
 from ..models.quantize import is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
@@ -132,7 +132,7 @@ def generate(
         if not model_name:
             raise B4MError(
                 f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
-                "run.json beside it says where it is; pass --model"
+                f"run.json beside it says where it is; {model_hint(adapter.config.base_model)}"
             )
     check_before_loading(model_name, resolution, out)
     from ..device import default_device

@@ -23,7 +23,7 @@ from ..adapter.config import PLPConfig
 from ..data import ImageSet, load_aux_sets, load_image_set
 from ..errors import B4MError
 from ..images import save_grid
-from ..loading import denoiser_config, flux_family, load_model, model_of_identity, transformer_skeleton
+from ..loading import denoiser_config, flux_family, load_model, model_hint, model_of_identity, transformer_skeleton
 from ..method.config import MakeConfig
 from ..progress import progress_printer, say
 from ..training import distributed
@@ -294,7 +294,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     if not model_name:
         raise B4MError(
             f"{c_file}: made with base model {fused.config.base_model!r}, which names no folder or Hub id, and no "
-            "run.json beside it says where it is; pass --model"
+            f"run.json beside it says where it is; {model_hint(fused.config.base_model)}"
         )
     # The runs' own images, prompts and resolution (from their run.json), checked before the model loads.
     resolution = cfg.resolution or c_run.get("config", {}).get("resolution")

@@ -30,6 +30,7 @@ from diffusers import FluxTransformer2DModel
 
 from b4m.adapter.config import PLPConfig
 from b4m.adapter.walker import add_plp, plp_layers
+from b4m.device import avoid_cudnn_attention
 from b4m.models.quantize import linear_weight_bytes, quantize_weights
 
 #: FLUX.1-dev's transformer/config.json.
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no CUDA GPU: the FLUX.1-dev-sized run needs one (--tiny runs on the CPU)")
+    avoid_cudnn_attention(device)  # as b4m trains FLUX (its FluxModel.to): cuDNN's attention backward fails there
     ckpts = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
     rows = []
     for ckpt in ckpts:

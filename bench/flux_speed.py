@@ -451,6 +451,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=None, help="text tokens (512; tiny 8)")
     parser.add_argument("--matmul-size", type=int, default=None, help="n of the n³ bf16 matmul (8192; tiny 256)")
     parser.add_argument("--budget-s", type=float, default=0, help="start no row after this many seconds (0: none)")
+    parser.add_argument(
+        "--cudnn-attention",
+        choices=["on", "off"],
+        default="off",
+        help="cuDNN's attention kernel for every row (off: as b4m trains FLUX; bench/attention_probe.py says why)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the measured rows of the JSON; run the rest")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny transformer at 32 and 64 px: every row on a CPU")
@@ -489,6 +495,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     families = ["flux", "klein"] if args.family == "both" else [args.family]
     old = json.loads(args.json.read_text()) if args.resume and args.json.exists() else {}
     done = {(r["family"], r["id"]) for r in old.get("rows", []) if r.get("ms_per_step") is not None}
+    if device.type == "cuda":  # every row alike, plain and b4m (b4m.device.avoid_cudnn_attention)
+        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention == "on")
     rate = speed.matmul_rate(device, args.matmul_size, repeats=20 if device.type == "cuda" else 3)
     print(f"{speed.device_name(device)}: bf16 matmul {args.matmul_size}³ {rate['tflops']:.1f} TFLOP/s", flush=True)
     command = "python bench/flux_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -522,11 +530,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             except Exception as e:  # one broken row must not cost the others
                 traceback.print_exc()
                 row = {"family": family, "id": row_id, "resolution": None, "error": f"{type(e).__name__}: {e}"}
+                if "illegal memory access" in str(e):  # the process's CUDA context is spoilt: no later row can run
+                    report["stopped_before"] = f"{family}/{row_id} (a CUDA error spoilt the process)"
             row["row_s"] = time.perf_counter() - t0
             report["rows"].append(row)
             report["seconds"] = time.perf_counter() - t_start
             write(args.json, report)
             print(table([row]).splitlines()[-1], f"({row['row_s']:.0f} s)", flush=True)
+            if "stopped_before" in report:
+                break
         del bench
         gc.collect()
         if device.type == "cuda":

@@ -398,3 +398,19 @@ def test_an_uncached_hub_id_without_the_hub_is_one_line_at_once(tmp_path, offlin
     why = "HF_HUB_OFFLINE is set" if offline else "http://127.0.0.1:9 cannot be reached"
     assert proc.stderr.startswith(f"error: someone/some-model: not in the local Hugging Face cache and {why}")
     assert "hf download someone/some-model" in proc.stderr
+
+
+def test_cuda_models_keep_attention_off_cudnn_and_cpu_ones_leave_it():
+    """FLUX on a GPU avoids cuDNN's attention kernel (its backward failed at FLUX's shapes on an H200); a CPU run
+    changes nothing (the switch is process-wide)."""
+    from b4m.device import avoid_cudnn_attention
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(torch.device("cuda", 0))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

@@ -41,6 +41,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from torch import nn
 
+from ..device import avoid_cudnn_attention
 from ..errors import B4MError
 from .base import Conditioning, DiffusionModel, SampleRequest
 from .diffusers_common import _to_float32, module_device, tokenize, vae_scale_factor
@@ -159,6 +160,7 @@ class FluxModel(DiffusionModel):
         return module_device(self.denoiser)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FluxModel:
+        avoid_cudnn_attention(device)  # its backward fails at FLUX's shapes (H200, torch 2.11)
         self.denoiser.to(device=device, dtype=dtype)
         for encoder in self.text_encoders():
             encoder.to(device=device, dtype=dtype)

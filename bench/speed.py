@@ -15,8 +15,8 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   off, 1024 px.
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
-  adapter unmerged (the no-grad path: ``W_down`` stacked under the base weight, one GEMM for both, cached in the UNet
-  dtype) and merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the
+  adapter unmerged (the no-grad path: the base layer and two skinny matmuls, the cast factors cached in the UNet
+  dtype; until the tag ``stacked-sampling``, ``W_down`` stacked under a copy of the base weight) and merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the
   UNet calls; the VAE decode timed apart.
 
 The ``-legacy`` rows (``stage1/fast-1x16-legacy``, ``stage1/graphs-1x16-legacy``, ``make/graphs-1x8-legacy``: the
@@ -689,8 +689,8 @@ class Bench:
                 set_submodule(self.unet, name, layer.base_layer)
         descriptions = {
             "none": "no adapter",
-            "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: W_down stacked under the base "
-            "weight, one GEMM for both, cached in the UNet's dtype)",
+            "unmerged": "fused PLP adapter, unmerged (PLPLinear's no-grad path: the base layer and two skinny "
+            "matmuls, the factors cached in the UNet's dtype)",
             "merged": "fused PLP adapter merged into the weights (b4m.adapter.walker.merge_plp)",
             "none-compile": f"no adapter, torch.compile(mode={args.compile_mode})",
             "none-graphs": "no adapter, CUDA graphs of the UNet calls (b4m.cuda_graphs.graphed_sampling)",

@@ -216,8 +216,8 @@ def test_bench_in_two_workers_scores_what_one_process_scores(tmp_path, monkeypat
     """A 2 × 2 grid of pairs (a wave of whole pairs, then a wave of single units) in 2 CPU workers: the same images,
     scores and losses as one process, stage-1 runs trained once each.
 
-    All processes run one thread: CPU GEMMs may sum in another order with another thread count (the stacked sampling
-    GEMM of b4m.plp does), which moves cosines in the 5th digit; equality is the claim, so the order must match."""
+    All processes run one thread: CPU GEMMs may sum in another order with another thread count, which moves cosines in
+    the 5th digit; equality is the claim, so the order must match."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this process's

@@ -19,8 +19,8 @@ The tensors are named for what they are, as in peft: ``up_frozen`` (the paper's 
 *down* projection (peft's naming), not the paper's A.
 
 Forward: training runs one autograd node for the whole adapter and its add (:mod:`b4m.adapter.lowrank`), so ΔW is
-never materialised; sampling (no grad) stacks ``W_down`` under the base weight so that one GEMM gives the base output
-and ``x · W_downᵀ`` (:meth:`PLPLinear._infer`).
+never materialised; sampling (no grad) adds two skinny matmuls to the base layer's output and keeps no copy of the
+base weight (:meth:`PLPLinear._infer`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
 from ..device import is_plain
 from ..errors import B4MError
 from .config import PLPConfig
 from .init import frozen_rng, learned_rng, make_frozen, make_learned_down
-from .lowrank import AUTOCAST_DTYPES, autocast_input, low_rank_add
+from .lowrank import autocast_input, low_rank_add
 
 
 @torch.no_grad()
@@ -135,11 +134,11 @@ class PLPLinear(LinearAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            self._drop_stack()  # a base-weight copy that this layer no longer uses
+            self._drop_cache()  # factors this layer no longer uses
             return self.base_layer(x)
         if not torch.is_grad_enabled():
             return self._infer(x)
-        self._drop_stack()  # training moves B and D: the stack would be stale anyway
+        self._drop_cache()  # training moves B and D: the cast factors would be stale anyway
         # One autograd node for the whole adapter and its add (b4m.adapter.lowrank); ΔW is never materialised.
         x = autocast_input(x)
         return low_rank_add(
@@ -158,78 +157,22 @@ class PLPLinear(LinearAdapter):
     # -- sampling ---------------------------------------------------------------------------------------------------
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
-        """The no-grad forward: ``z = x · [W0; W_down]ᵀ + [b; 0]`` in the compute dtype (one GEMM: ``x`` read once),
-        then ``z[:, :m] += z[:, m:] · (scale · W_up)ᵀ`` in place, where the stacked GEMM computes exactly what the base
-        layer would (:meth:`_stack_dtype`); else the base layer and two skinny matmuls (:meth:`_factor_infer`).
+        """The no-grad forward: the base layer as it is (hooked, offloaded, 8-bit or compiled alike), then
+        ``y += (x · W_downᵀ) · (scale · W_up)ᵀ`` in the output's dtype: two skinny matmuls, the add fused into the
+        second. Only the cast factors are cached (``(m + n) · r`` numbers a layer), never a copy of the base weight:
+        the stacked ``[W0; W_down]`` GEMM that this replaced saved one skinny matmul a layer but kept a copy of every
+        adapted weight while sampling unmerged (1.9 GiB on SDXL, 11.0 GiB on FLUX.1-dev; docs/benchmarks.md)."""
+        return self._factor_infer(x, self.base_layer(x))
 
-        The output is the view ``z[..., :m]`` (row stride m + r, last dimension contiguous): splitting its last
-        dimension (attention heads) or merging the leading ones still views. The stack (a copy of ``W0``, in the
-        compute dtype) and ``(scale · W_up)ᵀ`` are kept until a tensor they come from changes (data pointers and
-        versions) or a scale changes; they are dropped when the layer is merged or trained."""
-        dtype = self._stack_dtype(x)
-        if dtype is None:
-            self._drop_stack()
-            return self._factor_infer(x, self.base_layer(x))
-        w, b = self.base_layer.weight, self.base_layer.bias
-        sources = (w, b, self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)
-        key = (
-            dtype,
-            w.device,
-            self.scale,
-            self.up_scale,
-            self.down_scale,
-            *(None if t is None else (t.data_ptr(), t._version) for t in sources),
-        )
-        cache = self.__dict__.get("_stack_cache")
-        if cache is None or cache[0] != key:
-            self._drop_stack()  # free the stale stack before building the new one
-            up = self._scaled_up().to(dtype)
-            w_stack = torch.cat([w.to(dtype), self.down().to(dtype)])  # (m + r) × n
-            b_stack = None if b is None else torch.cat([b.to(dtype), b.new_zeros(self.rank, dtype=dtype)])
-            cache = self._stack_cache = (key, w_stack, b_stack, up.T.contiguous())
-        _, w_stack, b_stack, up_t = cache
-        m = w.shape[0]
-        z = F.linear(x.to(dtype), w_stack, b_stack).contiguous()  # (..., m + r); one dtype: autocast casts nothing
-        z2 = z.view(-1, z.shape[-1])
-        z2[:, :m].addmm_(z2[:, m:], up_t)
-        return z[..., :m]
-
-    def _drop_stack(self) -> None:
-        """Free the sampling caches (the stacked weights, the cast factors). Not inside torch.compile, where a
-        ``__dict__`` pop breaks the graph: a stale cache only holds memory, since every use checks its key first."""
+    def _drop_cache(self) -> None:
+        """Free the sampling cache (the cast factors). Not inside torch.compile, where a ``__dict__`` pop breaks the
+        graph: a stale cache only holds memory, since every use checks its key first."""
         if not torch.compiler.is_compiling():
-            self.__dict__.pop("_stack_cache", None)
             self.__dict__.pop("_factor_cache", None)
 
-    def _stack_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype of ``self.base_layer(x)`` where the stacked GEMM computes exactly what that call would (a plain
-        ``nn.Linear`` with a plain weight, its forward not wrapped or hooked, e.g. by an offloading hook that moves its
-        weight in), else None. Never inside torch.compile: the stack is Python state."""
-        base = self.base_layer
-        if (
-            type(base) is not nn.Linear
-            or not is_plain(base.weight)  # 8-bit: the stack would be a full-width copy of it
-            or base._forward_hooks
-            or base._forward_pre_hooks
-            or "forward" in base.__dict__
-            or _nn_module._global_forward_hooks
-            or _nn_module._global_forward_pre_hooks
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        w = base.weight
-        if x.device != w.device:
-            return None
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # nn.Linear runs in the autocast dtype where autocast casts
-            fits = x.dtype in AUTOCAST_DTYPES and w.dtype in AUTOCAST_DTYPES
-            return torch.get_autocast_dtype(device) if fits else None
-        return w.dtype if x.dtype == w.dtype else None
-
     def _factor_infer(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + (x · W_downᵀ) · (scale · W_up)ᵀ`` in the output's dtype, two matmuls with the add fused into the
-        second: the sampling path where the stack cannot stand in for the base layer (a hooked or offloaded base
-        layer, a dtype mismatch, torch.compile). The cast factors are kept until a factor or a scale changes; inside
+        """``y + (x · W_downᵀ) · (scale · W_up)ᵀ`` in ``y``'s dtype, ``y`` being the base layer's output for ``x``.
+        The cast factors are kept until a factor or a scale changes (data pointers, versions, scales); inside
         torch.compile nothing is cached (the compiler folds the casts into the graph)."""
         if torch.compiler.is_compiling():
             h = F.linear(x.to(y.dtype), self.down().to(y.dtype))
@@ -263,7 +206,7 @@ class PLPLinear(LinearAdapter):
             return
         add_to_weight(self.base_layer.weight, self.delta_weight(), self.name)
         self.merged = True
-        self._drop_stack()  # stale now; merged sampling needs no copy of the weight
+        self._drop_cache()  # merged sampling needs no factors
 
     @torch.no_grad()
     def unmerge(self) -> None:

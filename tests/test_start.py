@@ -74,6 +74,15 @@ def test_bad_input_fails_before_torch(tmp_path, args, error):
     assert result["imported"] == []
 
 
+def test_bench_refuses_an_unknown_method_before_torch(tmp_path):
+    result = _probe(["bench", "--methods", "b4m,nope", "-o", str(tmp_path / "out")])
+    assert result["code"] == 2
+    assert result["stderr"].startswith("error: unknown method 'nope'; known: default, ablations, all, b4m,")
+    assert result["stderr"].count("\n") == 1
+    assert result["imported"] == []
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "args, error",
     [
@@ -109,5 +118,4 @@ def test_a_stage_refuses_bad_input_before_torch(tmp_path, args, error):
     assert result["code"] == 2
     assert result["stderr"] == f"error: {error.format(**where)}\n"  # the one-line error, as before
     assert result["imported"] == []  # not even torch
-    if args[0] != "run":  # (b4m run leaves its -o folder, empty: its first stage's lock made OUT/content's parent)
-        assert not Path(where["out"]).exists()
+    assert not Path(where["out"]).exists()  # no empty -o folder left (b4m run: nor the OUT that OUT/content needed)

@@ -73,9 +73,7 @@ def bench(
     ] = 0,
 ) -> None:
     """Methods × content-style pairs × prompts × seeds on the built-in world, scored against ground truth."""
-    from ..world.bench.run import run_bench
     from ..world.bench.variants import VARIANTS, BenchConfig, parse_pairs, quick_config
-    from ..world.bench.workers import default_workers
 
     if list_methods:
         for name, variant in VARIANTS.items():
@@ -117,6 +115,9 @@ def bench(
             "recorded; its scores say nothing about the methods",
             highlight=False,
         )
+    from ..world.bench.run import run_bench  # (torch: only once the settings were checked)
+    from ..world.bench.workers import default_workers
+
     results = run_bench(
         output,
         config,

@@ -88,12 +88,13 @@ def run_folder_lock(output: str | os.PathLike | None) -> Iterator[None]:
     folder is refused at once with a one-line error naming it, before it loads anything. Taken by rank 0 only (the
     processes of one multi-GPU run share their folder); a crash or a kill releases it (the kernel drops the lock
     with the process). Temporary files a killed write left in the folder are removed once the lock is held. A
-    folder made here is removed again when the run leaves nothing in it (a run refused on its input)."""
+    folder made here, and every parent made with it, is removed again when the run leaves nothing in it (a run
+    refused on its input)."""
     out = Path(output) if output else None
     if out is None or fcntl is None or not distributed.current().is_main or (out.exists() and not out.is_dir()):
         yield  # nothing to lock (check_run_folder names the problem), or not rank 0
         return
-    created = not out.exists()
+    made = [f for f in (out, *out.parents) if not f.exists()]  # the folders mkdir makes (b4m run: OUT and OUT/content)
     path = out / LOCK_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,9 +113,11 @@ def run_folder_lock(output: str | os.PathLike | None) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # before the unlock: a process that opened the old file then retries
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if empty
+        for folder in made:  # innermost first; an OSError (not empty) ends it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def locks_run_folder(stage: Callable) -> Callable:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...baselines import method_config
 from ...errors import B4MError
 from ...nested import deep_merge
 from ...runs.config import preset_settings
 from ...training.config import PRECISIONS
-from ...training.sets import TrainSet
 from ..catalog import SPLITS, default_catalog
+
+if TYPE_CHECKING:  # (imported where used: naming a method, e.g. b4m bench's bad --methods, needs no torch)
+    from ...training.sets import TrainSet
 
 #: Oracle-scored metrics, in report order (b4m.world.tasks.METRICS plus the average of content, style and prompt).
 METRICS: tuple[str, ...] = (
@@ -327,11 +328,15 @@ def quick_config(**overrides) -> BenchConfig:
 
 def variant_config(name: str, config: BenchConfig) -> Any:
     """The method config of benchmark entry ``name`` under ``config`` (a config dataclass of :mod:`b4m.baselines`)."""
+    from ...baselines import method_config
+
     variant = VARIANTS[name]
     return method_config(variant.method, deep_merge(config.base_overrides(variant.method, name), variant.overrides))
 
 
 def _as_aux(s: TrainSet, weight: float = 1.0) -> TrainSet:
+    from ...training.sets import TrainSet
+
     return TrainSet(s.name, s.latents, s.cond, weight, False)
 
 

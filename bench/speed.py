@@ -16,14 +16,15 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
   adapter unmerged (the no-grad path: the base layer and two skinny matmuls, the cast factors cached in the UNet
-  dtype; until the tag ``stacked-sampling``, ``W_down`` stacked under a copy of the base weight) and merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the
-  UNet calls; the VAE decode timed apart.
+  dtype; up to commit ``f088a8b``, tag ``stacked-sampling``: ``W_down`` stacked under a copy of the base weight) and
+  merged (plain linear layers, as ``b4m generate --merge``); ``-graphs`` rows replay CUDA graphs of the UNet calls;
+  the VAE decode timed apart.
 
 The ``-legacy`` rows (``stage1/fast-1x16-legacy``, ``stage1/graphs-1x16-legacy``, ``make/graphs-1x8-legacy``: the
 earlier PLP training path; ``gen/unmerged-legacy``, ``gen/unmerged-graphs-legacy``: the earlier no-grad path) are
-gone with those paths. Their code is kept at the git tag ``legacy-speed-paths`` (the last commit with those paths),
-where ``python bench/speed.py --cases stage1/graphs-1x16-legacy,gen/unmerged-legacy`` (any ``...-legacy`` row)
-still reproduces them.
+gone with those paths. Their code is kept at commit ``19f56a8`` (tag ``legacy-speed-paths``, the last commit with
+those paths), where ``python bench/speed.py --cases stage1/graphs-1x16-legacy,gen/unmerged-legacy`` (any
+``...-legacy`` row) still reproduces them.
 
 ``--compile`` adds torch.compile rows (``stage1/fast-1x16-compile``: the eager ``fast-1x16`` row compiled). One
 training step is one optimizer step (4 micro-steps); a generation step is one denoising step. Each row: median of

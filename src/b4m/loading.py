@@ -206,8 +206,8 @@ def load_model(
         variant: Weight file variant of a diffusers folder or Hub repo (e.g. ``"fp16"``).
         resolution: Default training/sampling resolution; None: the model's native one.
         identity: Override of the base model identity recorded in adapter files.
-        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's linear weights stored in
-            8 bits (:mod:`b4m.models.quantize`; needs torchao, checked before anything loads).
+        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's and the text encoders'
+            linear weights stored in 8 bits (:mod:`b4m.models.quantize`; needs torchao, checked before anything loads).
         transformer: A FLUX.1 or FLUX.2 transformer ``.safetensors`` file that replaces the transformer of ``model``
             (a FLUX folder or Hub id), checked from its header before anything loads (:func:`check_transformer`).
 
@@ -215,7 +215,7 @@ def load_model(
         B4MError: The path does not exist, is not a supported model, loading failed, or ``base_weights`` asks for
             torchao, which is not installed, or the transformer file does not fit ``model``.
     """
-    from .models.quantize import quantize_weights, require_quantization
+    from .models.quantize import quantize_base, require_quantization
 
     require_quantization(base_weights)  # before any weights load
     if transformer:
@@ -232,7 +232,7 @@ def load_model(
             from .world.model import load_world_model
 
             loaded = load_world_model(model, device=str(device), identity=f"world:{Path(model).name}")
-        quantize_weights(loaded.denoiser, base_weights)  # the world's, once loaded: it is small
+        quantize_base(loaded, base_weights)  # the world's, once loaded: it is small
     else:  # quantized while loading, layer by layer on the device
         from .models.loading import load_diffusers_model
 

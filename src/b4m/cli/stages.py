@@ -151,8 +151,9 @@ def generate(
     base_weights: Annotated[
         str,
         typer.Option(
-            help="The denoiser's linear weights: auto (the loading dtype), int8 or float8 (stored in 8 bits by "
-            "torchao, pip install 'b4m[lowmem]'; the adapter runs unmerged, --merge falls back with a warning)."
+            help="The denoiser's and text encoders' linear weights: auto (the loading dtype), int8 or float8 "
+            "(stored in 8 bits by torchao, pip install 'b4m[lowmem]'; the adapter runs unmerged, --merge falls back "
+            "with a warning)."
         ),
     ] = "auto",
 ) -> None:

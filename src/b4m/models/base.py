@@ -117,6 +117,11 @@ class DiffusionModel(ABC):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents (scaled as the denoiser expects) of images ``(B, 3, H, W)`` in ``[-1, 1]``."""
 
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder modules of a model that loads them at full size (8-bit base weights quantize them with
+        the denoiser: :func:`b4m.models.quantize.quantize_base`); none for the world's few-MB one."""
+        return []
+
     @abstractmethod
     def offload_encoders(self) -> None:
         """Move the text and image encoders to the CPU (after latents and embeddings are cached)."""

@@ -108,13 +108,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
     "low-memory": {"train": {"speed": "fixed", "gradient_checkpointing": True}},
-    # FLUX.1 on 24 GB cards: low-memory, and the frozen denoiser's linear weights stored in 8 bits (torchao's int8
-    # weight-only; the adapter trains in float32 on top). bench/flux_memory.py measures what it saves and costs.
+    # FLUX.1 on 24 GB cards: low-memory, and the frozen denoiser's and text encoders' linear weights in 8 bits
+    # (torchao's int8 weight-only; the adapter trains in float32 on top). bench/flux_memory.py measures the step.
     "low-memory-8bit": {"base_weights": "int8", "train": {"speed": "fixed", "gradient_checkpointing": True}},
 }
 
-#: ``base_weights`` values: the loading dtype's full width, or 8-bit linear weights in the denoiser
-#: (b4m.models.quantize.CONFIGS; needs torchao).
+#: ``base_weights`` values: the loading dtype's full width, or 8-bit linear weights in the denoiser and the text
+#: encoders (b4m.models.quantize.CONFIGS; needs torchao).
 BASE_WEIGHTS = ("auto", "int8", "float8")
 
 
@@ -200,9 +200,9 @@ class StageConfig:
     device: str | None = setting(None, "cuda or cpu; None: cuda if available, else cpu.")
     base_weights: str = setting(
         "auto",
-        "The frozen denoiser's linear weights: auto (the loading dtype: bf16 or fp16 on a GPU, fp32 on the CPU), "
-        "int8 or float8 (stored in 8 bits by torchao, pip install 'b4m[lowmem]'; the adapter trains in fp32 on top, "
-        "sampling runs it unmerged). Saves memory in training with gradient checkpointing.",
+        "The frozen denoiser's and text encoders' linear weights: auto (the loading dtype: bf16 or fp16 on a GPU, "
+        "fp32 on the CPU), int8 or float8 (stored in 8 bits by torchao, pip install 'b4m[lowmem]'; the adapter "
+        "trains in fp32 on top, sampling runs it unmerged). Saves memory in training with gradient checkpointing.",
         flag="--base-weights",
         commands=_STAGES,
     )

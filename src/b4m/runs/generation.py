@@ -84,10 +84,11 @@ def generate(
     of one base model, fitting the model) before the model loads wherever its config files say its layers.
 
     ``steps`` and ``guidance_scale`` None take the model's defaults (25 steps; FLUX.1 schnell: 4 steps, guidance 0).
-    ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's linear weights in 8 bits, as training's setting
-    does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter then runs unmerged
-    (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused. ``transformer`` (a FLUX
-    transformer file that replaces ``model``'s own) defaults to the one the run recorded, unless ``model`` is given."""
+    ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's and the text encoders' linear weights in 8 bits,
+    as training's setting does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter
+    then runs unmerged (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused.
+    ``transformer`` (a FLUX transformer file that replaces ``model``'s own) defaults to the one the run recorded,
+    unless ``model`` is given."""
     if upscale < 1:
         raise B4MError(f"upscale must be at least 1, got {upscale}")
     if n < 1:

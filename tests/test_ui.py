@@ -118,3 +118,30 @@ def test_the_page_builds(tmp_path):
 
     page = build_app(tmp_path / "ws")
     assert type(page).__name__ == "Blocks"
+
+
+def test_the_apps_base_model_options_reach_every_command_that_takes_them(tmp_path):
+    """``b4m ui --model M --transformer F --preset P --base-weights B``: the content and style runs get all four,
+    make the preset and base weights, generate the base weights (make and generate read the model and the
+    transformer file from the runs' run.json); every option passed is one the command has."""
+    import typer
+
+    from b4m.cli import app
+
+    base = actions.AppBase("flux-folder", "/models/flux1-dev.safetensors", "low-memory-8bit", "int8")
+    want = {
+        "content": ["--model", "flux-folder", "--transformer", "/models/flux1-dev.safetensors"],
+        "style": ["--model", "flux-folder", "--transformer", "/models/flux1-dev.safetensors"],
+        "make": [],
+        "generate": [],
+    }
+    commands = typer.main.get_command(app).commands
+    for command, first in want.items():
+        tail = [] if command == "generate" else ["--preset", "low-memory-8bit"]
+        assert base.args(command) == [*first, *tail, "--base-weights", "int8"]
+        options = {o for p in commands[command].params for o in p.opts}
+        assert {a for a in base.args(command) if a.startswith("--")} <= options
+    assert actions.AppBase().args("content") == ["--model", "world"] and actions.AppBase().args("make") == []
+    ws, queue = Workspace(tmp_path / "ws"), Recorder()
+    job = actions.start_run(ws, queue, "style", "glass", world_concept="sunburst", base=base)
+    assert job.args[0] == "style" and job.args[-len(base.args("style")) :] == base.args("style")

@@ -5,6 +5,7 @@ writing the same folders the CLI does."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import B4MError
@@ -17,6 +18,31 @@ DEFAULT_PROMPTS = {"content": "a photo of {p}", "style": "an image in {p} style"
 PLACEHOLDERS = {"content": "sks", "style": "zwx"}
 #: How many references a world concept renders.
 WORLD_REFERENCES = 4
+
+
+@dataclass(frozen=True)
+class AppBase:
+    """The base model the app's commands run on and how it loads (``b4m ui``'s options): ``model`` and a FLUX
+    ``transformer`` file replacing its own, a training ``preset``, 8-bit ``base_weights``."""
+
+    model: str = "world"
+    transformer: str | None = None
+    preset: str | None = None
+    base_weights: str | None = None
+
+    @property
+    def world(self) -> bool:
+        return self.model == "world"
+
+    def args(self, command: str) -> list[str]:
+        """The options of ``b4m COMMAND`` that carry these: the model and its transformer file to the content and
+        style runs (make and generate read both from the runs' run.json), the preset to the three training stages,
+        the base weights to all four commands (make and generate load the base model again)."""
+        out = ["--model", self.model] + (["--transformer", self.transformer] if self.transformer else [])
+        out = out if command in ROLES else []
+        if self.preset and command != "generate":
+            out += ["--preset", self.preset]
+        return out + (["--base-weights", self.base_weights] if self.base_weights else [])
 
 
 def _world_task(role: str, concept: str, n: int):
@@ -80,7 +106,7 @@ def start_run(
     placeholder: str = "",
     captions: list[str] | None = None,
     steps: int | None = None,
-    model: str = "world",
+    base: AppBase = AppBase(),
     resume: bool = False,
 ) -> Job:
     """Queue a content or style run named ``name`` on uploaded ``files`` (or, on the world, a rendered catalog
@@ -107,12 +133,19 @@ def start_run(
     elif not ws.run(role, name).exists():
         raise B4MError(f"no {role} run named {name!r} to resume")
     args = [role, "--images", refs, "--prompt", prompt, "--placeholder", placeholder, "-o", ws.run(role, name)]
-    args += ["--model", model] + (["--steps", str(steps)] if steps else []) + (["--resume"] if resume else [])
+    args += base.args(role) + (["--steps", str(steps)] if steps else []) + (["--resume"] if resume else [])
     return queue.submit(f"{role} {name}", [str(a) for a in args])
 
 
 def start_make(
-    ws: Workspace, queue: JobQueue, content: str, style: str, *, steps: int | None = None, resume: bool = False
+    ws: Workspace,
+    queue: JobQueue,
+    content: str,
+    style: str,
+    *,
+    steps: int | None = None,
+    base: AppBase = AppBase(),
+    resume: bool = False,
 ) -> Job:
     """Queue make of a trained content and a trained style into ``WS/pairs/CONTENT+STYLE``."""
     for role, name in (("content", content), ("style", style)):
@@ -122,7 +155,8 @@ def start_make(
     if out.exists() and not resume:
         raise B4MError(f"{content} × {style} is made already ({out}); generate with it, or resume a stopped make")
     args = ["make", "--content", ws.run("content", content), "--style", ws.run("style", style), "-o", out]
-    args += (["--steps", str(steps)] if steps is not None else []) + (["--resume"] if resume else [])
+    args += base.args("make") + (["--steps", str(steps)] if steps is not None else [])
+    args += ["--resume"] if resume else []
     return queue.submit(f"make {content} × {style}", [str(a) for a in args])
 
 
@@ -137,6 +171,7 @@ def start_generate(
     content_scale: float = 1.0,
     style_scale: float = 1.0,
     upscale: int = 1,
+    base: AppBase = AppBase(),
 ) -> Job:
     """Queue images of a made pair (``b4m generate``); they replace the pair's earlier images."""
     folder = ws.root / "pairs" / pair
@@ -146,6 +181,7 @@ def start_generate(
         raise B4MError("no prompt given")
     args = ["generate", folder, prompt, "-n", n, "--seed", seed, "--content-scale", content_scale]
     args += ["--style-scale", style_scale, "--upscale", upscale, "-o", ws.images(pair), "--overwrite"]
+    args += base.args("generate")
     return queue.submit(f"images of {pair}", [str(a) for a in args])
 
 

@@ -17,12 +17,14 @@ from .workspace import Workspace
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | None = None):
-    """The app's ``gr.Blocks`` for ``workspace`` and base ``model`` (not launched)."""
+def build_app(workspace: str | Path, model: str | actions.AppBase = "world", queue: JobQueue | None = None):
+    """The app's ``gr.Blocks`` for ``workspace`` and base ``model`` (a name, or an :class:`~b4m.ui.actions.AppBase`
+    with its transformer file, preset and base weights), not launched."""
     import gradio as gr
 
     ws, queue = Workspace(workspace), queue or JobQueue()
-    world = model == "world"
+    base = model if isinstance(model, actions.AppBase) else actions.AppBase(model)
+    world = base.world
     catalog = _catalog() if world else {"content": [], "style": []}
 
     def names(stage: str, finished: bool = True) -> list[str]:
@@ -75,12 +77,12 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
         captions = [str(r[1] or "") for r in rows or [] if len(r) > 1 and any(str(c or "").strip() for c in r)]
         job = actions.start_run(
             ws, queue, role, name, files=files, world_concept=concept or None, prompt=prompt,
-            placeholder=placeholder, captions=captions or None, steps=int(steps) if steps else None, model=model,
+            placeholder=placeholder, captions=captions or None, steps=int(steps) if steps else None, base=base,
         )  # fmt: skip
         return f"queued: {job.title}"
 
     def resume(role, name):
-        return f"queued: {actions.start_run(ws, queue, role, name, resume=True, model=model).title}"
+        return f"queued: {actions.start_run(ws, queue, role, name, resume=True, base=base).title}"
 
     def cancel():
         job = queue.current()
@@ -90,12 +92,13 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
         return f"cancelling {job.title}: it writes a checkpoint, then stops"
 
     def make(content, style, steps):
-        return f"queued: {actions.start_make(ws, queue, content, style, steps=int(steps) if steps else None).title}"
+        job = actions.start_make(ws, queue, content, style, steps=int(steps) if steps else None, base=base)
+        return f"queued: {job.title}"
 
     def generate(pair, prompt, n, seed, content_scale, style_scale):
         job = actions.start_generate(
             ws, queue, pair, prompt, n=int(n), seed=int(seed), content_scale=content_scale, style_scale=style_scale,
-            upscale=4 if world else 1,
+            upscale=4 if world else 1, base=base,
         )  # fmt: skip
         queue.wait(job)
         if job.state != "done":
@@ -103,7 +106,7 @@ def build_app(workspace: str | Path, model: str = "world", queue: JobQueue | Non
         return [str(p) for p in actions.images_of(ws, pair)], [str(p) for p in actions.lora_files(ws, pair)]
 
     with gr.Blocks(title="b4m", analytics_enabled=False) as app:
-        gr.Markdown(f"# b4m: content × style\nWorkspace `{ws.root}`, base model `{model}`.")
+        gr.Markdown(f"# b4m: content × style\nWorkspace `{ws.root}`, base model `{base.model}`.")
         with gr.Tab("Concepts"):
             role = gr.Radio(["content", "style"], value="content", label="Train a")
             name = gr.Textbox(label="Name (a folder name: letters, digits, - and _)")

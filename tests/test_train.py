@@ -1,13 +1,16 @@
 import errno
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from b4m import B4MError, PLPConfig, add_plp, plp_layers
 from b4m.adapter.file import load_adapter
+from b4m.data import ImageSet, to_tensor
 from b4m.training.config import TrainConfig, folded
 from b4m.training.loop import micro_step_loss, train
-from b4m.training.sets import TrainSet
+from b4m.training.sets import TrainSet, encode_set
 from toy_model import ToyModel
 
 
@@ -279,3 +282,19 @@ def test_timestep_bias_moves_the_noise_levels_and_none_keeps_the_uniform_draws()
     assert abs((square < T // 2).float().mean().item() - 0.5**0.5) < 0.01
     with pytest.raises(B4MError, match="timestep_bias_exponent must be at least 1, got 0.5"):
         TrainConfig(timestep_bias_exponent=0.5)
+
+
+@pytest.mark.parametrize(("size", "batches"), [(32, [8, 2]), (512, [2] * 5), (1024, [1] * 10)])
+def test_a_set_is_encoded_in_batches_a_card_can_hold(size, batches):
+    """Ten images: eight a call at the world's 32 px, two at 512 px, one at 1024 px (a float32 VAE at 1024 px keeps
+    about 0.5 GB a full-resolution activation per image); the latents are those of one image at a time."""
+    model, calls = ToyModel(), []
+    encode = model.encode_images
+    model.encode_images = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(10)]
+    image_set = ImageSet("refs", None, images, ["a sks"] * 10, [Path(f"{i}.png") for i in range(10)])
+    cached = encode_set(model, image_set, 1.0, True)
+    assert calls == batches
+    one_by_one = torch.cat([encode(to_tensor([im])) for im in images])
+    torch.testing.assert_close(cached.latents, one_by_one)

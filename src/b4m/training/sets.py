@@ -36,13 +36,20 @@ def encode_sets(model: DiffusionModel, main_set: ImageSet, aux_sets: list[ImageS
     return sets + [encode_set(model, s, 1.0 / len(aux_sets), False) for s in aux_sets]
 
 
+#: Pixels the VAE encodes in one call: two 512-px images (at 1024 px one at a time: FLUX's and SDXL's float32 VAE
+#: keeps several 128-channel full-resolution activations, about 0.5 GB each per image), at most eight images.
+ENCODE_PIXELS = 2 * 512 * 512
+
+
 @torch.no_grad()
-def encode_set(model: DiffusionModel, image_set: ImageSet, weight: float, main: bool, batch: int = 8) -> TrainSet:
-    """Cache one set's latents and text conditioning (once per run)."""
+def encode_set(model: DiffusionModel, image_set: ImageSet, weight: float, main: bool) -> TrainSet:
+    """Cache one set's latents and text conditioning (once per run), the images in batches of at most
+    :data:`ENCODE_PIXELS` pixels and eight images."""
     latents = []
+    h, w = image_set.images[0].height, image_set.images[0].width
+    batch = max(1, min(8, ENCODE_PIXELS // (h * w)))
     for i in range(0, len(image_set.images), batch):
         pixels = to_tensor(image_set.images[i : i + batch]).to(model.device)
         latents.append(model.encode_images(pixels).float().cpu())
-    h, w = image_set.images[0].height, image_set.images[0].width
     cond = model.encode_prompts(image_set.captions, size=(h, w)).to("cpu")
     return TrainSet(image_set.name, torch.cat(latents), cond, weight, main)

@@ -45,7 +45,14 @@ def one(job: tuple[dict, str, str]) -> dict:
         config = DemoConfig(content=content, style=style, baseline=False, mixed_precision="no", **settings)
         report = run_world_demo(tmp, config)
     means = {k: report["metrics"]["B4M"][k]["mean"] for k in KEYS}
-    return {"settings": settings, "pair": f"{content}:{style}", **means, "seconds": time.perf_counter() - t0}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # rows of several calls may merge
+    return {
+        "settings": settings,
+        "pair": f"{content}:{style}",
+        **means,
+        "seconds": time.perf_counter() - t0,
+        "device": device,
+    }
 
 
 def average(row: dict) -> float:

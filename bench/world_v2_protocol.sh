@@ -70,7 +70,8 @@ case $phase in
       && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" \
       && cp "runs/test-seed$seed/figure-prompts.png" "$OUT/test-seed$seed-prompts.png" && echo done ;;
   demo)  # docs/world.md, "The demo's pair": the real demo (fp32, as on a CPU) over every pair; resumable per run
-    mkdir -p runs/demo; cp -n .carry/demo-*.jsonl runs/demo/ 2>/dev/null
+    mkdir -p runs/demo  # finished runs carried or committed (rows of a CPU sweep: bench/results/world-v2/demo/)
+    cp -n .carry/demo-*.jsonl runs/demo/ 2>/dev/null || cp -n bench/results/world-v2/demo/demo-*.jsonl runs/demo/ 2>/dev/null
     for split in dev test; do
       f=runs/demo/demo-$split.json
       if [ ! -f "$f" ]; then

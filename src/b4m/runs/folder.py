@@ -175,6 +175,8 @@ def write_run_json(out: Path, cfg: StageConfig, stage: str, model: DiffusionMode
         "config": cfg.to_dict(),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        # what the caching allocator held at most: what a card must have, besides the CUDA context
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         **extra,
     }
     with atomic_path(out / "run.json") as tmp:

@@ -238,6 +238,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         path = save_adapter(adapter, path)
         exports = export_loras(out, role, adapter, cfg, model, console)
         if cfg.validation.seeds:
+            model.restore_encoders()  # training's memory is free: encode and decode on the device, not the CPU
             with attached(model.denoiser, adapter):
                 validate(cfg.train.steps)
     t["end"] = time.perf_counter()
@@ -369,6 +370,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
             ]
             if prompts:
                 validation = dataclasses.replace(cfg.validation, prompts=prompts)
+                model.restore_encoders()  # as at the end of a content or style run
                 with attached(model.denoiser, made):
                     _validator(model, dataclasses.replace(cfg, validation=validation), out, console)(make_cfg.steps)
     t["end"] = time.perf_counter()

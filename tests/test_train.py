@@ -263,7 +263,7 @@ def test_fold_accumulation_trains_what_accumulating_trains(tmp_path):
 
 
 def test_timestep_bias_moves_the_noise_levels_and_none_keeps_the_uniform_draws():
-    from b4m.training.loop import draw_timesteps
+    from b4m.training.batch import draw_timesteps
 
     T, n = 1000, 40_000
     uniform = draw_timesteps(n, T, TrainConfig(), torch.Generator().manual_seed(3))

@@ -372,26 +372,35 @@ def test_progress_goes_to_log_files_as_lines(monkeypatch):
     assert "style" in terminal.getvalue() and "0.2500" in terminal.getvalue()
 
 
-def test_the_end_images_of_a_run_and_of_make_encode_on_the_device(world, tmp_path, monkeypatch):
-    """The encoders move to the CPU after caching (training does not need them), and back before the images at the
-    end of a run and of make: on FLUX, T5-XXL encoding and a 1024-px VAE decode on the CPU would take minutes."""
+def test_validation_images_encode_on_the_device_and_training_runs_without_the_encoders(world, tmp_path, monkeypatch):
+    """The encoders move to the CPU once the sets are cached (training does not need them: on FLUX, T5-XXL is 4.8–9.5
+    GB) and come back to the device for each set of validation images only, during the run (--validate-every) and at
+    the end of a run and of make (on FLUX, T5-XXL encoding and a 1024-px VAE decode on the CPU take minutes)."""
     from b4m.models.diffusers_common import DiffusersModel
 
-    calls = []
+    state = {"on_device": True, "samples": []}
 
     def spy(name):
         real = getattr(DiffusersModel, name)
-        return lambda self, *args, **kwargs: calls.append(name) or real(self, *args, **kwargs)
+
+        def call(self, *args, **kwargs):
+            if name == "sample":
+                state["samples"].append(state["on_device"])
+            else:
+                state["on_device"] = name == "restore_encoders"
+            return real(self, *args, **kwargs)
+
+        return call
 
     for name in ("offload_encoders", "restore_encoders", "sample"):
         monkeypatch.setattr(DiffusersModel, name, spy(name))
     common = ["--model", world["sd"], *FAST]
     dog, yarn, made = tmp_path / "dog", tmp_path / "yarn", tmp_path / "made"
     cli_ok("content", "--images", world["dog"], "--prompt", "a photo of sks dog", "--aux", world["aux"], "-o", dog,
-           *common)  # fmt: skip
-    assert calls[-3:] == ["offload_encoders", "restore_encoders", "sample"]
+           "--validate-every", "1", *common)  # fmt: skip
+    assert state["samples"] == [True] * 3  # steps 1 and 2, and the end's
+    assert not state["on_device"]  # offloaded after the images
     cli_ok("style", "--images", world["yarn"], "--prompt", "a cat in zwx style", "--aux", world["content_aux"], "-o",
            yarn, *common)  # fmt: skip
-    calls.clear()
     cli_ok("make", "--content", dog, "--style", yarn, "-o", made, "--steps", "1")
-    assert calls[-3:] == ["offload_encoders", "restore_encoders", "sample"]
+    assert state["samples"] == [True] * 5

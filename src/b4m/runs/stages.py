@@ -141,7 +141,11 @@ def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None)
         request = SampleRequest(
             prompts, cfg.validation.seeds, steps=cfg.validation.steps, guidance_scale=cfg.validation.guidance_scale
         )
-        images = model.sample(request)
+        model.restore_encoders()  # on the device for the images' time only: on FLUX, T5-XXL on the CPU takes minutes
+        try:
+            images = model.sample(request)
+        finally:
+            model.offload_encoders()  # training does not need them (on FLUX, 4.8–9.5 GB)
         path = out / "samples" / f"step-{step:06d}.png"
         save_grid(images, len(cfg.validation.seeds), path, {"prompts": prompts, "seeds": cfg.validation.seeds})
         say(console, f"validation images: {path}")
@@ -203,8 +207,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         aux_sets = generated_aux_sets(model, role, cfg, res, console)
     t["aux"] = time.perf_counter()
     sets = encode_sets(model, main_set, aux_sets)
-    if not cfg.validation.seeds or cfg.train.validate_every == 0:
-        model.offload_encoders()
+    model.offload_encoders()  # validation images bring them back for their time (_validator)
     t["cache"] = time.perf_counter()
 
     say(
@@ -238,7 +241,6 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         path = save_adapter(adapter, path)
         exports = export_loras(out, role, adapter, cfg, model, console)
         if cfg.validation.seeds:
-            model.restore_encoders()  # training's memory is free: encode and decode on the device, not the CPU
             with attached(model.denoiser, adapter):
                 validate(cfg.train.steps)
     t["end"] = time.perf_counter()
@@ -370,7 +372,6 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
             ]
             if prompts:
                 validation = dataclasses.replace(cfg.validation, prompts=prompts)
-                model.restore_encoders()  # as at the end of a content or style run
                 with attached(model.denoiser, made):
                     _validator(model, dataclasses.replace(cfg, validation=validation), out, console)(make_cfg.steps)
     t["end"] = time.perf_counter()

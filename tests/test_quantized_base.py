@@ -252,7 +252,7 @@ def test_generate_refuses_a_bad_base_weights_in_one_line_before_anything_loads(f
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--base-weights", "int4"]])
     message = str(result.exception)
     assert isinstance(result.exception, B4MError) and "\n" not in message
-    assert message == "base_weights must be auto, int8 or float8, got 'int4'"
+    assert message == "base_weights must be auto, full, int8 or float8, got 'int4'"
     loras = ["--content-lora", tmp_path / "c.safetensors", "--style-lora", tmp_path / "s.safetensors"]
     result = CliRunner().invoke(
         app, [str(a) for a in ["generate", *args[2:], *loras, "--combine", "sum", "--base-weights", "int8"]]
@@ -272,9 +272,9 @@ def test_the_low_memory_8bit_preset_and_the_setting():
     assert cfg.base_weights == "int8" and cfg.train.gradient_checkpointing
     assert load_config(None, {"preset": "low-memory"}).base_weights == "auto"  # SDXL's preset keeps full width
     assert load_config(None, {"preset": "low-memory-8bit", "base_weights": "float8"}).base_weights == "float8"
-    with pytest.raises(B4MError, match="base_weights must be one of auto, int8, float8"):
+    with pytest.raises(B4MError, match="base_weights must be one of auto, full, int8, float8"):
         StageConfig(base_weights="int4")
-    assert set(BASE_WEIGHTS) == {"auto", *CONFIGS}
+    assert set(BASE_WEIGHTS) == {"auto", "full", *CONFIGS}
 
 
 def test_a_missing_torchao_is_one_line_before_anything_loads(folder, tmp_path, monkeypatch):
@@ -328,3 +328,66 @@ def test_the_flux_memory_bench_runs_tiny_on_the_cpu(tmp_path):
     assert int8["linear_weight_bytes"] < 0.6 * bf16["linear_weight_bytes"]
     assert all(r["step_s_median"] > 0 and r["trainable_params"] > 0 for r in (bf16, int8))
     assert (tmp_path / "m.json").is_file()
+
+
+def test_a_weight_tied_to_an_embedding_stays_whole(tmp_path, monkeypatch):
+    """klein's Qwen3 ties its lm_head to its token embedding: quantizing lm_head would add an 8-bit copy beside the
+    full-width embedding instead of saving memory, so a tied weight is left as it is (and stays tied); the other
+    linear layers of the encoder are stored in 8 bits."""
+    from tiny_pipelines import save_tiny_flux2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = str(save_tiny_flux2(tmp_path / "klein"))
+    full, int8 = (load_model(folder, resolution=32, base_weights=bw).text_encoders()[0] for bw in ("auto", "int8"))
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    assert int8.lm_head.weight is int8.model.embed_tokens.weight and not is_quantized(int8.lm_head)
+    others = [m for n, m in int8.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert others and all(is_quantized(m) for m in others)
+    assert linear_weight_bytes(int8) < linear_weight_bytes(full)
+
+
+def test_make_and_generate_follow_the_content_runs_8bit_base(folder, tmp_path, monkeypatch):
+    """A content run trained on an 8-bit base (low-memory-8bit: a 24 GB card) is made and sampled on one too:
+    base_weights auto takes the run's setting; --base-weights full asks for full width. FLUX's encoders are off the
+    device for every training step, on it for every set of images."""
+    import b4m.runs.generation
+    from b4m.models.flux import FluxModel
+    from tiny_pipelines import dog_and_yarn
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = {"on_device": True, "samples": [], "steps": []}
+
+    def spy(name):
+        real = getattr(FluxModel, name)
+
+        def call(self, *args, **kwargs):
+            if name in ("sample", "predict"):
+                state["samples" if name == "sample" else "steps"].append(state["on_device"])
+            else:
+                state["on_device"] = name == "restore_encoders"
+            return real(self, *args, **kwargs)
+
+        return call
+
+    for name in ("offload_encoders", "restore_encoders", "sample", "predict"):
+        monkeypatch.setattr(FluxModel, name, spy(name))
+    data = dog_and_yarn(tmp_path / "data")
+    common = ["--model", folder, "--rank", "4", "--resolution", "32", "--steps", "1"]
+    cli_ok("content", "--images", data["dog"], "--prompt", "a photo of sks dog", "--aux", data["aux"], "-o",
+           tmp_path / "dog", "--base-weights", "int8", *common)  # fmt: skip
+    cli_ok("style", "--images", data["yarn"], "--prompt", "a cat in zwx style", "--aux", data["content_aux"], "-o",
+           tmp_path / "yarn", *common)  # fmt: skip
+    cli_ok("make", "--content", tmp_path / "dog", "--style", tmp_path / "yarn", "-o", tmp_path / "made", "--steps",
+           "1")  # fmt: skip
+    assert json.loads((tmp_path / "made" / "run.json").read_text())["config"]["base_weights"] == "int8"
+    assert state["samples"] and all(state["samples"]) and state["steps"] and not any(state["steps"])
+    loaded = []
+    load = b4m.runs.generation.load_model
+    monkeypatch.setattr(b4m.runs.generation, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    args = ["generate", tmp_path / "made", "a sks dog in zwx style", "-n", "1", "--steps", "2", "--resolution", "32"]
+    cli_ok(*args, "-o", tmp_path / "g")
+    meta = json.loads(Image.open(tmp_path / "g" / "00_seed0.png").info["b4m"])
+    assert is_quantized(loaded[-1].denoiser) and meta["base_weights"] == "int8"
+    cli_ok(*args, "-o", tmp_path / "full", "--base-weights", "full")
+    meta = json.loads(Image.open(tmp_path / "full" / "00_seed0.png").info["b4m"])
+    assert not is_quantized(loaded[-1].denoiser) and "base_weights" not in meta

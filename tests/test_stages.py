@@ -378,29 +378,30 @@ def test_validation_images_encode_on_the_device_and_training_runs_without_the_en
     the end of a run and of make (on FLUX, T5-XXL encoding and a 1024-px VAE decode on the CPU take minutes)."""
     from b4m.models.diffusers_common import DiffusersModel
 
-    state = {"on_device": True, "samples": []}
+    state = {"on_device": True, "samples": [], "steps": []}
 
     def spy(name):
         real = getattr(DiffusersModel, name)
 
         def call(self, *args, **kwargs):
-            if name == "sample":
-                state["samples"].append(state["on_device"])
+            if name in ("sample", "predict"):  # sampling's denoiser calls go through the pipeline, not predict
+                state["samples" if name == "sample" else "steps"].append(state["on_device"])
             else:
                 state["on_device"] = name == "restore_encoders"
             return real(self, *args, **kwargs)
 
         return call
 
-    for name in ("offload_encoders", "restore_encoders", "sample"):
+    for name in ("offload_encoders", "restore_encoders", "sample", "predict"):
         monkeypatch.setattr(DiffusersModel, name, spy(name))
     common = ["--model", world["sd"], *FAST]
     dog, yarn, made = tmp_path / "dog", tmp_path / "yarn", tmp_path / "made"
     cli_ok("content", "--images", world["dog"], "--prompt", "a photo of sks dog", "--aux", world["aux"], "-o", dog,
            "--validate-every", "1", *common)  # fmt: skip
     assert state["samples"] == [True] * 3  # steps 1 and 2, and the end's
+    assert state["steps"] and not any(state["steps"])  # every training step without them
     assert not state["on_device"]  # offloaded after the images
     cli_ok("style", "--images", world["yarn"], "--prompt", "a cat in zwx style", "--aux", world["content_aux"], "-o",
            yarn, *common)  # fmt: skip
     cli_ok("make", "--content", dog, "--style", yarn, "-o", made, "--steps", "1")
-    assert state["samples"] == [True] * 5
+    assert state["samples"] == [True] * 5 and not any(state["steps"])

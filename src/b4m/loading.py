@@ -206,8 +206,9 @@ def load_model(
         variant: Weight file variant of a diffusers folder or Hub repo (e.g. ``"fp16"``).
         resolution: Default training/sampling resolution; None: the model's native one.
         identity: Override of the base model identity recorded in adapter files.
-        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's and the text encoders'
-            linear weights stored in 8 bits (:mod:`b4m.models.quantize`; needs torchao, checked before anything loads).
+        base_weights: ``"auto"`` or ``"full"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's and the
+            text encoders' linear weights stored in 8 bits (:mod:`b4m.models.quantize`; needs torchao, checked
+            before anything loads).
         transformer: A FLUX.1 or FLUX.2 transformer ``.safetensors`` file that replaces the transformer of ``model``
             (a FLUX folder or Hub id), checked from its header before anything loads (:func:`check_transformer`).
 

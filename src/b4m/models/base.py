@@ -117,10 +117,10 @@ class DiffusionModel(ABC):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents (scaled as the denoiser expects) of images ``(B, 3, H, W)`` in ``[-1, 1]``."""
 
+    @abstractmethod
     def text_encoders(self) -> list[nn.Module]:
-        """The text encoder modules of a model that loads them at full size (8-bit base weights quantize them with
-        the denoiser: :func:`b4m.models.quantize.quantize_base`); none for the world's few-MB one."""
-        return []
+        """The text encoder modules (8-bit base weights quantize them with the denoiser:
+        :func:`b4m.models.quantize.quantize_base`)."""
 
     @abstractmethod
     def offload_encoders(self) -> None:

@@ -91,9 +91,9 @@ def load_diffusers_model(
         variant: Weight file variant of a folder or Hub repo (e.g. ``"fp16"``).
         resolution: Default training/sampling resolution; None: the model's native one (UNet sample size times the
             VAE factor: 1024 SDXL, 512 SD 1.x, 768 SD 2.x-v).
-        base_weights: ``"auto"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's and the text encoders'
-            linear weights stored in 8 bits (:func:`b4m.models.quantize.quantize_base`), layer by layer on
-            ``device`` before the rest of the model moves there.
+        base_weights: ``"auto"`` or ``"full"`` (``dtype``), or ``"int8"`` / ``"float8"``: the denoiser's and the
+            text encoders' linear weights stored in 8 bits (:func:`b4m.models.quantize.quantize_base`), layer by
+            layer on ``device`` before the rest of the model moves there.
         transformer: A FLUX.1 or FLUX.2 transformer ``.safetensors`` file (BFL/ComfyUI or diffusers names; bf16,
             fp16 or fp8, cast to ``dtype``) that replaces the transformer of ``model``, then a FLUX folder or Hub id.
 

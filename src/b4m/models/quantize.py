@@ -31,22 +31,25 @@ if TYPE_CHECKING:  # torch where a module is handled: require_quantization, a ch
 
     from .base import DiffusionModel
 
-#: ``base_weights`` values that quantize, and torchao's config class of each (``"auto"``: the loading dtype's full
-#: width, nothing quantized).
+#: ``base_weights`` values that quantize, and torchao's config class of each.
 CONFIGS = {"int8": "Int8WeightOnlyConfig", "float8": "Float8WeightOnlyConfig"}
+#: ``base_weights`` values that do not: ``"full"``, the loading dtype's full width; ``"auto"``, the same where it is
+#: decided (:func:`quantize_weights`; make and generate first take the setting of the run they read, :mod:`b4m.runs`).
+FULL_WIDTH = ("auto", "full")
 INSTALL = "pip install 'b4m[lowmem]'"
 
 
 def require_quantization(base_weights: str) -> None:
-    """Check that ``base_weights`` can be had here: ``"auto"``, or a mode of :data:`CONFIGS` with torchao importable.
+    """Check that ``base_weights`` can be had here: one of :data:`FULL_WIDTH`, or a mode of :data:`CONFIGS` with
+    torchao importable.
 
     Raises:
         B4MError: An unknown mode, or torchao missing (one line naming the install command).
     """
-    if base_weights == "auto":
+    if base_weights in FULL_WIDTH:
         return
     if base_weights not in CONFIGS:
-        raise B4MError(f"base_weights must be auto, {' or '.join(CONFIGS)}, got {base_weights!r}")
+        raise B4MError(f"base_weights must be auto, full, {' or '.join(CONFIGS)}, got {base_weights!r}")
     try:
         importlib.import_module("torchao.quantization")
     except ImportError as e:
@@ -61,7 +64,7 @@ def quantize_weights(module: nn.Module, base_weights: str, device: torch.device 
     Quantize after casting ``module`` to its compute dtype: torchao keeps the dtype the weight had (a later ``.to``
     with another dtype does not change it)."""
     require_quantization(base_weights)
-    if base_weights == "auto":
+    if base_weights in FULL_WIDTH:
         return 0
     from torch import nn
     from torchao import quantization
@@ -69,10 +72,16 @@ def quantize_weights(module: nn.Module, base_weights: str, device: torch.device 
     from ..device import is_plain
 
     config = getattr(quantization, CONFIGS[base_weights])()
+    counts = {}  # a weight tied to another module's (Qwen3's lm_head and its embedding) is left whole: a quantized
+    for _, p in module.named_parameters(remove_duplicate=False):  # copy of it would add memory, not save it
+        counts[id(p)] = counts.get(id(p), 0) + 1
     picked = [
         m
         for m in module.modules()
-        if isinstance(m, nn.Linear) and is_plain(m.weight) and m.weight.dtype.is_floating_point
+        if isinstance(m, nn.Linear)
+        and is_plain(m.weight)
+        and m.weight.dtype.is_floating_point
+        and counts[id(m.weight)] == 1
     ]
     chosen = {id(m) for m in picked}
     quantization.quantize_(module, config, filter_fn=lambda m, _name: id(m) in chosen, device=device)

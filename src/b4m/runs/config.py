@@ -113,9 +113,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "low-memory-8bit": {"base_weights": "int8", "train": {"speed": "fixed", "gradient_checkpointing": True}},
 }
 
-#: ``base_weights`` values: the loading dtype's full width, or 8-bit linear weights in the denoiser and the text
-#: encoders (b4m.models.quantize.CONFIGS; needs torchao).
-BASE_WEIGHTS = ("auto", "int8", "float8")
+#: ``base_weights`` values: auto (a content or style run: full width; make and generate: the run's they read), the
+#: loading dtype's full width, or 8-bit linear weights in the denoiser and the text encoders
+#: (b4m.models.quantize.CONFIGS; needs torchao).
+BASE_WEIGHTS = ("auto", "full", "int8", "float8")
+
+
+def recorded_base_weights(given: str, run: dict) -> str:
+    """The base weights a command on an earlier run loads: ``given`` (``--base-weights``) unless it is ``auto``,
+    else what the run's record (its run.json, ``run``) says: a run trained on an 8-bit base (the low-memory-8bit
+    preset, a 24 GB card) is made and sampled on one too."""
+    return given if given != "auto" else run.get("config", {}).get("base_weights") or "auto"
 
 
 #: Defaults per stage, merged under the preset, the config file and the flags: make's come from MakeConfig.
@@ -200,9 +208,10 @@ class StageConfig:
     device: str | None = setting(None, "cuda or cpu; None: cuda if available, else cpu.")
     base_weights: str = setting(
         "auto",
-        "The frozen denoiser's and text encoders' linear weights: auto (the loading dtype: bf16 or fp16 on a GPU, "
+        "The frozen denoiser's and text encoders' linear weights: full (the loading dtype: bf16 or fp16 on a GPU, "
         "fp32 on the CPU), int8 or float8 (stored in 8 bits by torchao, pip install 'b4m[lowmem]'; the adapter "
-        "trains in fp32 on top, sampling runs it unmerged). Saves memory in training with gradient checkpointing.",
+        "trains in fp32 on top, sampling runs it unmerged; saves memory in training with gradient checkpointing), "
+        "or auto: full for a content or style run, the content run's for make.",
         flag="--base-weights",
         commands=_STAGES,
     )

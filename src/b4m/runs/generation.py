@@ -23,10 +23,10 @@ from ..errors import B4MError
 from ..files import check_output, load_safetensors
 from ..images import save_grid, save_png, upscaled
 from ..loading import denoiser_config, load_model, model_hint, model_of_identity
-from ..models.quantize import is_quantized, require_quantization
+from ..models.quantize import FULL_WIDTH, is_quantized, require_quantization
 from ..progress import say
 from ..unet_skeleton import unet_skeleton
-from .config import recorded_transformer
+from .config import recorded_base_weights, recorded_transformer
 from .folder import ADAPTER_NAMES, run_source
 from .stages import check_before_loading, defaults_note
 
@@ -87,6 +87,7 @@ def generate(
     ``base_weights`` ``"int8"`` / ``"float8"`` loads the denoiser's and the text encoders' linear weights in 8 bits,
     as training's setting does (:func:`b4m.loading.load_model`; torchao checked before anything loads): the adapter
     then runs unmerged (``merge`` falls back with a warning) and ``combine="sum"``, which merges, is refused.
+    ``"auto"`` takes the run's own setting (its run.json; full width for plain LoRA files), ``"full"`` full width.
     ``transformer`` (a FLUX transformer file that replaces ``model``'s own) defaults to the one the run recorded,
     unless ``model`` is given."""
     if upscale < 1:
@@ -109,7 +110,7 @@ def generate(
     pair = content_lora is not None or style_lora is not None
     if pair:
         paths = lora_pair(content_lora, style_lora, combine, merge=merge, run=adapter_path)
-        if combine == "sum" and base_weights != "auto":
+        if combine == "sum" and base_weights not in FULL_WIDTH:
             raise B4MError(
                 f"--combine sum merges the LoRAs into the weights, which --base-weights {base_weights} stores in 8 "
                 "bits (merging would round them); use --combine k-lora or --base-weights auto"
@@ -130,6 +131,7 @@ def generate(
         adapter = load_adapter(file)
         model_name = model or run.get("config", {}).get("model") or model_of_identity(adapter.config.base_model)
         transformer = recorded_transformer(transformer, model, run)
+        base_weights = recorded_base_weights(base_weights, run)
         if not model_name:
             raise B4MError(
                 f"{file}: made with base model {adapter.config.base_model!r}, which names no folder or Hub id, and no "
@@ -180,7 +182,7 @@ def generate(
         "scale": scale,
         "content_scale": content_scale,
         "style_scale": style_scale,
-        **({"base_weights": base_weights} if base_weights != "auto" else {}),
+        **({"base_weights": base_weights} if base_weights not in FULL_WIDTH else {}),
     }
     if pair:
         images, extra = sample_pair(base, loras, request, combine, scale * content_scale, scale * style_scale)

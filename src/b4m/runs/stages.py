@@ -28,7 +28,7 @@ from ..method.config import MakeConfig
 from ..progress import progress_printer, say
 from ..training import distributed
 from ..unet_skeleton import unet_skeleton
-from .config import StageConfig, recorded_transformer
+from .config import StageConfig, recorded_base_weights, recorded_transformer
 from .folder import (
     ADAPTER_NAMES,
     check_run_folder,
@@ -322,6 +322,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     out.mkdir(parents=True, exist_ok=True)
 
     transformer = recorded_transformer(cfg.transformer, cfg.model, c_run)  # the content run's, with its model
+    cfg = dataclasses.replace(cfg, base_weights=recorded_base_weights(cfg.base_weights, c_run))  # as recorded
     model = load_model(
         model_name,
         device=cfg.device or default_device(),

@@ -17,13 +17,13 @@ from .workspace import Workspace
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def build_app(workspace: str | Path, model: str | actions.AppBase = "world", queue: JobQueue | None = None):
-    """The app's ``gr.Blocks`` for ``workspace`` and base ``model`` (a name, or an :class:`~b4m.ui.actions.AppBase`
-    with its transformer file, preset and base weights), not launched."""
+def build_app(workspace: str | Path, base: actions.AppBase | None = None, queue: JobQueue | None = None):
+    """The app's ``gr.Blocks`` for ``workspace`` and the ``base`` model (default: the built-in world) with its
+    transformer file, preset and base weights, not launched."""
     import gradio as gr
 
     ws, queue = Workspace(workspace), queue or JobQueue()
-    base = model if isinstance(model, actions.AppBase) else actions.AppBase(model)
+    base = base or actions.AppBase()
     world = base.world
     catalog = _catalog() if world else {"content": [], "style": []}
 

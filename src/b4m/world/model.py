@@ -156,6 +156,9 @@ class WorldModel(DiffusionModel):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.to(self.device)  # pixel space: the "latents" are the images in [-1, 1]
 
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder]
+
     def offload_encoders(self) -> None:
         pass  # the text encoder is a few MB; it stays where it is
 

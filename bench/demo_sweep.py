@@ -90,8 +90,13 @@ def main(argv=None) -> Path | None:
     jobs = [(s, c, st) for s in settings for c, st in pairs]
     t0 = time.perf_counter()
     partial = args.out.with_suffix(".jsonl")  # finished runs, one per line: a second call runs only the others
-    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
-    done = {(json.dumps(r["settings"], sort_keys=True), r["pair"]) for r in rows}
+    rows, done = [], set()
+    for line in partial.read_text().splitlines() if partial.exists() else []:  # the first row of a run counts
+        row = json.loads(line)
+        key = (json.dumps(row["settings"], sort_keys=True), row["pair"])
+        if key not in done:
+            rows.append(row)
+            done.add(key)
     todo = [j for j in jobs if (json.dumps(j[0], sort_keys=True), f"{j[1]}:{j[2]}") not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")

@@ -71,7 +71,10 @@ case $phase in
       && cp "runs/test-seed$seed/figure-prompts.png" "$OUT/test-seed$seed-prompts.png" && echo done ;;
   demo)  # docs/world.md, "The demo's pair": the real demo (fp32, as on a CPU) over every pair; resumable per run
     mkdir -p runs/demo  # finished runs carried or committed (rows of a CPU sweep: bench/results/world-v2/demo/)
-    cp -n .carry/demo-*.jsonl runs/demo/ 2>/dev/null || cp -n bench/results/world-v2/demo/demo-*.jsonl runs/demo/ 2>/dev/null
+    for f in .carry/demo-*.jsonl bench/results/world-v2/demo/demo-*.jsonl; do  # rows of both, each once
+      [ -f "$f" ] || continue; d=runs/demo/$(basename "$f"); touch "$d"
+      cat "$d" "$f" | awk '!seen[$0]++' > "$d.tmp" && mv "$d.tmp" "$d"
+    done
     for split in dev test; do
       f=runs/demo/demo-$split.json
       if [ ! -f "$f" ]; then

@@ -82,3 +82,26 @@ def cli_ok(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
+
+
+def watch_encoders(monkeypatch, model_class) -> dict:
+    """Record where ``model_class``'s text encoders are (``on_device``: after a restore, not after an offload) at
+    each call of its ``sample`` (``samples``) and ``predict`` (``steps``: training; sampling's denoiser calls go
+    through the pipeline, not ``predict``)."""
+    state = {"on_device": True, "samples": [], "steps": []}
+
+    def spy(name):
+        real = getattr(model_class, name)
+
+        def call(self, *args, **kwargs):
+            if name in ("sample", "predict"):
+                state["samples" if name == "sample" else "steps"].append(state["on_device"])
+            else:
+                state["on_device"] = name == "restore_encoders"
+            return real(self, *args, **kwargs)
+
+        return call
+
+    for name in ("offload_encoders", "restore_encoders", "sample", "predict"):
+        monkeypatch.setattr(model_class, name, spy(name))
+    return state

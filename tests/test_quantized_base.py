@@ -38,7 +38,7 @@ from b4m.training.config import TrainConfig
 from b4m.training.loop import micro_step_loss
 from b4m.training.runs import train_adapter
 from b4m.training.sets import TrainSet
-from conftest import cli_ok
+from conftest import cli_ok, watch_encoders
 from test_flux import EXPECTED, _transformer_inputs
 from tiny_pipelines import save_square_images, save_tiny_flux
 
@@ -355,22 +355,7 @@ def test_make_and_generate_follow_the_content_runs_8bit_base(folder, tmp_path, m
     from tiny_pipelines import dog_and_yarn
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    state = {"on_device": True, "samples": [], "steps": []}
-
-    def spy(name):
-        real = getattr(FluxModel, name)
-
-        def call(self, *args, **kwargs):
-            if name in ("sample", "predict"):
-                state["samples" if name == "sample" else "steps"].append(state["on_device"])
-            else:
-                state["on_device"] = name == "restore_encoders"
-            return real(self, *args, **kwargs)
-
-        return call
-
-    for name in ("offload_encoders", "restore_encoders", "sample", "predict"):
-        monkeypatch.setattr(FluxModel, name, spy(name))
+    state = watch_encoders(monkeypatch, FluxModel)
     data = dog_and_yarn(tmp_path / "data")
     common = ["--model", folder, "--rank", "4", "--resolution", "32", "--steps", "1"]
     cli_ok("content", "--images", data["dog"], "--prompt", "a photo of sks dog", "--aux", data["aux"], "-o",

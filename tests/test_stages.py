@@ -16,7 +16,7 @@ from b4m.files import load_safetensors
 from b4m.lora_files import load_lora
 from b4m.runs.config import STAGE_DEFAULTS, load_config
 from b4m.runs.stages import run_break, run_make
-from conftest import cli_ok
+from conftest import cli_ok, watch_encoders
 from tiny_pipelines import save_tiny_sd, save_tiny_sdxl
 
 runner = CliRunner()
@@ -378,22 +378,7 @@ def test_validation_images_encode_on_the_device_and_training_runs_without_the_en
     the end of a run and of make (on FLUX, T5-XXL encoding and a 1024-px VAE decode on the CPU take minutes)."""
     from b4m.models.diffusers_common import DiffusersModel
 
-    state = {"on_device": True, "samples": [], "steps": []}
-
-    def spy(name):
-        real = getattr(DiffusersModel, name)
-
-        def call(self, *args, **kwargs):
-            if name in ("sample", "predict"):  # sampling's denoiser calls go through the pipeline, not predict
-                state["samples" if name == "sample" else "steps"].append(state["on_device"])
-            else:
-                state["on_device"] = name == "restore_encoders"
-            return real(self, *args, **kwargs)
-
-        return call
-
-    for name in ("offload_encoders", "restore_encoders", "sample", "predict"):
-        monkeypatch.setattr(DiffusersModel, name, spy(name))
+    state = watch_encoders(monkeypatch, DiffusersModel)
     common = ["--model", world["sd"], *FAST]
     dog, yarn, made = tmp_path / "dog", tmp_path / "yarn", tmp_path / "made"
     cli_ok("content", "--images", world["dog"], "--prompt", "a photo of sks dog", "--aux", world["aux"], "-o", dog,

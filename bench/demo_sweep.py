@@ -38,7 +38,6 @@ def one(job: tuple[dict, str, str]) -> dict:
 
     from b4m.world.demo import DemoConfig, run_world_demo
 
-    torch.set_num_threads(2)
     settings, content, style = job
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +52,12 @@ def one(job: tuple[dict, str, str]) -> dict:
         "seconds": time.perf_counter() - t0,
         "device": device,
     }
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def average(row: dict) -> float:
@@ -74,6 +79,7 @@ def main(argv=None) -> Path | None:
     p.add_argument("--split", default="dev", help="dev (16 pairs, default) or test (36; settings chosen on dev only)")
     p.add_argument("--pick", type=Path, help="a dev sweep's JSON: print the settings it chose, run nothing")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
     args = p.parse_args(argv)
     if args.pick:
         print(json.dumps([pick(json.loads(args.pick.read_text())["summary"])]))
@@ -100,7 +106,8 @@ def main(argv=None) -> Path | None:
     todo = [j for j in jobs if (json.dumps(j[0], sort_keys=True), f"{j[1]}:{j[2]}") not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(partial, "a") as log:
+    pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_threads, initargs=(args.threads,))
+    with pool, open(partial, "a") as log:
         for row in pool.map(one, todo):
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -1,5 +1,7 @@
 """Gradient checkpointing (the low-memory preset), the fused optimizer and the config presets."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -188,6 +190,9 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
     # with accumulation, the micro-steps one at a time (graphs kept) come between one batch and checkpointing
     (_, fast4), (middle_label, middle), (_, low4) = speed_plans(TrainConfig(grad_accum=4), torch.device("cuda"))
     assert fast4.fold_accumulation and middle.cuda_graphs and not middle.fold_accumulation
+    # the default's first plan is the fast preset, setting for setting (issue 19: "default settings equal the fastest
+    # preset's speed" wherever that plan fits the card)
+    assert dataclasses.replace(fast4, speed="fixed") == TrainConfig(**preset_settings("fast")["train"])
     assert not middle.gradient_checkpointing and low4.gradient_checkpointing and "out of memory" in middle_label
     assert (
         low.gradient_checkpointing and not (low.cuda_graphs or low.fold_accumulation) and "out of memory" in low_label

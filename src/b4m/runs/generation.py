@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,7 @@ def generate(
     from ..method.stages import generate as generate_images
     from ..models.base import SampleRequest
 
+    t0 = time.perf_counter()
     base = load_model(
         model_name,
         device=device or default_device(),
@@ -184,6 +186,7 @@ def generate(
         "style_scale": style_scale,
         **({"base_weights": base_weights} if base_weights not in FULL_WIDTH else {}),
     }
+    t1 = time.perf_counter()
     if pair:
         images, extra = sample_pair(base, loras, request, combine, scale * content_scale, scale * style_scale)
         settings = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"]), **common, **extra}
@@ -192,9 +195,11 @@ def generate(
             base, adapter, request, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge
         )
         settings = {"adapter": str(file), **common, "merged": merge and not is_quantized(base.denoiser)}
+    t2 = time.perf_counter()
     scenes = world_scenes(base, prompts)
     written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
-    say(console, f"wrote {len(written)} images and {grid}{defaults_note(base)}")
+    seconds = f"loading {t1 - t0:.1f} s, images {t2 - t1:.1f} s, writing {time.perf_counter() - t2:.1f} s"
+    say(console, f"wrote {len(written)} images and {grid} ({seconds}){defaults_note(base)}")
     if scenes is not None and score and not pair:
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
         world_scores(arrays, [scenes[i // n] for i in range(len(images))], written, file, run, console)

@@ -373,7 +373,7 @@ def test_progress_goes_to_log_files_as_lines(monkeypatch):
 
 
 def test_validation_images_encode_on_the_device_and_training_runs_without_the_encoders(world, tmp_path, monkeypatch):
-    """The encoders move to the CPU once the sets are cached (training does not need them: on FLUX, T5-XXL is 4.8–9.5
+    """The encoders move to the CPU once the sets are cached (training does not need them: on FLUX, T5-XXL is 4.9–9.5
     GB) and come back to the device for each set of validation images only, during the run (--validate-every) and at
     the end of a run and of make (on FLUX, T5-XXL encoding and a 1024-px VAE decode on the CPU take minutes)."""
     from b4m.models.diffusers_common import DiffusersModel

@@ -145,7 +145,7 @@ def _validator(model: DiffusionModel, cfg: StageConfig, out: Path, console=None)
         try:
             images = model.sample(request)
         finally:
-            model.offload_encoders()  # training does not need them (on FLUX, 4.8–9.5 GB)
+            model.offload_encoders()  # training does not need them (on FLUX, T5-XXL: 4.9–9.5 GB)
         path = out / "samples" / f"step-{step:06d}.png"
         save_grid(images, len(cfg.validation.seeds), path, {"prompts": prompts, "seeds": cfg.validation.seeds})
         say(console, f"validation images: {path}")

@@ -159,21 +159,12 @@ class PLPLinear(LinearAdapter):
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         """The no-grad forward: the base layer as it is (hooked, offloaded, 8-bit or compiled alike), then
         ``y += (x · W_downᵀ) · (scale · W_up)ᵀ`` in the output's dtype: two skinny matmuls, the add fused into the
-        second. Only the cast factors are cached (``(m + n) · r`` numbers a layer), never a copy of the base weight:
-        the stacked ``[W0; W_down]`` GEMM that this replaced saved one skinny matmul a layer but kept a copy of every
-        adapted weight while sampling unmerged (1.9 GiB on SDXL, 11.0 GiB on FLUX.1-dev; docs/benchmarks.md)."""
-        return self._factor_infer(x, self.base_layer(x))
-
-    def _drop_cache(self) -> None:
-        """Free the sampling cache (the cast factors). Not inside torch.compile, where a ``__dict__`` pop breaks the
-        graph: a stale cache only holds memory, since every use checks its key first."""
-        if not torch.compiler.is_compiling():
-            self.__dict__.pop("_factor_cache", None)
-
-    def _factor_infer(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + (x · W_downᵀ) · (scale · W_up)ᵀ`` in ``y``'s dtype, ``y`` being the base layer's output for ``x``.
-        The cast factors are kept until a factor or a scale changes (data pointers, versions, scales); inside
-        torch.compile nothing is cached (the compiler folds the casts into the graph)."""
+        second. Only the cast factors are cached (``(m + n) · r`` numbers a layer), until a factor or a scale changes
+        (data pointers, versions, scales); never a copy of the base weight: the stacked ``[W0; W_down]`` GEMM that this
+        replaced saved one skinny matmul a layer but kept a copy of every adapted weight while sampling unmerged
+        (1.9 GiB on SDXL, 11.0 GiB on FLUX.1-dev; docs/benchmarks.md). Inside torch.compile nothing is cached (the
+        compiler folds the casts into the graph)."""
+        y = self.base_layer(x)
         if torch.compiler.is_compiling():
             h = F.linear(x.to(y.dtype), self.down().to(y.dtype))
             return y + F.linear(h, self._scaled_up().to(y.dtype))
@@ -194,6 +185,12 @@ class PLPLinear(LinearAdapter):
         _, up_t, down = self._factor_cache
         h = F.linear(x.to(y.dtype), down)
         return y.reshape(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up_t).view(y.shape)
+
+    def _drop_cache(self) -> None:
+        """Free the sampling cache (the cast factors). Not inside torch.compile, where a ``__dict__`` pop breaks the
+        graph: a stale cache only holds memory, since every use checks its key first."""
+        if not torch.compiler.is_compiling():
+            self.__dict__.pop("_factor_cache", None)
 
     # -- merging ----------------------------------------------------------------------------------------------------
 

@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "argv": sys.argv[1:] if argv is None else argv,
+        "commit": os.environ.get("B4M_COMMIT"),  # the device machine's copy has no git history
         "build_s": round(time.perf_counter() - t0, 1),
         "stages": {},
     }
+    write_report(report, out)
+    print(f"model ready in {report['build_s']} s", flush=True)
     size = 64 if args.tiny else 1024
     res = 32 if args.tiny else args.resolution
     images(out / "data" / "dog", 4, size, 0)
@@ -188,13 +191,21 @@ def main(argv: list[str] | None = None) -> dict:
             row["timings_s"] = json.loads(run.read_text()).get("timings_s")
         report["stages"][stage] = row
         print(stage, json.dumps(row), flush=True)
+        write_report(report, out)  # after every stage: a call cut off at its time limit keeps the stages it ran
         if stage != "generate" and done.returncode:
             break  # the next stage needs this one
-    text = json.dumps(report, indent=1)
-    (out / "report.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "flux_pipeline.json").write_text(text)
     return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``OUT/report.json`` (and ``$OUT/flux_pipeline.json`` where the device tool's ``OUT`` is set)."""
+    text = json.dumps(report, indent=1)
+    for path in (
+        out / "report.json",
+        *([Path(os.environ["OUT"], "flux_pipeline.json")] if os.environ.get("OUT") else []),
+    ):
+        path.with_suffix(".part").write_text(text)
+        path.with_suffix(".part").replace(path)
 
 
 if __name__ == "__main__":

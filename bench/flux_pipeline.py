@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["peak"] = json.loads(memory.read_text())
         run = out / {"content": "dog", "style": "yarn", "make": "made"}.get(stage, "images") / "run.json"
         if run.exists():
-            row["timings_s"] = json.loads(run.read_text()).get("timings_s")
+            info = json.loads(run.read_text())
+            row["timings_s"] = info.get("timings_s")
+            row["process_age_at_start_s"] = info.get("process_age_at_start_s")  # interpreter, imports, checks
         report["stages"][stage] = row
         print(stage, json.dumps(row), flush=True)
         write_report(report, out)  # after every stage: a call cut off at its time limit keeps the stages it ran

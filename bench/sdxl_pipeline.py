@@ -199,7 +199,9 @@ def main() -> None:
         run = out / f"{name}-{tag}" / "run.json"
         if run.exists():
             info = json.loads(run.read_text())
-            report["runs"][info["stage"]] = {k: info.get(k) for k in ("timings_s", "peak_memory_gib", "train")}
+            report["runs"][info["stage"]] = {
+                k: info.get(k) for k in ("timings_s", "process_age_at_start_s", "peak_memory_gib", "train")
+            }
     text = json.dumps(report, indent=2)
     print(text)
     (out / f"report-{tag}.json").write_text(text)

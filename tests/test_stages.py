@@ -112,6 +112,7 @@ def test_content_style_make_generate_end_to_end(world, tmp_path, kind, monkeypat
     assert torch.equal(made.tensors[name]["up_frozen"], content.tensors[name]["up_frozen"])
     run = json.loads((tmp_path / "dog" / "run.json").read_text())
     assert run["stage"] == "content" and run["aux_sets"] == ["set0", "set1"] and run["versions"]["torch"]
+    assert run["process_age_at_start_s"] > 0  # the command's start before its work (this test process's age)
     assert (tmp_path / "dog" / "checkpoints" / "step-000002").is_dir()
 
     # The exported plain LoRAs: one for diffusers, one for ComfyUI/A1111 (kohya names; SGM blocks for SDXL, as

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,13 @@ def test_a_stage_refuses_bad_input_before_torch(tmp_path, args, error):
     assert result["stderr"] == f"error: {error.format(**where)}\n"  # the one-line error, as before
     assert result["imported"] == []  # not even torch
     assert not Path(where["out"]).exists()  # no empty -o folder left (b4m run: nor the OUT that OUT/content needed)
+
+
+def test_process_age_counts_from_the_process_start():
+    """run.json's ``process_age_at_start_s`` (a command's start before its work) is the process's own age."""
+    code = "import time; time.sleep(0.5); from b4m.runs.folder import process_age; print(process_age())"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    wall = time.perf_counter() - t0
+    age = float(proc.stdout)
+    assert 0.5 <= age <= wall + 0.05

@@ -218,6 +218,17 @@ def train_stats(result: TrainResult) -> dict:
     }
 
 
+def process_age() -> float | None:
+    """Seconds since this process began (interpreter start, imports, argument checks: what a command costs before its
+    work), from Linux's ``/proc``; None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command's name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")), 2)  # field 22: start time
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def durations(t: dict[str, float]) -> dict[str, float]:
     """Seconds between consecutive time stamps (keyed by the later one's name) and the total."""
     keys = list(t)

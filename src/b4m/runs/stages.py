@@ -35,6 +35,7 @@ from .folder import (
     durations,
     export_loras,
     locks_run_folder,
+    process_age,
     run_source,
     train_stats,
     write_run_json,
@@ -160,7 +161,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     (generated with the base model when not given). Returns a summary dict (also written as ``run.json``)."""
     if role not in ("content", "style"):
         raise B4MError(f"role must be content or style, got {role!r}")
-    t = {"start": time.perf_counter()}
+    t, age = {"start": time.perf_counter()}, process_age()  # age: the command's start, before its work
     if not cfg.images:
         raise B4MError("no --images folder given")
     if not cfg.prompt:
@@ -252,6 +253,7 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         "losses": record.result.losses if record.result else [],
         "images": [str(Path(f).resolve()) for f in main_set.files],
         "aux_sets": [s.name for s in aux_sets],
+        "process_age_at_start_s": age,  # in b4m run, the earlier stages of its process too
     }
     if writer:  # paths as absolute ones: make, run from another folder, reads the images again
         absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("images", "aux") if getattr(cfg, k)}
@@ -266,7 +268,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     """Make into the folder ``cfg.output``: fuse the content run ``cfg.content`` and the style run ``cfg.style``,
     then :func:`b4m.method.stages.make` on the two runs' own images (named in their run.json). ``cfg.train.steps = 0``
     fuses only (instant composition)."""
-    t = {"start": time.perf_counter()}
+    t, age = {"start": time.perf_counter()}, process_age()  # age: the command's start, before its work
     if not cfg.content or not cfg.style:
         raise B4MError("make needs --content and --style (run folders or .b4m.safetensors files)")
     if not cfg.output:
@@ -383,6 +385,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
         "style_run": str(s_file),
         "final_loss": record.result.final_loss if record.result else None,
         "train": train_stats(record.result) if record.result else None,
+        "process_age_at_start_s": age,
     }
     cfg = dataclasses.replace(cfg, model=model_name, transformer=transformer)
     if writer:

@@ -199,16 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def write_report(report: dict, out: Path) -> None:
-    """``OUT/report.json`` (and ``$OUT/flux_pipeline.json`` where the device tool's ``OUT`` is set), each written
-    under a temporary name and renamed (:func:`b4m.files.atomic_path`)."""
+def write_report(report: dict, out: Path, name: str = "flux_pipeline.json") -> None:
+    """``OUT/report.json`` (and ``$OUT/NAME`` where the device tool's ``OUT`` is set), each written under a
+    temporary name and renamed (:func:`b4m.files.atomic_path`)."""
     from b4m.files import atomic_path
 
     text = json.dumps(report, indent=1)
-    for path in (
-        out / "report.json",
-        *([Path(os.environ["OUT"], "flux_pipeline.json")] if os.environ.get("OUT") else []),
-    ):
+    for path in (out / "report.json", *([Path(os.environ["OUT"], name)] if os.environ.get("OUT") else [])):
         with atomic_path(path, durable=False) as tmp:
             tmp.write_text(text)
 

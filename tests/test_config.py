@@ -248,14 +248,14 @@ def test_each_base_model_brings_its_own_defaults_and_print_config_says_where_eac
     while SD and SDXL keep the official ones; a preset, the file and the flags still win, and every printed value
     names its source."""
     world = stage_config("content")
-    assert (world.train.steps, world.train.lr, world.train.batch_size, world.train.grad_accum) == (60, 5e-3, 2, 1)
+    assert (world.train.steps, world.train.lr, world.train.batch_size, world.train.grad_accum) == (60, 2e-3, 2, 1)
     sdxl = stage_config("content", None, {"model": "stabilityai/stable-diffusion-xl-base-1.0"})
     assert (sdxl.train.steps, sdxl.train.lr, sdxl.train.batch_size, sdxl.train.grad_accum) == (1000, 1e-4, 1, 4)
     run = tmp_path / "dog"
     run.mkdir()
     (run / "run.json").write_text('{"config": {"model": "world"}}')
     make = stage_config("make", None, {"content": str(run), "style": str(run)})  # the content run's model
-    assert (make.train.steps, make.train.lr, make.train.routing, make.train.precondition) == (40, 2.5e-3, "none", True)
+    assert (make.train.steps, make.train.lr, make.train.routing, make.train.precondition) == (40, 1e-3, "none", True)
     path = tmp_path / "run.toml"
     path.write_text("[train]\nlr = 0.001\n")
     sources: dict[str, str] = {}

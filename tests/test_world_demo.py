@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from b4m.cli import app
 from b4m.world.catalog import default_catalog
+from b4m.world.defaults import DEMO_CONTENT, DEMO_STYLE
 from b4m.world.tasks import TaskConfig, make_task, score_images
 from b4m.world.weights import load_shipped_oracle
 
@@ -33,7 +34,7 @@ def demo(tmp_path_factory):
 def test_demo_runs_end_to_end(demo):
     out, output = demo
     report = json.loads((out / "report.json").read_text())
-    assert report["content"] == "teapot" and report["style"] == "brick" and list(report["metrics"]) == ["B4M"]
+    assert report["content"] == DEMO_CONTENT and report["style"] == DEMO_STYLE and list(report["metrics"]) == ["B4M"]
     assert report["train"]["content"]["steps"] == 2 and report["train"]["make"]["steps"] == 1
     assert report["config"]["rank"] == 64
     for name, summary in report["metrics"]["B4M"].items():
@@ -70,7 +71,7 @@ def test_demo_keeps_run_folders_that_the_commands_take(demo, tmp_path):
     assert grid.width > 2 * 4 * 32  # upscaled 4×, with labels and gaps
     # The demo's images score as the report says (their scene is in the PNGs).
     report = json.loads((out / "report.json").read_text())
-    args = ["world", "score", str(out / "images" / "b4m"), "--content", "teapot", "--style", "brick"]
+    args = ["world", "score", str(out / "images" / "b4m"), "--content", DEMO_CONTENT, "--style", DEMO_STYLE]
     result = runner.invoke(app, [*args, "--json", str(tmp_path / "demo-scores.json")])
     assert result.exit_code == 0, result.output
     scored = json.loads((tmp_path / "demo-scores.json").read_text())["images"]
@@ -81,13 +82,16 @@ def test_demo_keeps_run_folders_that_the_commands_take(demo, tmp_path):
 def test_generate_on_the_world_records_scenes_and_scores_them(demo, tmp_path):
     out, _ = demo
     cat = default_catalog()
-    task = make_task(cat, "teapot", "brick", 32, TaskConfig(prompts=1, seed=0))
+    task = make_task(cat, DEMO_CONTENT, DEMO_STYLE, 32, TaskConfig(prompts=1, seed=0))
     prompt, other = task.prompts[0], "a sks on a beach"
     gen = tmp_path / "gen"
     args = ["generate", str(out / "made"), prompt, other, "-n", "2", "--steps", "2", "--upscale", "2", "-o", str(gen)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "world scores of 2 images (teapot × brick" in result.output and "not scored: 2 images" in result.output
+    assert (
+        f"world scores of 2 images ({DEMO_CONTENT} × {DEMO_STYLE}" in result.output
+        and "not scored: 2 images" in result.output
+    )
     info = json.loads(Image.open(gen / "00_seed0.png").text["b4m"])
     assert info["scene"] == {"size": "large", "content": "sks", "style": "zwx"} | {
         k: getattr(task.scenes[0], k) for k in ("position", "background")
@@ -96,7 +100,17 @@ def test_generate_on_the_world_records_scenes_and_scores_them(demo, tmp_path):
 
     result = runner.invoke(
         app,
-        ["world", "score", str(gen), "--content", "teapot", "--style", "brick", "--json", str(tmp_path / "s.json")],
+        [
+            "world",
+            "score",
+            str(gen),
+            "--content",
+            DEMO_CONTENT,
+            "--style",
+            DEMO_STYLE,
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
     )
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "s.json").read_text())

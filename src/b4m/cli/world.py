@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import B4MError
+from ..world import defaults as world_defaults
 from .console import console
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the output folder's latest checkpoint.")]
@@ -172,11 +173,17 @@ def demo(
             help="Folder for report.html, report.json, the run folders and images (a rerun replaces them).",
         ),
     ] = Path("demo"),
-    content: Annotated[str, typer.Option(help="The content (a novel one stands for the user's subject).")] = "teapot",
-    style: Annotated[str, typer.Option(help="The style (a novel one stands for the artist's style).")] = "brick",
-    steps: Annotated[int, typer.Option(help="Steps of the content run and of the style run.")] = 60,
-    rank: Annotated[int, typer.Option(help="Adapter rank (64, the paper's).")] = 64,
-    make_steps: Annotated[int, typer.Option(help="Steps of make.")] = 40,
+    content: Annotated[
+        str, typer.Option(help="The content (a novel one stands for the user's subject).")
+    ] = world_defaults.DEMO_CONTENT,
+    style: Annotated[
+        str, typer.Option(help="The style (a novel one stands for the artist's style).")
+    ] = world_defaults.DEMO_STYLE,
+    steps: Annotated[
+        int, typer.Option(help="Steps of the content run and of the style run.")
+    ] = world_defaults.BREAK_STEPS,
+    rank: Annotated[int, typer.Option(help="Adapter rank (64, the paper's).")] = world_defaults.RANK,
+    make_steps: Annotated[int, typer.Option(help="Steps of make.")] = world_defaults.MAKE_STEPS,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
     prompts: Annotated[int, typer.Option(help="Evaluation prompts.")] = 4,
     sample_steps: Annotated[int, typer.Option(help="Sampler steps.")] = 25,

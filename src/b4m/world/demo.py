@@ -1,6 +1,6 @@
 """``b4m demo``: B4M end to end on the built-in world, scored against ground truth, in a few minutes on a CPU.
 
-A novel content (never rendered in pretraining; default: a teapot) and a novel style (default: brick) stand for a
+A novel content (never rendered in pretraining; default: a star) and a novel style (default: chevron) stand for a
 user's own subject and an artist's style. The demo does what a user does with the commands, into one folder:
 
 - ``references/``: the reference and auxiliary sets rendered as ``b4m world render`` writes them
@@ -65,8 +65,8 @@ UPSCALE = 4
 
 @dataclass
 class DemoConfig:
-    content: str = "teapot"
-    style: str = "brick"
+    content: str = defaults.DEMO_CONTENT
+    style: str = defaults.DEMO_STYLE
     # The world's training defaults (b4m.world.defaults: what b4m content/style/make use on the world by default).
     steps: int = defaults.BREAK_STEPS  # content run and style run, each
     make_steps: int = defaults.MAKE_STEPS

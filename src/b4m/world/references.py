@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import B4MError
 from ..images import save_image_set
+from . import defaults
 from .catalog import Catalog
 from .render import Scene
 from .tasks import PLAIN, Task, TaskConfig, make_task
@@ -30,7 +31,7 @@ from .tasks import PLAIN, Task, TaskConfig, make_task
 SETS: tuple[str, ...] = ("content", "content-aux", "style", "style-aux")
 
 #: Partners when only one concept is rendered: the demo's pair (both novel).
-DEFAULT_CONTENT, DEFAULT_STYLE = "teapot", "brick"
+DEFAULT_CONTENT, DEFAULT_STYLE = defaults.DEMO_CONTENT, defaults.DEMO_STYLE
 
 
 def partner(catalog: Catalog, content: str | None, style: str | None) -> tuple[str, str]:

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cap-gib", type=float, default=23.0, help="CUDA memory cap of every b4m process (0: none)")
     p.add_argument("--aux-steps", type=int, default=4, help="sampler steps of the generated auxiliary sets")
     p.add_argument("--stages", default="content,style,make,generate")
+    p.add_argument("--rows-per-forward", type=int, default=0, help="train.rows_per_forward of every run (0: off)")
     p.add_argument("--tiny", action="store_true", help="the tiny test pipeline (checks the script on a CPU)")
     args = p.parse_args(argv)
     out = args.out.resolve()
@@ -147,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     site.mkdir(parents=True, exist_ok=True)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     config = out / "run.toml"  # auxiliary sets and validation images at few sampler steps: their memory is the point
-    config.write_text(f"[auto_aux]\nsteps = {args.aux_steps}\nimages = 2\n\n[validation]\nsteps = {args.aux_steps}\n")
+    config.write_text(
+        f"[auto_aux]\nsteps = {args.aux_steps}\nimages = 2\n\n[validation]\nsteps = {args.aux_steps}\n"
+        + (f"\n[train]\nrows_per_forward = {args.rows_per_forward}\n" if args.rows_per_forward else "")
+    )
     rank = ["--rank", 4] if args.tiny else []  # the tiny transformer is 16 wide
     train = ["--resolution", res, "--preset", args.preset, "-c", config, "--overwrite", *rank]
     data = out / "data"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_tiny_flux_pipeline_runs_every_command(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "flux_pipeline.py"), "--tiny", "--out", str(tmp_path / "run")]
-    cmd += ["--steps", "1", "--make-steps", "1", "--aux-steps", "2"]
+    cmd += ["--steps", "1", "--make-steps", "1", "--aux-steps", "2", "--rows-per-forward", "1"]  # split forwards
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "flux_pipeline.json").read_text())

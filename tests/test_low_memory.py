@@ -11,7 +11,7 @@ from b4m.adapter.layer import PLPLinear
 from b4m.models.base import Conditioning
 from b4m.runs.config import PRESETS, STAGE_DEFAULTS, load_config, preset_settings, to_toml
 from b4m.training.config import TrainConfig
-from b4m.training.loop import micro_step_loss, train
+from b4m.training.loop import micro_step_loss, train, train_step
 from b4m.training.sets import TrainSet
 from b4m.training.speed import enable_gradient_checkpointing
 from conftest import TINY_SDXL_UNET
@@ -89,6 +89,39 @@ def test_checkpointed_gradients_equal_plain_ones(routing, monkeypatch):
     assert all(g.abs().sum() > 0 for g in grads[False])
     for plain, ckpt in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["clean", "none"])
+def test_rows_per_forward_trains_what_the_whole_batch_trains(routing, monkeypatch):
+    """``rows_per_forward`` (a micro-step's batch in forwards of that many images, for memory): the same step of the
+    learned halves as one forward of the whole batch, routing included (a forward of main and auxiliary rows, or of
+    either alone), in as many forwards as the batch has chunks of that size."""
+    stepped = {}
+    for rows in (0, 1, 3):
+        model, _ = attached()
+        model.denoiser.train()
+        config = TrainConfig(routing=routing, owned="up", batch_size=2, grad_accum=2, rows_per_forward=rows)
+        params = learned(model)
+        before = [p.detach().clone() for p in params]
+        calls = []
+        forward = PLPLinear.forward
+        monkeypatch.setattr(PLPLinear, "forward", lambda self, x, c=calls, f=forward: c.append(len(x)) or f(self, x))
+        optimizer = torch.optim.SGD(params, lr=1.0)  # the step is the gradient
+        train_step(model, sets_of(model), config, optimizer, torch.Generator().manual_seed(3))
+        monkeypatch.undo()
+        assert max(calls) == (rows or 6)  # 3 sets × 2 images a micro-step, in forwards of at most `rows`
+        stepped[rows] = [b - p.detach() for p, b in zip(params, before, strict=True)]
+    assert all(s.abs().sum() > 0 for s in stepped[0])
+    for rows in (1, 3):
+        for whole, split in zip(stepped[0], stepped[rows], strict=True):
+            torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_per_forward_is_checked():
+    with pytest.raises(B4MError, match="rows_per_forward must be at least 0"):
+        TrainConfig(rows_per_forward=-1)
+    with pytest.raises(B4MError, match="rows_per_forward needs cuda_graphs off"):
+        TrainConfig(rows_per_forward=1, cuda_graphs=True)
 
 
 def test_train_wires_checkpointing_and_resume_may_switch_it(tmp_path, monkeypatch):

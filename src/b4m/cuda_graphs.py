@@ -95,7 +95,13 @@ class GraphedMicroStep:
 def _clone_batch(batch):
     cond = type(batch.cond)(batch.cond.hidden.clone(), {k: v.clone() for k, v in batch.cond.extra.items()})
     return type(batch)(
-        batch.noisy.clone(), batch.timesteps.clone(), cond, batch.target.clone(), batch.weights.clone(), batch.n_main
+        batch.noisy.clone(),
+        batch.timesteps.clone(),
+        cond,
+        batch.target.clone(),
+        batch.weights.clone(),
+        batch.n_main,
+        batch.routed,
     )
 
 
@@ -111,7 +117,7 @@ def _copy_batch(static, batch) -> None:
     if static.cond.extra.keys() != batch.cond.extra.keys():
         raise B4MError("CUDA graphs: the conditioning's tensors changed between micro-steps")
     pairs += [(static.cond.extra[k], batch.cond.extra[k]) for k in static.cond.extra]
-    if batch.n_main != static.n_main or any(a.shape != b.shape for a, b in pairs):
+    if (batch.n_main, batch.routed) != (static.n_main, static.routed) or any(a.shape != b.shape for a, b in pairs):
         raise B4MError("CUDA graphs: a micro-step's shapes changed during the run; set train.cuda_graphs = false")
     torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
 

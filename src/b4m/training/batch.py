@@ -26,6 +26,22 @@ class Batch:
     target: torch.Tensor
     weights: torch.Tensor
     n_main: int
+    routed: bool = False  # clean routing applies: main and auxiliary rows both in the micro-step
+
+
+def split_batch(batch: Batch, rows: int) -> list[Batch]:
+    """``batch`` as consecutive batches of at most ``rows`` rows (0: the batch itself), each with its own count of
+    main rows and the whole batch's routing: their weighted losses add up to the batch's, their gradients too."""
+    n = len(batch.noisy)
+    if not rows or rows >= n:
+        return [batch]
+    parts = []
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        main = min(max(batch.n_main - a, 0), b - a)
+        tensors = (batch.noisy[a:b], batch.timesteps[a:b], batch.cond[a:b], batch.target[a:b], batch.weights[a:b])
+        parts.append(Batch(*tensors, main, batch.routed))
+    return parts
 
 
 def draw_timesteps(n: int, num_train_timesteps: int, config: TrainConfig, g: torch.Generator) -> torch.Tensor:
@@ -96,4 +112,4 @@ def draw_batch(
     else:
         with torch.no_grad():
             target = objective.target(model, noisy, timesteps, cond, sources)
-    return Batch(noisy, timesteps, cond, target, weights, n_main)
+    return Batch(noisy, timesteps, cond, target, weights, n_main, 0 < n_main < len(noisy))

@@ -87,6 +87,12 @@ class TrainConfig:
         "Draw a step's grad_accum micro-steps as one batch: the same loss (each set's mean over the "
         "step's images), one forward and backward instead of grad_accum; activations of all of them at once.",
     )
+    rows_per_forward: int = setting(
+        0,
+        "Split each micro-step's batch into forwards of at most this many images, each with its own backward: the "
+        "activations of that many images at a time, the same gradients (summed in another order); 0: the whole "
+        "batch in one forward. Not with cuda_graphs (a graph holds a whole micro-step).",
+    )
     timestep_bias: str = setting(
         "none",
         "Noise levels the run's timesteps favour: none (uniform), high-noise or low-noise (t = (1 - u^k)·T or u^k·T "
@@ -146,6 +152,10 @@ class TrainConfig:
             raise B4MError(f"checkpoint_minutes must be at least 0 (0: by steps only), got {self.checkpoint_minutes}")
         if self.validate_every < 0:
             raise B4MError(f"validate_every must be at least 0 (0: no validation images), got {self.validate_every}")
+        if self.rows_per_forward < 0:
+            raise B4MError(f"rows_per_forward must be at least 0 (0: the whole batch), got {self.rows_per_forward}")
+        if self.rows_per_forward and self.cuda_graphs:
+            raise B4MError("rows_per_forward needs cuda_graphs off: a CUDA graph holds a whole micro-step")
         for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise B4MError(f"{name} must be positive, got {getattr(self, name)}")

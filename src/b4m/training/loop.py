@@ -45,7 +45,7 @@ from ..cuda_graphs import GraphCaptureFailed, GraphedMicroStep
 from ..errors import B4MError, DivergedError, Interrupted, first_line
 from ..models.base import DiffusionModel
 from . import distributed
-from .batch import Batch, draw_batch
+from .batch import Batch, draw_batch, split_batch
 from .checkpoint import (
     Stopper,
     checkpoint_dir,
@@ -116,7 +116,7 @@ def batch_loss(
     model: DiffusionModel, batch: Batch, config: TrainConfig, objective: Objective | None = None
 ) -> torch.Tensor:
     """The weighted diffusion loss of a drawn batch (routing applied); with an ``objective``, plus its penalty."""
-    route = config.routing == "clean" and 0 < batch.n_main < len(batch.noisy)
+    route = config.routing == "clean" and batch.routed
     with routing(model.denoiser, batch.n_main, config.owned) if route else contextlib.nullcontext():
         pred = model.predict(batch.noisy, batch.timesteps, batch.cond)
     per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -170,14 +170,16 @@ def train_step(
     """
     total = torch.zeros((), device=model.device)
     loss_fn = scaled_loss(model, config, precision, objective) if graphed is None else None
+    rest_fn = scaled_loss(model, config, precision) if graphed is None else None  # the penalty once per micro-step
     for _ in range(config.grad_accum):
         batch = draw_batch(model, sets, config, g, objective, draws)
         if graphed is not None:
             total += graphed(batch)
             continue
-        loss = loss_fn(batch)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
+        for i, part in enumerate(split_batch(batch, config.rows_per_forward)):
+            loss = (rest_fn if i else loss_fn)(part)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     distributed.current().all_reduce_grads(params, total)  # no-op with one process
     if scaler is not None:

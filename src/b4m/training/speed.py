@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..models.base import DiffusionModel
 
 #: The settings auto chooses; giving any of them (or a preset) makes a stage's speed "fixed".
-SPEED_KEYS = ("cuda_graphs", "fused_optimizer", "gradient_checkpointing", "fold_accumulation")
+SPEED_KEYS = ("cuda_graphs", "fused_optimizer", "gradient_checkpointing", "fold_accumulation", "rows_per_forward")
 
 
 class FirstStepOutOfMemory(RuntimeError):

@@ -117,6 +117,14 @@ def test_rows_per_forward_trains_what_the_whole_batch_trains(routing, monkeypatc
             torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_resumes_under_any_speed_setting():
+    """Every setting auto chooses trains the same thing, so a run may resume under another (a smaller GPU)."""
+    from b4m.training.checkpoint import SESSION_KEYS
+    from b4m.training.speed import SPEED_KEYS
+
+    assert set(SPEED_KEYS) <= set(SESSION_KEYS)
+
+
 def test_rows_per_forward_is_checked():
     with pytest.raises(B4MError, match="rows_per_forward must be at least 0"):
         TrainConfig(rows_per_forward=-1)
@@ -218,10 +226,12 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
 
     assert [label for label, _ in speed_plans(TrainConfig(), torch.device("cpu"))] == ["as configured"]
     assert len(speed_plans(TrainConfig(speed="fixed"), torch.device("cuda"))) == 1
-    (_, fast), (low_label, low) = speed_plans(TrainConfig(grad_accum=1), torch.device("cuda"))
+    (_, fast), (low_label, low), (one_label, one) = speed_plans(TrainConfig(grad_accum=1), torch.device("cuda"))
+    assert dataclasses.replace(one, rows_per_forward=0) == low and one.rows_per_forward == 1
+    assert "one image" in one_label
     assert fast.cuda_graphs and fast.fused_optimizer and fast.fold_accumulation and not fast.gradient_checkpointing
     # with accumulation, the micro-steps one at a time (graphs kept) come between one batch and checkpointing
-    (_, fast4), (middle_label, middle), (_, low4) = speed_plans(TrainConfig(grad_accum=4), torch.device("cuda"))
+    (_, fast4), (middle_label, middle), (_, low4), _ = speed_plans(TrainConfig(grad_accum=4), torch.device("cuda"))
     assert fast4.fold_accumulation and middle.cuda_graphs and not middle.fold_accumulation
     # the default's first plan is the fast preset, setting for setting (issue 19: "default settings equal the fastest
     # preset's speed" wherever that plan fits the card)

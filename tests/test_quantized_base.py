@@ -266,10 +266,10 @@ def test_generate_refuses_a_bad_base_weights_in_one_line_before_anything_loads(f
 def test_the_low_memory_8bit_preset_and_the_setting():
     assert preset_settings("low-memory-8bit") == {
         "base_weights": "int8",
-        "train": {"speed": "fixed", "gradient_checkpointing": True},
+        "train": {"speed": "fixed", "gradient_checkpointing": True, "rows_per_forward": 1},
     }
     cfg = load_config(None, {"preset": "low-memory-8bit"})
-    assert cfg.base_weights == "int8" and cfg.train.gradient_checkpointing
+    assert cfg.base_weights == "int8" and cfg.train.gradient_checkpointing and cfg.train.rows_per_forward == 1
     assert load_config(None, {"preset": "low-memory"}).base_weights == "auto"  # SDXL's preset keeps full width
     assert load_config(None, {"preset": "low-memory-8bit", "base_weights": "float8"}).base_weights == "float8"
     with pytest.raises(B4MError, match="base_weights must be one of auto, full, int8, float8"):

@@ -108,9 +108,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
     "low-memory": {"train": {"speed": "fixed", "gradient_checkpointing": True}},
-    # FLUX.1 on 24 GB cards: low-memory, and the frozen denoiser's and text encoders' linear weights in 8 bits
-    # (torchao's int8 weight-only; the adapter trains in float32 on top). bench/flux_memory.py measures the step.
-    "low-memory-8bit": {"base_weights": "int8", "train": {"speed": "fixed", "gradient_checkpointing": True}},
+    # FLUX.1 on 24 GB cards: low-memory, the frozen denoiser's and text encoders' linear weights in 8 bits
+    # (torchao's int8 weight-only; the adapter trains in float32 on top) and one image per forward. Measured with
+    # bench/flux_pipeline.py (docs/benchmarks.md): every command at 1024 px within 23 GiB (21.3 GiB peak allocated);
+    # with the four sets' images in one forward the content run needed 28.5 GiB.
+    "low-memory-8bit": {
+        "base_weights": "int8",
+        "train": {"speed": "fixed", "gradient_checkpointing": True, "rows_per_forward": 1},
+    },
 }
 
 #: ``base_weights`` values: auto (a content or style run: full width; make and generate: the run's they read), the

@@ -156,6 +156,7 @@ SESSION_KEYS = (
     "fused_optimizer",
     "cuda_graphs",
     "fold_accumulation",
+    "rows_per_forward",
     "speed",
 )
 

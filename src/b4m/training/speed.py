@@ -3,7 +3,8 @@
 On a CUDA GPU, auto runs the ``fast`` preset's settings: a step's micro-steps as one batch (``fold_accumulation``,
 the same draws), each replayed as a CUDA graph, AdamW's fused kernel. None changes what a run trains on (they are
 :data:`~b4m.training.checkpoint.SESSION_KEYS`: a run resumes under either); if the first step runs out of GPU
-memory, the run starts again unfolded, with gradient checkpointing and no graphs (the ``low-memory`` preset). On a
+memory, the run starts again unfolded, with gradient checkpointing and no graphs (the ``low-memory`` preset), and
+then with one image per forward (``rows_per_forward = 1``). On a
 CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these settings in a config file or a flag),
 the settings run as given. The run records which it used (``TrainResult.speed``).
 """
@@ -48,6 +49,9 @@ def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
             ("auto: CUDA graphs, fused AdamW, one micro-step at a time (one batch ran out of memory)", unfolded)
         )
     plans.append(("auto: gradient checkpointing (CUDA graphs ran out of memory at the first step)", low))
+    # the last resort: a micro-step's images one per forward (FLUX.1 at 1024 px on a 24 GB card, with 8-bit weights)
+    one = replace(low, rows_per_forward=1)
+    plans.append(("auto: gradient checkpointing, one image per forward (checkpointing alone ran out of memory)", one))
     return plans
 
 

@@ -79,6 +79,42 @@ def test_dtype_applies_to_denoiser_and_text_encoders_not_vae(folders):
     assert model.predict(noisy, torch.tensor([10]), cond).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_fp16_files_load_as_bf16_with_the_same_values(folders, tmp_path, variant):
+    """Weights stored in float16 for a bfloat16 run load as stored and are cast after the move (on a GPU, there):
+    the model is the one a cast while loading gives, weight for weight."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from b4m.models.loading import stored_half_dtypes
+
+    folder = tmp_path / "fp16"
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    pipe.unet.half(), pipe.text_encoder.half(), pipe.text_encoder_2.half()
+    pipe.save_pretrained(folder, variant=variant)
+    assert stored_half_dtypes(folder, variant) == {
+        "text_encoder": torch.float16,
+        "text_encoder_2": torch.float16,
+        "unet": torch.float16,
+    }
+    assert stored_half_dtypes(folder, "other" if variant is None else None) == {}  # no such files
+    asked = []
+    real = StableDiffusionXLPipeline.from_pretrained.__func__
+    with pytest.MonkeyPatch.context() as mp:  # what diffusers is asked to load: the files' own dtype
+        mp.setattr(
+            StableDiffusionXLPipeline,
+            "from_pretrained",
+            classmethod(lambda c, *a, **k: asked.append(k) or real(c, *a, **k)),
+        )
+        model = load_model(str(folder), dtype=torch.bfloat16, variant=variant)
+    assert [k.get("dtype", k.get("torch_dtype"))["unet"] for k in asked] == [torch.float16]
+    assert model.unet.dtype == model.text_encoder.dtype == model.text_encoder_2.dtype == torch.bfloat16
+    assert model.vae.dtype == torch.float32
+    for module, stored in [(model.unet, pipe.unet), (model.text_encoder_2, pipe.text_encoder_2)]:
+        want = {k: v.to(torch.bfloat16) for k, v in stored.state_dict().items() if v.is_floating_point()}
+        got = module.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_folder_with_other_class_name_but_text_time_unet_is_sdxl(folders, tmp_path):
     copy = shutil.copytree(folders["sdxl"], tmp_path / "renamed")
     index = json.loads((copy / "model_index.json").read_text())

@@ -200,7 +200,8 @@ class Bench:
             step()
             speed.sync(dev)
             ms.append((time.perf_counter() - t0) * 1e3)
-        return {"ms_all": ms, "peak_gib": speed.peak_gib(dev), "flops": flops, "warmup_s": first}
+        peak = {"peak_gib": speed.peak_gib(dev), "peak_reserved_gib": speed.peak_reserved_gib(dev)}
+        return {"ms_all": ms, **peak, "flops": flops, "warmup_s": first}
 
     def attempt(self, plans: list[tuple[str, Callable[[], dict]]]) -> dict:
         """The first plan that fits in memory; the ones that ran out are listed."""
@@ -418,16 +419,18 @@ def ratios(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | row | px | plan | ms/step | img/s | peak GiB | TFLOP/step | % matmul | vs plain | vs none |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["family", "row", "px", "plan", "ms/step", "img/s", "peak GiB", "reserved GiB", "TFLOP/step"]
+    columns += ["% matmul", "vs plain", "vs none"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         if r.get("ms_per_step") is None:
-            lines.append(f"| {r['family']} | {r['id']} | {r['resolution']} | {r.get('error')} |||||||")
+            lines.append(f"| {r['family']} | {r['id']} | {r['resolution']} | {r.get('error')} ||||||||")
             continue
         vs_plain, vs_none = (format(r[k], ".2f") if k in r else "" for k in ("speedup_vs_plain", "ratio_to_none"))
         lines.append(
             f"| {r['family']} | {r['id']} | {r['resolution']} | {r['plan']} | {r['ms_per_step']:.1f} | "
-            f"{r['images_per_s']:.2f} | {r['peak_gib']:.2f} | {r['tflop_per_step']:.3f} | "
+            f"{r['images_per_s']:.2f} | {r['peak_gib']:.2f} | {r.get('peak_reserved_gib', 0):.2f} | "
+            f"{r['tflop_per_step']:.3f} | "
             f"{100 * r['fraction_of_matmul_rate']:.1f} | {vs_plain} | {vs_none} |"
         )
     return "\n".join(lines)
@@ -509,7 +512,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "matmul": rate,
         "runs": [*old.get("runs", []), {"command": command, "matmul": rate}],
         "notes": "training step: one optimizer step, 16 images; gen: one denoising step. ms_per_step: median of "
-        "the timed steps; peak_gib: max allocated over them; speedup_vs_plain: plain ms / this ms",
+        "the timed steps; peak_gib: max allocated over them; peak_reserved_gib: max reserved over them (CUDA "
+        "graphs' pools included); speedup_vs_plain: plain ms / this ms",
         "rows": [r for r in old.get("rows", []) if (r["family"], r["id"]) in done],
     }
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -117,6 +117,12 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_reserved_gib(device: torch.device) -> float:
+    """Peak memory the CUDA caching allocator held since the last reset: unlike :func:`peak_gib`, it counts a CUDA
+    graph's private pool, where a replayed step's activations live (0 on a CPU)."""
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def peak_gib(device: torch.device) -> float:
     """Peak allocated memory since the last reset (CUDA); on a CPU the process's peak RSS (never reset)."""
     if device.type == "cuda":
@@ -252,6 +258,7 @@ class Row:
     ms: list[float] = field(default_factory=list)
     first_call_s: float = 0.0  # the first warm-up call: a training step or a whole image (compilation included)
     peak_gib: float = 0.0
+    peak_reserved_gib: float = 0.0
     flops: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -274,6 +281,7 @@ class Row:
             "ms_per_step_all": self.ms,
             "images_per_s": self.images_per_step / (ms / 1e3) if ms > 0 else 0.0,
             "peak_gib": self.peak_gib,
+            "peak_reserved_gib": self.peak_reserved_gib,
             "tflop_per_step": tflop,
             "achieved_tflops": achieved,
             "fraction_of_matmul_rate": achieved / rate_tflops if rate_tflops > 0 else 0.0,
@@ -399,7 +407,7 @@ class Bench:
             step()
             sync(dev)
             row.ms.append((time.perf_counter() - t0) * 1e3 / steps_per_call)
-        row.peak_gib = peak_gib(dev)
+        row.peak_gib, row.peak_reserved_gib = peak_gib(dev), peak_reserved_gib(dev)
         if row.id in self.args.profile:
             self.profile(row, step)
         self.rows.append(row)
@@ -997,6 +1005,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> Path:
             "step": "training: one optimizer step (4 micro-steps); gen: one denoising step (CFG batch 2)",
             "ms_per_step": "median of the timed repeats, synchronised, after the warm-up calls",
             "peak_gib": "torch.cuda.max_memory_allocated over the timed repeats (reset per row)",
+            "peak_reserved_gib": "torch.cuda.max_memory_reserved over them: CUDA graphs' pools included",
             "tflop_per_step": "torch.utils.flop_counter of one eager step (checkpointing: recompute included)",
             "fraction_of_matmul_rate": "achieved TFLOP/s over the run's bf16 matmul rate (runs[row.run].matmul)",
         },

@@ -92,6 +92,7 @@ class ExportConfig:
         check_dtype_name(self.dtype)
 
 
+_LOW = {"speed": "fixed", "gradient_checkpointing": True}  # the low-memory presets' training settings
 #: Named groups of settings, selected by a config's top-level ``preset`` key (or the ``--preset`` flag). They sit
 #: between the stage's defaults and the config file: a key the file or a flag sets wins over the preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,15 +108,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         }
     },
     # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
-    "low-memory": {"train": {"speed": "fixed", "gradient_checkpointing": True}},
-    # FLUX.1 on 24 GB cards: low-memory, the frozen denoiser's and text encoders' linear weights in 8 bits
-    # (torchao's int8 weight-only; the adapter trains in float32 on top) and one image per forward. Measured with
-    # bench/flux_pipeline.py (docs/benchmarks.md): every command at 1024 px within 23 GiB (21.3 GiB peak allocated);
-    # with the four sets' images in one forward the content run needed 28.5 GiB.
-    "low-memory-8bit": {
-        "base_weights": "int8",
-        "train": {"speed": "fixed", "gradient_checkpointing": True, "rows_per_forward": 1},
-    },
+    "low-memory": {"train": _LOW},
+    # FLUX.1 on 24 GB cards: low-memory, 8-bit frozen linear weights (torchao's int8 weight-only; the adapter trains
+    # in float32 on top), one image per forward: each command at 1024 px within 23 GiB (bench/flux_pipeline.py).
+    "low-memory-8bit": {"base_weights": "int8", "train": {**_LOW, "rows_per_forward": 1}},
 }
 
 #: ``base_weights`` values: auto (a content or style run: full width; make and generate: the run's they read), the

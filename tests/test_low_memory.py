@@ -226,6 +226,9 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
 
     assert [label for label, _ in speed_plans(TrainConfig(), torch.device("cpu"))] == ["as configured"]
     assert len(speed_plans(TrainConfig(speed="fixed"), torch.device("cuda"))) == 1
+    # auto sets every speed setting: a rows_per_forward given beside it (the API's default speed) is no conflict
+    split = [c.rows_per_forward for _, c in speed_plans(TrainConfig(rows_per_forward=2), torch.device("cuda"))]
+    assert split == [0, 0, 0, 1]
     (_, fast), (low_label, low), (one_label, one) = speed_plans(TrainConfig(grad_accum=1), torch.device("cuda"))
     assert dataclasses.replace(one, rows_per_forward=0) == low and one.rows_per_forward == 1
     assert "one image" in one_label

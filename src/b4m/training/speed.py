@@ -36,12 +36,23 @@ def speed_plans(config: TrainConfig, device) -> list[tuple[str, TrainConfig]]:
     """The settings to try in order, each with the line a run reports: one entry unless auto applies."""
     if config.speed != "auto" or getattr(device, "type", str(device)) != "cuda":
         return [("as configured", config)]
+    # auto sets every speed setting, rows_per_forward included (a CUDA graph holds a whole micro-step)
     fast = replace(
-        config, cuda_graphs=True, fused_optimizer=True, gradient_checkpointing=False, fold_accumulation=True
+        config,
+        cuda_graphs=True,
+        fused_optimizer=True,
+        gradient_checkpointing=False,
+        fold_accumulation=True,
+        rows_per_forward=0,
     )
     unfolded = replace(fast, fold_accumulation=False)
     low = replace(
-        config, cuda_graphs=False, fused_optimizer=True, gradient_checkpointing=True, fold_accumulation=False
+        config,
+        cuda_graphs=False,
+        fused_optimizer=True,
+        gradient_checkpointing=True,
+        fold_accumulation=False,
+        rows_per_forward=0,
     )
     plans = [("auto: CUDA graphs, fused AdamW, a step's micro-steps as one batch", fast)]
     if config.grad_accum > 1:  # a folded step is grad_accum micro-steps in one batch: one at a time needs less memory

@@ -18,6 +18,9 @@ PNG_KEY = "b4m"
 GRID_BACKGROUND = (255, 255, 255)
 LABEL_COLOR = (40, 40, 40)
 _MAX_LABEL = 90  # characters; longer labels are cut with "…"
+#: zlib level of every PNG (lossless at any level): ComfyUI's 4. Four 1024-px images and their 2048-px grid took
+#: 1.0 s at 4 against 2.5 s at PIL's default 6, for files 1–4% larger (our 2-core CPU, 2026-12-06).
+PNG_COMPRESS_LEVEL = 4
 
 
 def save_png(image: Image.Image, path: Path, info: dict | None = None) -> Path:
@@ -26,7 +29,7 @@ def save_png(image: Image.Image, path: Path, info: dict | None = None) -> Path:
     if info is not None:
         meta.add_text(PNG_KEY, json.dumps(info))
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=meta)
+        image.save(tmp, format="PNG", pnginfo=meta, compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 

@@ -136,7 +136,7 @@ def test_seed_rank_and_export_flags_land_in_their_tables():
         ("make", "--precondition", "(default on)."),
         ("content", "--routing", "(default clean)."),
         ("make", "--routing", "(default none)."),
-        ("style", "--checkpoint-every", "(default 100)."),
+        ("style", "--checkpoint-every", "(default 250)."),
         ("make", "--checkpoint-every", "(default 50)."),
         ("content", "--rank", "(default 64)."),
         ("content", "--model", "(default: world)."),

@@ -157,7 +157,8 @@ class StageConfig:
     preset: str | None = setting(
         None,
         "A group of settings: fast (fused AdamW, a step's images in one batch, CUDA graphs), "
-        "low-memory (gradient checkpointing) or low-memory-8bit (that and 8-bit base weights: FLUX.1 on 24 GB); "
+        "low-memory (gradient checkpointing) or low-memory-8bit (that, 8-bit base weights and one image per "
+        "forward: FLUX.1 on 24 GB); "
         "the config file's settings and the flags win over it.",
         flag="--preset",
         commands=_STAGES,

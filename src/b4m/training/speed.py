@@ -2,11 +2,12 @@
 
 On a CUDA GPU, auto runs the ``fast`` preset's settings: a step's micro-steps as one batch (``fold_accumulation``,
 the same draws), each replayed as a CUDA graph, AdamW's fused kernel. None changes what a run trains on (they are
-:data:`~b4m.training.checkpoint.SESSION_KEYS`: a run resumes under either); if the first step runs out of GPU
-memory, the run starts again unfolded, with gradient checkpointing and no graphs (the ``low-memory`` preset), and
-then with one image per forward (``rows_per_forward = 1``). On a
-CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these settings in a config file or a flag),
-the settings run as given. The run records which it used (``TrainResult.speed``).
+:data:`~b4m.training.checkpoint.SESSION_KEYS`: a run resumes under either). If the first step runs out of GPU
+memory, the run starts again with the micro-steps one at a time (graphs kept; with accumulation only), then with
+gradient checkpointing and no graphs (fused AdamW kept), then with that and one image per forward
+(``rows_per_forward = 1``). On a CPU, or with ``speed = "fixed"`` (set by a preset, or by giving any of these
+settings in a config file or a flag), the settings run as given. The run records which it used
+(``TrainResult.speed``).
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "fold_accumulation": True,
         }
     },
-    # SDXL at 1024 px in about 12 GiB: activations recomputed in the backward pass (bench/speed.py measures it).
+    # SDXL at 1024 px on small cards: activations recomputed in the backward pass (a stage-1 step peaked at 8.5 GiB,
+    # docs/benchmarks.md run 1).
     "low-memory": {"train": _LOW},
     # FLUX.1 on 24 GB cards: low-memory, 8-bit frozen linear weights (torchao's int8 weight-only; the adapter trains
     # in float32 on top), one image per forward: each command at 1024 px within 23 GiB (bench/flux_pipeline.py).

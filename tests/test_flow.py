@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import b4m.models.loading as diffusers_loading
 from b4m.cli import app
+from b4m.images import PNG_KEY
 from b4m.runs.flow import finished
 from test_stages import _images
 from tiny_pipelines import save_tiny_sd
@@ -85,6 +87,18 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     # the stage folders are the commands' own: b4m make pairs the flow's content run with its style run elsewhere
     invoke("make", "--content", out / "content", "--style", out / "style", "-o", tmp_path / "again", "--steps", "1")
     assert finished(tmp_path / "again", "make")
+    # a new pair and its images in one command, one load: make --generate (the prompt from the runs' placeholders)
+    loads.clear()
+    pair = tmp_path / "pair"
+    invoke("make", "--content", out / "content", "--style", out / "style", "-o", pair, "--steps", "1", "--generate", 2)
+    assert loads == [data["model"]] and finished(pair, "make")
+    written = sorted(p.name for p in (pair / "images").glob("*.png"))
+    assert len(written) == 3 and "grid.png" in written
+    with Image.open(pair / "images" / written[0]) as image:
+        assert json.loads(image.text[PNG_KEY])["prompt"] == "a sks in zwx style"
+    runs = ("--content", out / "content", "--style", out / "style")
+    bad = invoke("make", *runs, "-o", pair, "--generate", -1, ok=False)
+    assert "at least 1" in str(bad.exception)
 
     # again without --resume: refused in one line before anything loads
     loads.clear()

@@ -30,3 +30,6 @@ def test_the_flow_stops_at_its_deadline_and_the_next_call_finishes_it(tmp_path):
     assert pair["wall_s"] == round(pair["make"]["wall_s"] + pair["generate"]["wall_s"], 1)
     assert len(list((tmp_path / "run" / "flow" / "images").glob("*.png"))) >= 1
     assert len(list((tmp_path / "run" / "pair-images").glob("*.png"))) >= 1
+    one = report["pair_one_command"]  # the same pair as one command: make --generate
+    assert one["returncode"] == 0 and one["make_run"]["timings_s"]["train"] > 0
+    assert len(list((tmp_path / "run" / "pair1" / "images").glob("*.png"))) >= 1

@@ -22,10 +22,37 @@ OverwriteOpt = Annotated[
 ]
 
 
+GenerateOpt = Annotated[
+    int,
+    typer.Option(
+        "--generate",
+        help="After make, this many images of each --generate-prompt into OUTPUT/images (what b4m generate writes), "
+        "the base model loaded once.",
+    ),
+]
+GeneratePromptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--generate-prompt",
+        help="A prompt of --generate's images (repeat for more); default 'a <content placeholder> in <style "
+        "placeholder> style'.",
+        show_default=False,
+    ),
+]
+
+
 def run_stage(
-    stage: str, settings: dict[str, Any], config: Path | None, print_config: bool, resume: bool, overwrite: bool
+    stage: str,
+    settings: dict[str, Any],
+    config: Path | None,
+    print_config: bool,
+    resume: bool,
+    overwrite: bool,
+    images: int = 0,
+    image_prompts: list[str] | None = None,
 ) -> None:
-    """Run ``stage`` with ``settings`` (``{config key: value}``) over the ``config`` file, or print the result."""
+    """Run ``stage`` with ``settings`` (``{config key: value}``) over the ``config`` file, or print the result; make
+    with ``images``: then that many images of each of ``image_prompts`` (:func:`b4m.runs.flow.make_and_generate`)."""
     from ..runs.config import stage_config, to_toml
     from ..runs.stages import run_break, run_make
     from ..training.config import folded
@@ -41,7 +68,14 @@ def run_stage(
     dist = current()
     dist.check_batch(folded(cfg.train).batch_size)  # the batch the loop runs (fold_accumulation multiplies it)
     out = console if dist.is_main else None
-    if stage == "make":
+    if images:
+        from ..errors import B4MError
+        from ..runs.flow import make_and_generate
+
+        if dist.enabled:
+            raise B4MError("--generate runs in one process: leave it out here and run b4m generate afterwards")
+        make_and_generate(cfg, image_prompts or [], images, resume=resume, overwrite=overwrite, console=out)
+    elif stage == "make":
         run_make(cfg, resume=resume, overwrite=overwrite, console=out)
     else:
         run_break(stage, cfg, resume=resume, overwrite=overwrite, console=out)
@@ -71,9 +105,26 @@ style = _stage_command(
     "Break: learn a style in its half of the adapter, the other half learning auxiliary contents "
     "(multi-correspondence).",
 )
-make = _stage_command(
-    "make", "Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner."
+
+
+def _make(
+    settings: dict[str, Any],
+    config: ConfigOpt = None,
+    print_config: PrintOpt = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    generate: GenerateOpt = 0,
+    generate_prompt: GeneratePromptOpt = None,
+) -> None:
+    run_stage("make", settings, config, print_config, resume, overwrite, generate, generate_prompt)
+
+
+_make.__name__ = "make"
+_make.__doc__ = (
+    "Make: fuse a content run and a style run, then fine-tune briefly with the Riemannian preconditioner "
+    "(--generate N: then N images of each prompt)."
 )
+make = with_settings("make", _make)
 
 
 def generate(

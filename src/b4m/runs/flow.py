@@ -205,3 +205,36 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
         tmp.write_text(json.dumps(record, indent=1) + "\n")
     say(console, f"wrote {out / 'flow.json'}; the made pair: {out / FOLDERS['make']}, images: {images_dir}")
     return {**record, "summaries": summaries}
+
+
+def pair_prompt(cfg: StageConfig) -> str:
+    """``a <content placeholder> in <style placeholder> style`` from the runs make pairs (their run.json).
+
+    Raises:
+        B4MError: A run records no placeholder (then the prompts must be given).
+    """
+    from .folder import run_source
+
+    words = []
+    for role in ("content", "style"):
+        run = run_source(getattr(cfg, role), role)[1]
+        word = (run.get("config") or {}).get("placeholder")
+        if not word:
+            raise B4MError(f"{getattr(cfg, role)}: the {role} run records no placeholder; give the images' prompts")
+        words.append(word)
+    return f"a {words[0]} in {words[1]} style"
+
+
+def make_and_generate(
+    cfg: StageConfig, prompts: list[str], n: int, *, resume: bool = False, overwrite: bool = False, console=None
+) -> dict:
+    """``b4m make --generate N``: make, then ``n`` images of each prompt (default: :func:`pair_prompt`) into the
+    made run's ``images/`` folder, as ``b4m generate`` writes them, with the base model loaded once."""
+    if n < 1:
+        raise B4MError(f"--generate must be at least 1 image per prompt, got {n}")
+    prompts = prompts or [pair_prompt(cfg)]  # before the model loads: a missing placeholder is bad input
+    images = Path(cfg.output) / FOLDERS["generate"]
+    with shared_models():
+        summary = run_make(cfg, resume=resume, overwrite=overwrite, console=console)
+        written = generate(str(cfg.output), prompts, output=str(images), n=n, overwrite=True, console=console)
+    return {**summary, "generated": [str(p) for p in written]}

@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
             json.loads((flow / "flow.json").read_text()).get("seconds") if report["flow_finished"] else None
         )
         report["runs"] = run_records(flow)
-        call["runs"] = report["runs"]  # a resumed run rewrites its run.json: each call keeps what it saw
         write_report(report, out, "flow_pipeline.json")
         print("flow", json.dumps(call), flush=True)
     if report["flow_finished"] and report["pair"] is None:

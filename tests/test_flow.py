@@ -97,8 +97,32 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     with Image.open(pair / "images" / written[0]) as image:
         assert json.loads(image.text[PNG_KEY])["prompt"] == "a sks in zwx style"
     runs = ("--content", out / "content", "--style", out / "style")
-    bad = invoke("make", *runs, "-o", pair, "--generate", -1, ok=False)
-    assert "at least 1" in str(bad.exception)
+    loads.clear()
+    for args, says in [
+        (("--generate", -1), "at least 1"),
+        (("--generate", 1), "--resume keeps them, --overwrite replaces them"),  # images of an earlier call
+        (("--generate-prompt", "a sks dog"), "--generate-prompt needs --generate"),
+    ]:
+        assert says in str(invoke("make", *runs, "-o", pair, *args, ok=False).exception)
+    no_runs = invoke("make", "-o", tmp_path / "none", "--generate", 1, ok=False)
+    assert "make needs --content and --style" in str(no_runs.exception) and loads == []  # all before any load
+    # --resume: a finished make and its images are kept (nothing loads); without the images, make is reused
+    record = (pair / "run.json").read_text()
+    assert "kept" in invoke("make", *runs, "-o", pair, "--generate", 2, "--resume").output and loads == []
+    for f in (pair / "images").iterdir():
+        f.unlink()
+    invoke("make", *runs, "-o", pair, "--generate", 1, "--resume")
+    assert loads == [data["model"]] and (pair / "run.json").read_text() == record
+    assert len(list((pair / "images").glob("*_seed*.png"))) == 1
+    # bare adapter files (no run.json beside them): the prompt from their trigger words; fuse only
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for role in ("content", "style"):
+        (bare / f"{role}.b4m.safetensors").write_bytes((out / role / f"{role}.b4m.safetensors").read_bytes())
+    files = ("--content", bare / "content.b4m.safetensors", "--style", bare / "style.b4m.safetensors")
+    invoke("make", *files, "-m", data["model"], "-o", tmp_path / "fused", "--steps", 0, "--generate", 1)
+    with Image.open(next((tmp_path / "fused" / "images").glob("*_seed0.png"))) as image:
+        assert json.loads(image.text[PNG_KEY])["prompt"] == "a sks in zwx style"
 
     # again without --resume: refused in one line before anything loads
     loads.clear()

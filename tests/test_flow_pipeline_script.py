@@ -22,7 +22,6 @@ def test_the_flow_stops_at_its_deadline_and_the_next_call_finishes_it(tmp_path):
     first, second = report["calls"]
     assert first["stopped"] and first["returncode"] != 0 and not second["stopped"] and second["returncode"] == 0
     assert report["flow_finished"] and report["flow_wall_s"] == round(first["wall_s"] + second["wall_s"], 1)
-    assert "runs" in first and second["runs"] == report["runs"]  # what each call saw: resuming rewrites run.json
     assert "--resume" in (tmp_path / "run" / "flow.log").read_text()  # the stop names the command that resumes
     assert set(report["runs"]) == {"content", "style", "made"}
     assert all(r["process_age_at_start_s"] > 0 for r in report["runs"].values())

@@ -170,6 +170,14 @@ def is_adapter_file(metadata: dict) -> bool:
     return metadata.get("b4m_format", "").startswith("b4m-plp/")
 
 
+def adapter_metadata(path: str | Path) -> dict:
+    """The run's metadata of an adapter file (prompt, trigger words, …) from its header alone; {} if it has none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("b4m_metadata", "{}"))
+
+
 def load_adapter(path: str | Path) -> AdapterFile:
     """Read and validate a B4M adapter file. Errors are one line naming the file and the problem."""
     path = Path(path)

@@ -53,6 +53,7 @@ def run_stage(
 ) -> None:
     """Run ``stage`` with ``settings`` (``{config key: value}``) over the ``config`` file, or print the result; make
     with ``images``: then that many images of each of ``image_prompts`` (:func:`b4m.runs.flow.make_and_generate`)."""
+    from ..errors import B4MError
     from ..runs.config import stage_config, to_toml
     from ..runs.stages import run_break, run_make
     from ..training.config import folded
@@ -68,8 +69,9 @@ def run_stage(
     dist = current()
     dist.check_batch(folded(cfg.train).batch_size)  # the batch the loop runs (fold_accumulation multiplies it)
     out = console if dist.is_main else None
+    if image_prompts and not images:
+        raise B4MError("--generate-prompt needs --generate N (the images of each prompt)")
     if images:
-        from ..errors import B4MError
         from ..runs.flow import make_and_generate
 
         if dist.enabled:

@@ -190,6 +190,7 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
                 seed=flow.images.seed,
                 steps=flow.images.steps,
                 upscale=flow.images.upscale,
+                device=flow.stages["make"].device,
                 overwrite=True,
                 console=console,
             )
@@ -208,19 +209,24 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
 
 
 def pair_prompt(cfg: StageConfig) -> str:
-    """``a <content placeholder> in <style placeholder> style`` from the runs make pairs (their run.json).
+    """``a <content placeholder> in <style placeholder> style`` from the runs make pairs: their run.json, else the
+    adapter file's trigger words (a bare ``.b4m.safetensors``; its header only).
 
     Raises:
-        B4MError: A run records no placeholder (then the prompts must be given).
+        B4MError: A run names no placeholder (then the prompts must be given).
     """
+    from ..adapter.file import adapter_metadata
     from .folder import run_source
 
     words = []
     for role in ("content", "style"):
-        run = run_source(getattr(cfg, role), role)[1]
+        file, run = run_source(getattr(cfg, role), role)
         word = (run.get("config") or {}).get("placeholder")
         if not word:
-            raise B4MError(f"{getattr(cfg, role)}: the {role} run records no placeholder; give the images' prompts")
+            triggers = json.loads(adapter_metadata(file).get("trigger_words", "[]"))
+            word = triggers[0] if triggers else None
+        if not word:
+            raise B4MError(f"{getattr(cfg, role)}: the {role} run names no placeholder; give --generate-prompt")
         words.append(word)
     return f"a {words[0]} in {words[1]} style"
 
@@ -229,12 +235,38 @@ def make_and_generate(
     cfg: StageConfig, prompts: list[str], n: int, *, resume: bool = False, overwrite: bool = False, console=None
 ) -> dict:
     """``b4m make --generate N``: make, then ``n`` images of each prompt (default: :func:`pair_prompt`) into the
-    made run's ``images/`` folder, as ``b4m generate`` writes them, with the base model loaded once."""
+    made run's ``images/`` folder, as ``b4m generate`` writes them, with the base model loaded once. As in ``b4m
+    run``: ``resume`` keeps a finished make and images already there, ``overwrite`` replaces them; images of an
+    earlier call are refused otherwise, before anything loads."""
     if n < 1:
         raise B4MError(f"--generate must be at least 1 image per prompt, got {n}")
+    if not cfg.content or not cfg.style:
+        raise B4MError("make needs --content and --style (run folders or .b4m.safetensors files)")
+    if not cfg.output:
+        raise B4MError("no --output folder given")
+    out = Path(cfg.output)
     prompts = prompts or [pair_prompt(cfg)]  # before the model loads: a missing placeholder is bad input
-    images = Path(cfg.output) / FOLDERS["generate"]
+    images = out / FOLDERS["generate"]
+    earlier = [f for f in images.glob("*.png") if GENERATED.fullmatch(f.name)] if images.is_dir() else []
+    if earlier and not (resume or overwrite):
+        raise B4MError(f"{images}: holds images of an earlier call; --resume keeps them, --overwrite replaces them")
+    done = resume and not overwrite and finished(out, "make")
+    if done and earlier:
+        say(console, f"make: finished in {out}, images in {images}: kept")
+        return {"generated": [str(p) for p in earlier]}
     with shared_models():
-        summary = run_make(cfg, resume=resume, overwrite=overwrite, console=console)
-        written = generate(str(cfg.output), prompts, output=str(images), n=n, overwrite=True, console=console)
+        if done:
+            say(console, f"make: finished in {out}, reused")
+            summary = {}
+        else:
+            summary = run_make(cfg, resume=resume and bool(_checkpoints(out)), overwrite=overwrite, console=console)
+        written = generate(
+            str(out), prompts, output=str(images), n=n, device=cfg.device, overwrite=True, console=console
+        )
     return {**summary, "generated": [str(p) for p in written]}
+
+
+def _checkpoints(folder: Path) -> list:
+    from ..training.checkpoint import checkpoints  # torch: only once a run is to be resumed
+
+    return checkpoints(folder)

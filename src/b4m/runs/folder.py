@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,7 +141,12 @@ def _lock(path: Path, out: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            holder = ""
+            for _ in range(10):  # the holder writes its id just after taking the lock: give it a moment
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if holder.isdigit():
+                    break
+                time.sleep(0.02)
             os.close(fd)
             who = f"process {holder}" if holder.isdigit() else "another process"
             raise B4MError(

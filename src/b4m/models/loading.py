@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import B4MError, first_line
 from ..hub import cached_hub_file, check_hub_reachable, looks_like_hub_id
@@ -141,12 +141,10 @@ def stored_half_dtypes(folder: Path, variant: str | None = None) -> dict[str, to
         types = set()
         for f in files:
             try:
-                with open(f, "rb") as fh:
-                    header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            except (OSError, ValueError):
-                types.add("?")  # unreadable here: diffusers says what is wrong when it loads the file
-                continue
-            types |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"][0] in "FB"}
+                with safe_open(str(f), framework="pt") as h:
+                    types |= {d for k in h.keys() if (d := h.get_slice(k).get_dtype())[0] in "FB"}  # noqa: SIM118
+            except (SafetensorError, OSError):  # unreadable here: diffusers says what is wrong when it loads the file
+                types.add("?")
         if len(types) == 1 and (kind := types.pop()) in _HALF_TYPES:
             found[component.name] = _HALF_TYPES[kind]
     return found

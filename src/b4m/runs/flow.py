@@ -66,8 +66,7 @@ class Flow:
     def prompts(self) -> list[str]:
         if self.images.prompts:
             return self.images.prompts
-        c, s = self.stages["content"].placeholder, self.stages["style"].placeholder
-        return [f"a {c} in {s} style"]
+        return [pair_text(self.stages["content"].placeholder, self.stages["style"].placeholder)]
 
 
 def flow_config(path: str | Path | None, flags: dict[str, Any], image_flags: dict[str, Any]) -> Flow:
@@ -156,9 +155,7 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
         folder = Path(cfg.output)
         if not (resume and finished(folder, stage)):
             check_run_folder(folder, stage, resume=resume, overwrite=overwrite)
-    earlier = [f for f in images_dir.glob("*.png") if GENERATED.fullmatch(f.name)] if images_dir.is_dir() else []
-    if earlier and not (resume or overwrite):
-        raise B4MError(f"{images_dir}: holds images of an earlier run; --resume keeps them, --overwrite replaces them")
+    earlier = earlier_images(images_dir, resume=resume, overwrite=overwrite)
     times: dict[str, float] = {}
     summaries: dict[str, Any] = {}
     with shared_models():
@@ -168,11 +165,7 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
                 say(console, f"{stage}: finished in {folder}, reused")
                 continue
             t0 = time.perf_counter()
-            again = False
-            if resume:  # an interrupted stage continues from its checkpoint (that module imports torch: only here)
-                from ..training.checkpoint import checkpoints
-
-                again = bool(checkpoints(folder))
+            again = resume and has_checkpoints(folder)  # an interrupted stage continues from its checkpoint
             if stage == "make":
                 summaries[stage] = run_make(cfg, resume=again, overwrite=overwrite, console=console)
             else:
@@ -228,7 +221,28 @@ def pair_prompt(cfg: StageConfig) -> str:
         if not word:
             raise B4MError(f"{getattr(cfg, role)}: the {role} run names no placeholder; give --generate-prompt")
         words.append(word)
-    return f"a {words[0]} in {words[1]} style"
+    return pair_text(*words)
+
+
+def pair_text(content: str | None, style: str | None) -> str:
+    """The default prompt of a pair's images: ``a <content placeholder> in <style placeholder> style``."""
+    return f"a {content} in {style} style"
+
+
+def earlier_images(folder: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """The images an earlier call wrote to ``folder``; refused unless ``resume`` keeps or ``overwrite`` replaces
+    them."""
+    earlier = [f for f in folder.glob("*.png") if GENERATED.fullmatch(f.name)] if folder.is_dir() else []
+    if earlier and not (resume or overwrite):
+        raise B4MError(f"{folder}: holds images of an earlier run; --resume keeps them, --overwrite replaces them")
+    return earlier
+
+
+def has_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete checkpoint to resume from."""
+    from ..training.checkpoint import checkpoints  # torch: only once a run is to be resumed
+
+    return bool(checkpoints(folder))
 
 
 def make_and_generate(
@@ -247,9 +261,7 @@ def make_and_generate(
     out = Path(cfg.output)
     prompts = prompts or [pair_prompt(cfg)]  # before the model loads: a missing placeholder is bad input
     images = out / FOLDERS["generate"]
-    earlier = [f for f in images.glob("*.png") if GENERATED.fullmatch(f.name)] if images.is_dir() else []
-    if earlier and not (resume or overwrite):
-        raise B4MError(f"{images}: holds images of an earlier call; --resume keeps them, --overwrite replaces them")
+    earlier = earlier_images(images, resume=resume, overwrite=overwrite)
     done = resume and not overwrite and finished(out, "make")
     if done and earlier:
         say(console, f"make: finished in {out}, images in {images}: kept")
@@ -259,14 +271,8 @@ def make_and_generate(
             say(console, f"make: finished in {out}, reused")
             summary = {}
         else:
-            summary = run_make(cfg, resume=resume and bool(_checkpoints(out)), overwrite=overwrite, console=console)
+            summary = run_make(cfg, resume=resume and has_checkpoints(out), overwrite=overwrite, console=console)
         written = generate(
             str(out), prompts, output=str(images), n=n, device=cfg.device, overwrite=True, console=console
         )
     return {**summary, "generated": [str(p) for p in written]}
-
-
-def _checkpoints(folder: Path) -> list:
-    from ..training.checkpoint import checkpoints  # torch: only once a run is to be resumed
-
-    return checkpoints(folder)

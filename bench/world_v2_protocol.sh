@@ -24,10 +24,13 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 save_runs() {  # the device tool brings back files up to 16 MiB: without the stage-1 adapters if need be, then nothing
   # (a temporary name, then a rename: a call killed while tar writes leaves no truncated runs.tgz behind)
   local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
-  local tmp="$OUT/runs.tgz.part"
-  tar czf "$tmp" "${skip[@]}" runs 2>/dev/null
+  # Only the protocol's own folders: anything else under runs/ (a base model another bench built there, 5 GB for
+  # load_time's random SDXL) made the archive outlast the call on 2026-12-06 and lost two calls' work.
+  local tmp="$OUT/runs.tgz.part" keep
+  keep=$(ls -d runs/grid runs/levers runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
+  tar czf "$tmp" "${skip[@]}" $keep 2>/dev/null
   if [ "$(stat -c %s "$tmp")" -ge 16000000 ]; then
-    tar czf "$tmp" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' runs 2>/dev/null
+    tar czf "$tmp" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' $keep 2>/dev/null
   fi
   if [ "$(stat -c %s "$tmp")" -lt 16000000 ]; then mv "$tmp" "$OUT/runs.tgz"; else rm -f "$tmp"; fi
 }

@@ -3,13 +3,13 @@
 Everything the renderer can draw is data, so users extend the world without code (see ``catalog.toml`` for the
 format; a user file that starts with ``extends = "builtin"`` adds entries to the shipped catalog).
 
-The entries themselves (contents, styles, …) and the pattern and effect types are :mod:`b4m.world.entries`.
+The entries themselves (contents, styles, …) and the pattern and effect types are :mod:`b4m.world.entries`; the
+readers of single values (numbers, colours, names) that check them are :mod:`b4m.world.catalog_values`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +19,22 @@ from typing import Any
 import numpy as np
 
 from ..errors import B4MError
+from .catalog_values import (
+    KEY,
+    SPLITS,
+    BadValue,
+    boolean,
+    check_keys,
+    entry_name,
+    hex_rgb,
+    novel_split,
+    number,
+    pair,
+    parameters,
+    phrase,
+    points,
+    rgb,
+)
 from .entries import (
     EFFECTS,
     NATURAL,
@@ -35,7 +51,6 @@ from .entries import (
     Position,
     Size,
     Style,
-    _Spec,
 )
 
 __all__ = [
@@ -61,9 +76,6 @@ __all__ = [
     "parse_catalog",
 ]
 
-_WORD = re.compile(r"^[a-z][a-z0-9]*$")
-_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
-_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 _BOX = 1.0001  # shapes must stay inside the unit box
 _CURVE_STEPS = 72  # polygon vertices of a full ellipse
 
@@ -206,10 +218,6 @@ def _merge_tables(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-class _Bad(Exception):
-    """A validation problem inside one entry; load_catalog adds the file and entry names."""
-
-
 def parse_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
     """Validate a catalog given as a TOML-shaped dict (see :func:`load_catalog`)."""
     top = {"colors", "palettes", "content", "style", "position", "size", "background"}
@@ -223,18 +231,18 @@ def parse_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
     colors: dict[str, RGB] = {}
     for name, value in _table(data, "colors", source).items():
         try:
-            colors[name] = _hex(value)
-        except _Bad as e:
+            colors[name] = hex_rgb(value)
+        except BadValue as e:
             raise entry_error(f"color {name!r}", e) from None
     palettes: dict[str, tuple[RGB, ...]] = {}
     for name, value in _table(data, "palettes", source).items():
         try:
             if name == NATURAL:
-                raise _Bad(f"{NATURAL!r} is reserved for the content's own colours")
+                raise BadValue(f"{NATURAL!r} is reserved for the content's own colours")
             if not isinstance(value, list) or not 1 <= len(value) <= 4:
-                raise _Bad("must be a list of 1 to 4 colours")
-            palettes[name] = tuple(_color(v, colors) for v in value)
-        except _Bad as e:
+                raise BadValue("must be a list of 1 to 4 colours")
+            palettes[name] = tuple(rgb(v, colors) for v in value)
+        except BadValue as e:
             raise entry_error(f"palette {name!r}", e) from None
 
     out: dict[str, list[Any]] = {}
@@ -256,9 +264,9 @@ def parse_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 label = f"{kind} {entry['name']!r}"
             try:
                 if not isinstance(entry, dict):
-                    raise _Bad("must be a table")
+                    raise BadValue("must be a table")
                 item = parse(entry)
-            except _Bad as e:
+            except BadValue as e:
                 raise entry_error(label, e) from None
             if item.name in seen:
                 raise B4MError(f"{source}: {label}: duplicate name")
@@ -296,167 +304,78 @@ def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
 # Entries
 
 
-def _keys(entry: dict[str, Any], allowed: set[str], required: set[str]) -> None:
-    bad = sorted(set(entry) - allowed)
-    if bad:
-        raise _Bad(f"unknown key(s) {', '.join(bad)}")
-    missing = sorted(required - set(entry))
-    if missing:
-        raise _Bad(f"missing key(s) {', '.join(missing)}")
-
-
-def _name(value: Any, pattern: re.Pattern[str] = _WORD) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
-        kind = "one lowercase word" if pattern is _WORD else "lowercase letters, digits and _"
-        raise _Bad(f"name must be {kind} (got {value!r})")
-    return value
-
-
-def _phrase(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[a-z]+( [a-z]+)*", value):
-        raise _Bad(f"phrase must be lowercase words separated by single spaces (got {value!r})")
-    return value
-
-
-def _bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise _Bad(f"{what} must be true or false (got {value!r})")
-    return value
-
-
-#: The splits of novel entries: ``dev`` (every setting is chosen on it) and ``test`` (only the reported table).
-SPLITS = ("dev", "test")
-
-
-def _split(value: Any) -> str:
-    """``novel = true | "dev" | "test" | false`` as the entry's split ("" for a known entry; true means dev)."""
-    if value is True:
-        return "dev"
-    if value is False:
-        return ""
-    if value in SPLITS:
-        return value
-    raise _Bad(f'novel must be true, false, "dev" or "test" (got {value!r})')
-
-
-def _num(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _Bad(f"{what} must be a number (got {value!r})")
-    if integer and value != int(value):
-        raise _Bad(f"{what} must be a whole number (got {value!r})")
-    if not lo <= value <= hi:
-        raise _Bad(f"{what} must lie in [{lo:g}, {hi:g}] (got {value!r})")
-    return int(value) if integer else float(value)
-
-
-def _pair(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> tuple[float, float]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise _Bad(f"{what} must be a pair [a, b] (got {value!r})")
-    return _num(value[0], what, lo, hi), _num(value[1], what, lo, hi)
-
-
-def _hex(value: Any) -> RGB:
-    if not isinstance(value, str) or not _HEX.match(value):
-        raise _Bad(f"colour must be '#rrggbb' (got {value!r})")
-    return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
-
-
-def _color(value: Any, colors: dict[str, RGB]) -> RGB:
-    if isinstance(value, str) and value in colors:
-        return colors[value]
-    if isinstance(value, str) and not value.startswith("#"):
-        raise _Bad(f"unknown colour {value!r} (use '#rrggbb' or a name from [colors])")
-    return _hex(value)
-
-
-def _params(spec: dict[str, _Spec], given: dict[str, Any], what: str, colors: dict[str, RGB]) -> dict[str, Any]:
-    bad = sorted(set(given) - set(spec))
-    if bad:
-        raise _Bad(f"{what}: unknown parameter(s) {', '.join(bad)} (known: {', '.join(spec) or 'none'})")
-    out: dict[str, Any] = {}
-    for key, (default, lo, hi) in spec.items():
-        value = given.get(key, default)
-        label = f"{what} {key}"
-        if isinstance(default, bool):
-            out[key] = _bool(value, label)
-        elif isinstance(default, str):
-            out[key] = _color(value, colors)
-        else:
-            out[key] = _num(value, label, lo, hi, integer=isinstance(default, int))
-    return out
-
-
 def _content(entry: dict[str, Any], colors: dict[str, RGB]) -> Content:
-    _keys(entry, {"name", "color", "novel", "parts"}, {"name", "parts"})
-    name = _name(entry["name"])
+    check_keys(entry, {"name", "color", "novel", "parts"}, {"name", "parts"})
+    name = entry_name(entry["name"])
     parts_in = entry["parts"]
     if not isinstance(parts_in, list) or not parts_in:
-        raise _Bad("parts must be a non-empty list of shape tables")
+        raise BadValue("parts must be a non-empty list of shape tables")
     parts: list[Part] = []
     for i, p in enumerate(parts_in):
         try:
             parts.extend(_primitive(p))
-        except _Bad as e:
-            raise _Bad(f"part #{i + 1}: {e}") from None
+        except BadValue as e:
+            raise BadValue(f"part #{i + 1}: {e}") from None
     if parts[0].subtract:
-        raise _Bad("the first part must add, not subtract")
-    color = _color(entry.get("color", "#808080"), colors)
-    split = _split(entry.get("novel", False))
+        raise BadValue("the first part must add, not subtract")
+    color = rgb(entry.get("color", "#808080"), colors)
+    split = novel_split(entry.get("novel", False))
     return Content(name, parts, color, split)
 
 
 def _style(entry: dict[str, Any], colors: dict[str, RGB], palettes: dict[str, tuple[RGB, ...]]) -> Style:
     allowed = {"name", "pattern", "palette", "outline", "outline_color", "effects", "novel"}
-    _keys(entry, allowed, {"name", "palette"})
-    name = _name(entry["name"])
+    check_keys(entry, allowed, {"name", "palette"})
+    name = entry_name(entry["name"])
     pattern_in = entry.get("pattern", "flat")
     if isinstance(pattern_in, str):
         pattern_in = {"type": pattern_in}
     if not isinstance(pattern_in, dict) or "type" not in pattern_in:
-        raise _Bad("pattern must be a type name or a table with a type")
+        raise BadValue("pattern must be a type name or a table with a type")
     kind = pattern_in["type"]
     if kind not in PATTERNS:
-        raise _Bad(f"unknown pattern type {kind!r} (known: {', '.join(PATTERNS)})")
-    params = _params(PATTERNS[kind], {k: v for k, v in pattern_in.items() if k != "type"}, f"pattern {kind}", colors)
+        raise BadValue(f"unknown pattern type {kind!r} (known: {', '.join(PATTERNS)})")
+    given = {k: v for k, v in pattern_in.items() if k != "type"}
+    params = parameters(PATTERNS[kind], given, f"pattern {kind}", colors)
     palette = entry["palette"]
     if palette == NATURAL:
         pal: tuple[RGB, ...] = ()
     elif isinstance(palette, str) and palette in palettes:
         pal = palettes[palette]
     else:
-        raise _Bad(f"unknown palette {palette!r} (known: {NATURAL}, {', '.join(palettes)})")
+        raise BadValue(f"unknown palette {palette!r} (known: {NATURAL}, {', '.join(palettes)})")
     outline = entry.get("outline", "none")
     if outline not in OUTLINE_WIDTHS:
-        raise _Bad(f"outline must be one of {', '.join(OUTLINE_WIDTHS)} (got {outline!r})")
-    outline_color = _color(entry.get("outline_color", "#1a1a1a"), colors)
+        raise BadValue(f"outline must be one of {', '.join(OUTLINE_WIDTHS)} (got {outline!r})")
+    outline_color = rgb(entry.get("outline_color", "#1a1a1a"), colors)
     effects_in = entry.get("effects", [])
     if not isinstance(effects_in, list):
-        raise _Bad("effects must be a list of tables")
+        raise BadValue("effects must be a list of tables")
     effects = []
     for e in effects_in:
         if not isinstance(e, dict) or e.get("type") not in EFFECTS:
             got = e.get("type") if isinstance(e, dict) else e
-            raise _Bad(f"unknown effect {got!r} (known: {', '.join(EFFECTS)})")
+            raise BadValue(f"unknown effect {got!r} (known: {', '.join(EFFECTS)})")
         given = {k: v for k, v in e.items() if k != "type"}
-        effects.append(Effect(e["type"], _params(EFFECTS[e["type"]], given, f"effect {e['type']}", colors)))
-    split = _split(entry.get("novel", False))
+        effects.append(Effect(e["type"], parameters(EFFECTS[e["type"]], given, f"effect {e['type']}", colors)))
+    split = novel_split(entry.get("novel", False))
     return Style(name, Pattern(kind, params), palette, pal, outline, outline_color, tuple(effects), split)
 
 
 def _position(entry: dict[str, Any]) -> Position:
-    _keys(entry, {"name", "phrase", "center"}, {"name", "phrase", "center"})
-    center = _pair(entry["center"], "center", 0.0, 1.0)
-    return Position(_name(entry["name"], _KEY), _phrase(entry["phrase"]), center)
+    check_keys(entry, {"name", "phrase", "center"}, {"name", "phrase", "center"})
+    center = pair(entry["center"], "center", 0.0, 1.0)
+    return Position(entry_name(entry["name"], KEY), phrase(entry["phrase"]), center)
 
 
 def _size(entry: dict[str, Any]) -> Size:
-    _keys(entry, {"name", "phrase", "scale"}, {"name", "phrase", "scale"})
-    return Size(_name(entry["name"], _KEY), _phrase(entry["phrase"]), _num(entry["scale"], "scale", 0.05, 1.5))
+    check_keys(entry, {"name", "phrase", "scale"}, {"name", "phrase", "scale"})
+    return Size(entry_name(entry["name"], KEY), phrase(entry["phrase"]), number(entry["scale"], "scale", 0.05, 1.5))
 
 
 def _background(entry: dict[str, Any], colors: dict[str, RGB]) -> Background:
-    _keys(entry, {"name", "color"}, {"name", "color"})
-    return Background(_name(entry["name"]), _color(entry["color"], colors))
+    check_keys(entry, {"name", "color"}, {"name", "color"})
+    return Background(entry_name(entry["name"]), rgb(entry["color"], colors))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,58 +398,52 @@ def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]])
 
 
-def _points(value: Any, what: str, minimum: int) -> np.ndarray:
-    if not isinstance(value, list) or len(value) < minimum:
-        raise _Bad(f"{what} must be a list of at least {minimum} [x, y] pairs")
-    return np.array([_pair(p, what) for p in value], dtype=np.float64)
-
-
 def _primitive(p: Any) -> list[Part]:
     if not isinstance(p, dict) or p.get("type") not in PRIMITIVES:
         got = p.get("type") if isinstance(p, dict) else p
-        raise _Bad(f"unknown shape type {got!r} (known: {', '.join(PRIMITIVES)})")
+        raise BadValue(f"unknown shape type {got!r} (known: {', '.join(PRIMITIVES)})")
     kind = p["type"]
-    _keys(p, {"type", "subtract", *PRIMITIVES[kind]}, set())
-    subtract = _bool(p.get("subtract", False), "subtract")
-    center = _pair(p.get("center", [0.0, 0.0]), "center")
-    angle = _num(p.get("angle", 0.0), "angle", -360.0, 360.0)
+    check_keys(p, {"type", "subtract", *PRIMITIVES[kind]}, set())
+    subtract = boolean(p.get("subtract", False), "subtract")
+    center = pair(p.get("center", [0.0, 0.0]), "center")
+    angle = number(p.get("angle", 0.0), "angle", -360.0, 360.0)
     width = 0.0
     if kind == "polygon":
-        pts, fill = _points(p.get("points"), "points", 3), True
+        pts, fill = points(p.get("points"), "points", 3), True
     elif kind == "rect":
-        w, h = _pair(p.get("size"), "size", 0.0, 2.0)
+        w, h = pair(p.get("size"), "size", 0.0, 2.0)
         pts, fill = _rotate(np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2, angle) + center, True
     elif kind in ("ellipse", "circle"):
         if kind == "circle":
-            r = _num(p.get("radius"), "radius", 0.0, 1.0)
+            r = number(p.get("radius"), "radius", 0.0, 1.0)
             rx, ry = r, r
         else:
-            rx, ry = _pair(p.get("radii"), "radii", 0.0, 1.0)
+            rx, ry = pair(p.get("radii"), "radii", 0.0, 1.0)
         pts, fill = _ellipse_points(*center, rx, ry, angle), True
     elif kind in ("star", "regular"):
-        r = _num(p.get("radius", 1.0), "radius", 0.0, 1.0)
+        r = number(p.get("radius", 1.0), "radius", 0.0, 1.0)
         if kind == "star":
-            n = _num(p.get("points", 5), "points", 3, 64, integer=True)
-            inner = _num(p.get("inner", 0.45), "inner", 0.05, 0.99)
+            n = number(p.get("points", 5), "points", 3, 64, integer=True)
+            inner = number(p.get("inner", 0.45), "inner", 0.05, 0.99)
             radii = np.where(np.arange(2 * n) % 2 == 0, r, r * inner)
             t = np.radians(-90.0 + angle + np.arange(2 * n) * 180.0 / n)
         else:
-            n = _num(p.get("sides", 6), "sides", 3, 64, integer=True)
+            n = number(p.get("sides", 6), "sides", 3, 64, integer=True)
             radii = np.full(n, r)
             t = np.radians(-90.0 + angle + np.arange(n) * 360.0 / n)
         pts, fill = np.stack([radii * np.cos(t), radii * np.sin(t)], axis=1) + center, True
     elif kind == "line":
-        pts, fill = _points(p.get("points"), "points", 2), False
-        width = _num(p.get("width", 0.1), "width", 0.01, 1.0)
+        pts, fill = points(p.get("points"), "points", 2), False
+        width = number(p.get("width", 0.1), "width", 0.01, 1.0)
     else:  # arc
-        r = _num(p.get("radius"), "radius", 0.0, 1.0)
-        a0 = _num(p.get("start", 0.0), "start", -720.0, 720.0)
-        a1 = _num(p.get("end", 180.0), "end", -720.0, 720.0)
+        r = number(p.get("radius"), "radius", 0.0, 1.0)
+        a0 = number(p.get("start", 0.0), "start", -720.0, 720.0)
+        a1 = number(p.get("end", 180.0), "end", -720.0, 720.0)
         if a1 <= a0:
-            raise _Bad(f"end ({a1:g}) must be larger than start ({a0:g})")
+            raise BadValue(f"end ({a1:g}) must be larger than start ({a0:g})")
         pts, fill = _ellipse_points(*center, r, r, 0.0, a0, a1), False
-        width = _num(p.get("width", 0.1), "width", 0.01, 1.0)
+        width = number(p.get("width", 0.1), "width", 0.01, 1.0)
     reach = np.abs(pts).max() + width / 2
     if reach > (2 * _BOX if subtract else _BOX):  # holes may reach past the box: they cut nothing there
-        raise _Bad(f"{kind} reaches {reach:.2f} outside the unit box -1..1")
+        raise BadValue(f"{kind} reaches {reach:.2f} outside the unit box -1..1")
     return [Part("fill" if fill else "line", pts, width, subtract)]

@@ -243,6 +243,24 @@ def test_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "is it a diffusers model folder?" in err
 
 
+def test_ctrl_c_outside_training_is_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a command loads, samples or writes (the training loop handles its own): one line naming the
+    command that continues it, exit 130 as shells do, not typer's silent exit."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("b4m.runs.stages.run_make", interrupted)
+    args = ["make", "--content", tmp_path / "c", "--style", tmp_path / "s", "-o", tmp_path / "m", "--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["b4m", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 130 and len(err.splitlines()) == 1, err
+    assert err.startswith("stopped by SIGINT before the command finished; resume with: b4m make --content ")
+    assert err.endswith(" --resume") and "--overwrite" not in err
+
+
 def test_preset_flag_sets_its_settings_and_flags_win():
     result = runner.invoke(app, ["content", "--preset", "low-memory", "--print-config"])
     assert result.exit_code == 0, result.output

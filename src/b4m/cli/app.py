@@ -6,7 +6,10 @@ this one).
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -40,31 +43,52 @@ def _root(
     pass
 
 
-app.command("inspect")(files.inspect)
-app.command("dry-run")(files.dry_run)
-app.command("fuse")(files.fuse)
-app.command("export")(files.export)
-app.command("content")(stages.content)
-app.command("style")(stages.style)
-app.command("make")(stages.make)
-app.command("generate")(stages.generate)
-app.command("run")(stages.run)
-app.command("demo")(world.demo)
-app.command("bench")(bench.bench)
-app.command("eval")(bench.evaluate)
-app.command("sweep")(sweep.sweep)
-app.command("ui")(ui.ui)
+def _stoppable(command: Callable) -> Callable:
+    """``command`` with Ctrl-C outside a training loop (loading, sample images, writing files) reported as one line
+    and the command that continues it (:func:`main`), not typer's silent exit 130 (the training loop stops at a
+    step's end on its own: :class:`b4m.training.checkpoint.Stopper`)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("stopped by SIGINT before the command finished", signal.SIGINT) from None
+
+    return run
+
+
+for _name, _command in {
+    "inspect": files.inspect,
+    "dry-run": files.dry_run,
+    "fuse": files.fuse,
+    "export": files.export,
+    "content": stages.content,
+    "style": stages.style,
+    "make": stages.make,
+    "generate": stages.generate,
+    "run": stages.run,
+    "demo": world.demo,
+    "bench": bench.bench,
+    "eval": bench.evaluate,
+    "sweep": sweep.sweep,
+    "ui": ui.ui,
+}.items():
+    app.command(_name)(_stoppable(_command))
 
 world_app = typer.Typer(
     help="The built-in world: render reference folders, score images, pretrain its base model, train oracles, "
     "measure the model's quality.",
     no_args_is_help=True,
 )
-world_app.command("render")(world.render)
-world_app.command("score")(world.score)
-world_app.command("pretrain")(world.pretrain)
-world_app.command("oracle")(world.oracle)
-world_app.command("evaluate")(world.evaluate)
+for _name, _command in {
+    "render": world.render,
+    "score": world.score,
+    "pretrain": world.pretrain,
+    "oracle": world.oracle,
+    "evaluate": world.evaluate,
+}.items():
+    world_app.command(_name)(_stoppable(_command))
 app.add_typer(world_app, name="world")
 
 

@@ -317,7 +317,9 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
             images = run.get("config", {}).get("images")
             prompt = run.get("config", {}).get("prompt") or adapter.metadata.get("prompt")
             if not images or not prompt:
-                raise B4MError(f"{file}: no run.json beside it names the {role} images and prompt")
+                unfinished = (file.parent / "checkpoints").is_dir() and not (file.parent / "run.json").exists()
+                hint = f" (an unfinished run: its b4m {role} command with --resume finishes it)" if unfinished else ""
+                raise B4MError(f"{file}: no run.json beside it names the {role} images and prompt{hint}")
             load_image_set(images, prompt, resolution or 16, name=role, warn=warn)
             sets_info.append((role, images, prompt))
     check_before_loading(model_name, resolution, out)

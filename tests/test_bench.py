@@ -438,3 +438,15 @@ def test_commit_is_the_code_that_runs(monkeypatch, tmp_path):
     assert git_commit(untracked) == (None, None)
     monkeypatch.setenv("B4M_COMMIT", "abc1234")  # a snapshot says what it is; whether it is dirty is unknown
     assert git_commit(code) == ("abc1234", None)
+
+
+def test_a_second_bench_into_the_same_folder_is_refused_before_loading(quick):
+    """As every other command: a folder that holds a bench run needs --resume or --overwrite; it stays as it was."""
+    out, results, _ = quick
+    before = (out / "results.json").read_bytes()
+    again = runner.invoke(app, ["bench", "--quick", "-o", str(out)])
+    assert isinstance(again.exception, B4MError), again.output
+    assert str(again.exception) == (
+        f"{out}: holds a bench run; --resume continues it, --overwrite starts again, or choose another -o"
+    )
+    assert (out / "results.json").read_bytes() == before

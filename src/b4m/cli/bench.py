@@ -63,6 +63,9 @@ def bench(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --output (finished units are not run again).")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start again in an --output that holds a bench run (deletes it).")
+    ] = False,
     max_minutes: Annotated[
         float, typer.Option(help="Stop before a new unit after this many minutes (0: no limit); then --resume.")
     ] = 0.0,
@@ -123,6 +126,7 @@ def bench(
         config,
         console=console,
         resume=resume,
+        overwrite=overwrite,
         max_minutes=max_minutes,
         keep_runs=keep_runs,
         workers=workers or default_workers(),

@@ -48,6 +48,7 @@ def run_bench(
     model=None,
     oracle=None,
     resume: bool = False,
+    overwrite: bool = False,
     max_minutes: float = 0.0,
     keep_runs: bool = False,
     workers: int = 1,
@@ -61,8 +62,9 @@ def run_bench(
         console: A rich console for progress lines, or None.
         model, oracle: Already loaded ones (else ``config.model`` / ``config.oracle`` are loaded).
         resume: Continue the run in ``out``: finished (method, pair) units and stage-1 runs are read back, not run
-            again; the settings must be the same (the methods may differ). Without it, earlier units in ``out`` are
-            deleted first.
+            again; the settings must be the same (the methods may differ).
+        overwrite: Start again in an ``out`` that holds a bench run (its units are deleted first); without it or
+            ``resume`` such a folder is refused before anything loads.
         max_minutes: Stop before starting a new unit once this much time has passed (0: no limit); the finished
             units stay in ``out`` for ``resume``. Then the return value is ``{"complete": False, ...}`` and no
             results files are written.
@@ -78,6 +80,9 @@ def run_bench(
 
     config = config or BenchConfig()
     out = Path(out)
+    if not (resume or overwrite) and (out / "bench.json").exists():  # before the model loads
+        again = "--resume continues it, --overwrite starts again, or choose another -o"
+        raise B4MError(f"{out}: holds a bench run; {again}")
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda text: console.print(text, highlight=False, markup=False)) if console else (lambda text: None)
     t_start = time.perf_counter()

@@ -151,6 +151,12 @@ def test_stage_help_shows_the_stages_own_defaults(command, flag, shown):
     assert help_lines(command)[flag].endswith(shown)
 
 
+@pytest.mark.parametrize("command", ["content", "generate"])
+def test_help_shows_square_brackets_as_written(command):
+    """typer renders help as rich markup, which took '[lowmem]' for a tag and dropped it."""
+    assert "pip install 'b4m[lowmem]'" in help_lines(command)["--base-weights"]
+
+
 def test_help_defaults_follow_the_stage_defaults(monkeypatch):
     """The defaults in the help are read from the stage's config, not written beside the flags."""
     from b4m.cli.options import settings_of

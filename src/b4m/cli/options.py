@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..runs.config import STAGE_DEFAULTS, StageConfig, load_config, stage_config
 
@@ -141,4 +142,5 @@ def _help(meta: dict[str, Any], command: str, default: Any, on_world: Any = None
     if on_world is not None:
         shown = f"default {_shown(on_world)} on the built-in world, {_shown(default)} on SD and SDXL"
     extra = "; ".join(x for x in (shown, _for(meta.get("notes"), command)) if x)
-    return f"{meta['help'].removesuffix('.')} ({extra})." if extra else meta["help"]
+    text = f"{meta['help'].removesuffix('.')} ({extra})." if extra else meta["help"]
+    return escape(text)  # typer renders help as rich markup: 'b4m[lowmem]' lost its '[lowmem]'

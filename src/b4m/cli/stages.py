@@ -206,7 +206,7 @@ def generate(
         typer.Option(
             help="The denoiser's and text encoders' linear weights: auto (the run's own setting; full width for "
             "LoRA files), full (the loading dtype), int8 or float8 (stored in 8 bits by torchao, pip install "
-            "'b4m[lowmem]'; the adapter runs unmerged, --merge falls back with a warning)."
+            "'b4m\\[lowmem]'; the adapter runs unmerged, --merge falls back with a warning)."
         ),
     ] = "auto",
 ) -> None:

@@ -114,7 +114,11 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "Checkpoints kept, the newest.")
     check_every: int = setting(10, "Steps between loss reads (NaN check, progress bar); no .item() on every step.")
     validate_every: int = setting(
-        0, "Sample validation images every N steps; 0 samples none.", flag="--validate-every", commands=_BREAK
+        0,
+        "Sample validation images every N steps while training; 0: only once, at the end (validation.seeds = [] in "
+        "a config: never).",
+        flag="--validate-every",
+        commands=_BREAK,
     )
     tensorboard: bool = setting(
         False,
@@ -154,7 +158,7 @@ class TrainConfig:
         if not 0 <= self.checkpoint_minutes < float("inf"):  # also catches NaN
             raise B4MError(f"checkpoint_minutes must be at least 0 (0: by steps only), got {self.checkpoint_minutes}")
         if self.validate_every < 0:
-            raise B4MError(f"validate_every must be at least 0 (0: no validation images), got {self.validate_every}")
+            raise B4MError(f"validate_every must be at least 0 (0: only at the end), got {self.validate_every}")
         if self.rows_per_forward < 0:
             raise B4MError(f"rows_per_forward must be at least 0 (0: the whole batch), got {self.rows_per_forward}")
         if self.rows_per_forward and self.cuda_graphs:

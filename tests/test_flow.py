@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import b4m.models.loading as diffusers_loading
 from b4m.cli import app
 from b4m.images import PNG_KEY
-from b4m.runs.flow import finished
+from b4m.runs.flow import finished, flow_config, flow_to_toml
 from test_stages import _images
 from tiny_pipelines import save_tiny_sd
 
@@ -167,3 +167,18 @@ def test_a_flow_file_sets_each_stage_and_names_bad_keys(data, tmp_path):
     assert "unknown key(s) contents" in str(bad.exception)
     missing = invoke("run", "-o", tmp_path / "x", "--content-images", data["dog"], ok=False)
     assert "no content prompt given" in str(missing.exception)
+
+
+def test_print_config_is_a_flow_file_that_reads_back_as_the_same_flow(data, tmp_path):
+    printed = invoke(*flow_args(data, tmp_path / "out", "--print-config")).output
+    assert not (tmp_path / "out").exists()  # printed, nothing run
+    file = tmp_path / "elsewhere" / "flow.toml"  # paths are absolute: the file means the same from any folder
+    file.parent.mkdir()
+    file.write_text(printed)
+    again = flow_config(file, {}, {})
+    assert again.output == tmp_path / "out" and again.images.prompts == ["a sks dog in zwx style"]
+    stages = {s: c.to_dict() for s, c in again.stages.items()}
+    assert stages["content"]["train"]["steps"] == 2 and stages["make"]["train"]["steps"] == 1
+    assert stages["content"]["adapter"]["rank"] == 4 and stages["content"]["aux"] == data["aux"]
+    assert again.images.n == 1
+    assert flow_to_toml(again) == printed  # a fixed point: nothing lost or added in the round trip

@@ -299,10 +299,13 @@ def run(
         bool, typer.Option("--resume", help="Skip the finished stages, continue the interrupted one.")
     ] = False,
     overwrite: OverwriteOpt = False,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the merged flow as a flow file (TOML) and exit.")
+    ] = False,
 ) -> None:
     """The whole flow in one process: content run, style run, make and a few images, the base model loaded once.
     Each stage's folder under -o is what its own command writes (b4m make can pair OUT/content with other styles)."""
-    from ..runs.flow import flow_config, run_flow
+    from ..runs.flow import flow_config, flow_to_toml, run_flow
 
     flags = {
         "output": output,
@@ -324,4 +327,7 @@ def run(
         "make.train.steps": make_steps,
     }
     flow = flow_config(config, flags, {"prompts": prompt or None, "n": n, "seed": seed, "upscale": upscale})
+    if print_config:
+        print(flow_to_toml(flow), end="")
+        return
     run_flow(flow, resume=resume, overwrite=overwrite, console=console)

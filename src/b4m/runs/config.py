@@ -478,7 +478,7 @@ def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
         data["model"] = os.path.abspath(data["model"])
 
     def line(key: str, value: Any, dotted: str) -> str:
-        text = f"{key} = {_value(value)}"
+        text = f"{key} = {toml_value(value)}"
         if sources is None:
             return text
         note = "; empty: the model's own (b4m dry-run lists them)" if dotted == "adapter.targets" and not value else ""
@@ -491,7 +491,8 @@ def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A setting's value as TOML text (bools, numbers, strings, lists of them)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -499,5 +500,5 @@ def _value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise B4MError(f"cannot write {v!r} as TOML")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import B4MError
 from ..files import atomic_path
 from ..loading import shared_models
 from ..progress import say
-from .config import StageConfig, paths_beside, read_toml, stage_config
+from .config import StageConfig, paths_beside, read_toml, stage_config, to_toml, toml_value
 from .folder import ADAPTER_NAMES, check_run_folder
 from .generation import GENERATED, generate
 from .stages import run_break, run_make
@@ -124,6 +125,20 @@ def flow_config(path: str | Path | None, flags: dict[str, Any], image_flags: dic
         raise B4MError(f"{path}: unknown key(s) in [generate]: {', '.join(bad)}")
     images = FlowImages(**{**image_table, **{k: v for k, v in image_flags.items() if v is not None}})
     return Flow(output, stages, images)
+
+
+def flow_to_toml(flow: Flow) -> str:
+    """The flow as a flow file (``b4m run --print-config``): each stage's merged settings in its table, as
+    :func:`~b4m.runs.config.to_toml` writes a stage's, and ``[generate]``; :func:`flow_config` reads it back as the
+    same flow (the stages' folders always follow ``output``)."""
+    lines = [f"output = {toml_value(os.path.abspath(flow.output))}"]
+    for stage, cfg in flow.stages.items():
+        lines += ["", f"[{stage}]"]
+        for line in to_toml(cfg).splitlines():
+            lines.append(f"[{stage}.{line[1:]}" if line.startswith("[") else line)
+    images = {k: v for k, v in dataclasses.asdict(flow.images).items() if v is not None}
+    lines += ["", "[generate]", *(f"{k} = {toml_value(v)}" for k, v in images.items())]
+    return "\n".join(lines) + "\n"
 
 
 def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -92,6 +92,13 @@ def test_generate_on_the_world_records_scenes_and_scores_them(demo, tmp_path):
         f"world scores of 2 images ({DEMO_CONTENT} × {DEMO_STYLE}" in result.output
         and "not scored: 2 images" in result.output
     )
+    only = runner.invoke(
+        app, ["generate", str(out / "made"), other, "-n", "1", "--steps", "2", "-o", str(tmp_path / "o")]
+    )
+    assert only.exit_code == 0, only.output  # nothing to score: what a scoreable prompt looks like, no empty table
+    example = "'a large sks in zwx style in the top right on a white background'"
+    assert f"not scored: no image's prompt is a world caption (e.g. {example})" in " ".join(only.output.split())
+    assert "world scores" not in only.output and "score again" not in only.output
     info = json.loads(Image.open(gen / "00_seed0.png").text["b4m"])
     assert info["scene"] == {"size": "large", "content": "sks", "style": "zwx"} | {
         k: getattr(task.scenes[0], k) for k in ("position", "background")

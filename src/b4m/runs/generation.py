@@ -373,7 +373,11 @@ def world_run_concepts(file: Path, run: dict) -> dict | str:
         if origin is None or origin["set"] != role:
             return f"the {role} run's images ({folder}) were not rendered by b4m world render"
         found[role], found[f"{role}_refs"] = origin[role], Path(folder)
+        found[f"{role}_word"] = sub.get("config", {}).get("placeholder")
     return found
+
+
+NO_CAPTION = "its prompt is no world caption (no scene to compare with)"
 
 
 def world_scores(
@@ -402,14 +406,24 @@ def world_scores(
     for i, scene in enumerate(scenes):
         done, why = resolve(scene, found["content"], found["style"], catalog) if scene else (None, "")
         if done is None:
-            not_scored.append(
-                (Path(files[i]).name, why or "its prompt is no world caption (no scene to compare with)")
-            )
+            not_scored.append((Path(files[i]).name, why or NO_CAPTION))
         else:
             keep.append(i)
             resolved.append(done)
+    if not keep:  # nothing to score: what a scoreable prompt looks like, not an empty table
+        from ..world.captions import caption
+        from ..world.render import Scene
+
+        words = {"content_word": found["content_word"], "style_word": found["style_word"]}
+        example = caption(Scene(found["content"], found["style"], position="top_right"), **words, catalog=catalog)
+        why = next((f"; {name}: {w}" for name, w in not_scored if w != NO_CAPTION), "")
+        say(
+            console,
+            f"not scored: no image's prompt is a world caption (e.g. {example!r}){why}",
+        )
+        return None
     refs = References.from_folders(found["content_refs"], found["style_refs"], catalog)
-    per_image = score_scenes(load_shipped_oracle("a"), images[keep], resolved, refs) if keep else {}
+    per_image = score_scenes(load_shipped_oracle("a"), images[keep], resolved, refs)
     scores = summary(per_image)
     say(
         console,

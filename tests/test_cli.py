@@ -212,6 +212,10 @@ def test_fuse_inspect_and_export(tmp_path):
         inspected = runner.invoke(app, ["inspect", str(out)])
         assert f"plain LoRA ({'kohya' if fmt == 'kohya' else 'peft'} format)" in inspected.output
         assert "48 modules" in inspected.output
+        if fmt == "kohya":  # the projections by name, not the last piece of a flattened one ("0, k, q, v")
+            assert "48 modules (attn1_to_k, attn1_to_out_0, attn1_to_q, attn1_to_v, attn2_to_k" in " ".join(
+                inspected.output.split()
+            )
         # kohya: the export says which key layout it chose (no UNet config given: diffusers' block names)
         assert ("kohya names in diffusers' block layout" in result.output) == (fmt == "kohya")
         assert ("pass --unet-config" in result.output) == (fmt == "kohya")

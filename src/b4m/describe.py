@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .files import load_safetensors
@@ -98,5 +99,6 @@ def _describe_lora(path: Path) -> dict:
 def _target_summary(modules: list[str]) -> str:
     """Which projection types are adapted, e.g. 'to_k, to_out.0, to_q, to_v'."""
     kinds = sorted({m.rsplit(".", 2)[-2] + ".0" if m.endswith(".0") else m.rsplit(".", 1)[-1] for m in modules})
-    kinds = sorted({k.removeprefix("lora_unet_").rsplit("_", 1)[-1] if k.startswith("lora_") else k for k in kinds})
+    # kohya names flatten the path with '_': what follows the last block index ("…_blocks_0_attn1_to_out_0")
+    kinds = sorted({re.sub(r"^.*_\d+_(?=[a-z])", "", k) if k.startswith("lora_") else k for k in kinds})
     return ", ".join(kinds)

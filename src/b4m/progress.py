@@ -22,6 +22,11 @@ LOG_EVERY_S = _seconds(os.environ.get("B4M_PROGRESS_SECONDS"))
 Progress = Callable[[int, int, float | None], None]
 
 
+def count(n: int, noun: str) -> str:
+    """``1 image``, ``4 images``: a number and its noun (plural with an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def say(console, text: str) -> None:
     """Print one plain line (no markup, no highlighting) on ``console``; nothing without one."""
     if console is not None:

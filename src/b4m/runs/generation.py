@@ -25,7 +25,7 @@ from ..files import check_output, load_safetensors
 from ..images import save_grid, save_png, upscaled
 from ..loading import denoiser_config, load_model, model_hint, model_of_identity
 from ..models.quantize import FULL_WIDTH, is_quantized, require_quantization
-from ..progress import say
+from ..progress import count, say
 from ..unet_skeleton import unet_skeleton
 from .config import recorded_base_weights, recorded_transformer
 from .folder import ADAPTER_NAMES, run_source
@@ -199,7 +199,7 @@ def generate(
     scenes = world_scenes(base, prompts)
     written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
     seconds = f"loading {t1 - t0:.1f} s, images {t2 - t1:.1f} s, writing {time.perf_counter() - t2:.1f} s"
-    say(console, f"wrote {len(written)} images and {grid} ({seconds}){defaults_note(base)}")
+    say(console, f"wrote {count(len(written), 'image')} and {grid} ({seconds}){defaults_note(base)}")
     if scenes is not None and score and not pair:
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
         world_scores(arrays, [scenes[i // n] for i in range(len(images))], written, file, run, console)

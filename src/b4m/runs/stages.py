@@ -25,7 +25,7 @@ from ..errors import B4MError
 from ..images import save_grid
 from ..loading import denoiser_config, flux_family, load_model, model_hint, model_of_identity, transformer_skeleton
 from ..method.config import MakeConfig
-from ..progress import progress_printer, say
+from ..progress import count, progress_printer, say
 from ..training import distributed
 from ..unet_skeleton import unet_skeleton
 from .config import StageConfig, recorded_base_weights, recorded_transformer
@@ -213,8 +213,8 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
 
     say(
         console,
-        f"{role} run: {len(main_set.images)} images, {len(aux_sets)} auxiliary sets "
-        f"({', '.join(s.name for s in aux_sets)}); {cfg.train.steps} steps{defaults_note(model)}",
+        f"{role} run: {count(len(main_set.images), 'image')}, {count(len(aux_sets), 'auxiliary set')} "
+        f"({', '.join(s.name for s in aux_sets)}); {count(cfg.train.steps, 'step')}{defaults_note(model)}",
     )
     validate = _validator(model, cfg, out, console)
     record = break_run(
@@ -347,7 +347,7 @@ def run_make(cfg: StageConfig, *, resume: bool = False, overwrite: bool = False,
     counts = ", ".join(f"{len(sets[0].latents)} {role} images" for role, sets in encoded.items())
     say(
         console,
-        f"make: {c_file.parent.name} × {s_file.parent.name}; {make_cfg.steps} steps"
+        f"make: {c_file.parent.name} × {s_file.parent.name}; {count(make_cfg.steps, 'step')}"
         + (f" on {counts}" if counts else " (fuse only)")
         + defaults_note(model),
     )

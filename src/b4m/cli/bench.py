@@ -169,8 +169,8 @@ def _print_results(results: dict[str, Any]) -> None:
 
     ref = results["reference"]
     table = Table(title=f"b4m bench: means; average and Δ average vs {ref} with 95% intervals (paired)")
-    for column in ("method", "content", "style", "prompt", "average", "c-leak", "s-leak", "Δ average", "s"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    for column in ("method", "content", "style", "prompt", "average", "c-leak", "s-leak", "Δ average", "seconds"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for m, summary in results["summary"].items():
         a, d = summary["average"], results["differences"][m]["average"]
         means = [f"{summary[k]['mean']:.2f}" for k in ("content", "style", "prompt")]

@@ -235,7 +235,12 @@ def render(
     content: Annotated[str | None, typer.Option(help="A catalog content (in the plain look).")] = None,
     style: Annotated[str | None, typer.Option(help="A catalog style (on known contents).")] = None,
     aux: Annotated[
-        bool, typer.Option("--aux", help="The run's auxiliary sets instead (a folder of folders, for --aux).")
+        bool,
+        typer.Option(
+            "--aux",
+            help="With one concept: its run's auxiliary sets instead of its references (a folder of folders, for "
+            "b4m content/style --aux). With both, every set is written: references and auxiliary sets.",
+        ),
     ] = False,
     n: Annotated[int, typer.Option("--n", "-n", help="Images per set.")] = 4,
     sets: Annotated[int, typer.Option(help="Auxiliary sets per run.")] = 3,

@@ -481,7 +481,8 @@ def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
         text = f"{key} = {toml_value(value)}"
         if sources is None:
             return text
-        note = "; empty: the model's own (b4m dry-run lists them)" if dotted == "adapter.targets" and not value else ""
+        empty = {"adapter.targets": "the model's own (b4m dry-run lists them)", "model": "the built-in world"}
+        note = f"; empty: {empty[dotted]}" if dotted in empty and not value else ""
         return f"{text:<40}  # {sources.get(dotted, 'default')}{note}"
 
     lines = [line(k, v, k) for k, v in data.items() if k not in _TABLES and v is not None]

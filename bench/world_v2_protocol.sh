@@ -6,6 +6,7 @@
 #   bash bench/world_v2_protocol.sh grid     # the dev grid's configurations not yet in bench/results/world-v2/dev-grid
 #   bash bench/world_v2_protocol.sh grid-wide  # the wider grid's three 600-step configurations, every method alike
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
+#   bash bench/world_v2_protocol.sh levers 1   # the levers again at dev seed 1 (docs/benchmarks.md, "Dev at fresh seeds")
 #   bash bench/world_v2_protocol.sh dev-seeds  # every method at its dev choice on dev at seeds 1 and 2 (diagnostic)
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
 #   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
@@ -21,14 +22,19 @@ set -u
 phase=${1:?grid, grid-wide, levers, dev-seeds, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
-[ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
+[ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
 save_runs() {  # the device tool brings back files up to 16 MiB: without the stage-1 adapters if need be, then nothing
   # (a temporary name, then a rename: a call killed while tar writes leaves no truncated runs.tgz behind)
   local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
   # Only the protocol's own folders: anything else under runs/ (a base model another bench built there, 5 GB for
   # load_time's random SDXL) made the archive outlast the call on 2026-12-06 and lost two calls' work.
-  local tmp="$OUT/runs.tgz.part" keep
-  keep=$(ls -d runs/grid runs/levers runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
+  local tmp="$OUT/runs.tgz.part" keep d
+  keep=$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
+  # A finished bench needs only its results and figure: its units and report (11 MB for 192 units) would crowd out
+  # the unfinished one, and the carry (tree ~55 MB + wheels ~6 MB + runs.tgz) must stay under the tool's 64 MiB.
+  for d in runs/*/ runs/grid/*/; do
+    complete "${d%/}" && skip+=(--exclude="${d}units" --exclude="${d}report.html" --exclude="${d}workers")
+  done
   tar czf "$tmp" "${skip[@]}" $keep 2>/dev/null
   if [ "$(stat -c %s "$tmp")" -ge 16000000 ]; then
     tar czf "$tmp" "${skip[@]}" --exclude='runs/*/*/stage1' --exclude='runs/*/stage1' $keep 2>/dev/null
@@ -61,12 +67,13 @@ case $phase in
     (cd runs && tar cf "$OUT/grid.tar" grid/*/results.json grid/*/results.csv grid/*/figure.png)
     chosen && cp runs/chosen.json "$OUT/" && python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* runs/grid/* \
       | tee "$OUT/grid.md" && echo done ;;
-  levers)
+  levers)  # levers [SEED]: seed 0 (the first run, runs/levers) or a dev seed that reproduces the test failure
+    seed=${2:-0}; d=runs/levers; [ "$seed" = 0 ] || d=runs/levers-seed$seed
     chosen
     read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
-    bench runs/levers --split dev --lr "$lr" --steps "$st" \
+    bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
       --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
-      && cp runs/levers/results.json "$OUT/levers.json" && cp runs/levers/figure.png "$OUT/levers.png" && echo done ;;
+      && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in
     # the JSON, run at B4M's choice: the bench's --lr and --steps)

@@ -77,6 +77,8 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     assert content_run["placeholder"] == "sks" and content_run["train"]["steps"] == 2
     assert json.loads((out / "made" / "run.json").read_text())["config"]["train"]["steps"] == 1
     assert (out / "images" / "grid.png").is_file() and len(list((out / "images").glob("*_seed0.png"))) == 1
+    # the images of the pair follow in the same process: make draws no sample grid of its own; the stage-1 runs do
+    assert not (out / "made" / "samples").exists() and list((out / "content" / "samples").glob("*.png"))
     flow = json.loads((out / "flow.json").read_text())
     assert flow["prompts"] == ["a sks dog in zwx style"] and set(flow["seconds"]) == {
         "content",
@@ -93,7 +95,12 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     invoke("make", "--content", out / "content", "--style", out / "style", "-o", pair, "--steps", "1", "--generate", 2)
     assert loads == [data["model"]] and finished(pair, "make")
     written = sorted(p.name for p in (pair / "images").glob("*.png"))
-    assert len(written) == 3 and "grid.png" in written
+    assert len(written) == 3 and "grid.png" in written and not (pair / "samples").exists()
+    named = tmp_path / "named"  # validation prompts asked for by name: make's sample grid is drawn too
+    (tmp_path / "make.toml").write_text('[validation]\nprompts = ["a sks dog"]\n')
+    invoke("make", *("--content", out / "content", "--style", out / "style", "-o", named, "--steps", "1"),
+           *("--generate", 1, "--config", tmp_path / "make.toml"))
+    assert list((named / "samples").glob("*.png"))
     with Image.open(pair / "images" / written[0]) as image:
         assert json.loads(image.text[PNG_KEY])["prompt"] == "a sks in zwx style"
     runs = ("--content", out / "content", "--style", out / "style")

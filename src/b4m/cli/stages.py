@@ -27,7 +27,7 @@ GenerateOpt = Annotated[
     typer.Option(
         "--generate",
         help="After make, this many images of each --generate-prompt into OUTPUT/images (what b4m generate writes), "
-        "the base model loaded once.",
+        "the base model loaded once; make's own samples/ grid is then left out unless [validation] prompts are set.",
     ),
 ]
 GeneratePromptOpt = Annotated[

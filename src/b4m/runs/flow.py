@@ -182,6 +182,7 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
             t0 = time.perf_counter()
             again = resume and has_checkpoints(folder)  # an interrupted stage continues from its checkpoint
             if stage == "make":
+                cfg = without_own_samples(cfg)
                 summaries[stage] = run_make(cfg, resume=again, overwrite=overwrite, console=console)
             else:
                 summaries[stage] = run_break(stage, cfg, resume=again, overwrite=overwrite, console=console)
@@ -214,6 +215,15 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
         tmp.write_text(json.dumps(record, indent=1) + "\n")
     say(console, f"wrote {out / 'flow.json'}; the made pair: {out / FOLDERS['make']}, images: {images_dir}")
     return {**record, "summaries": summaries}
+
+
+def without_own_samples(cfg: StageConfig) -> StageConfig:
+    """Make's config when images of the pair follow in the same process: make's own sample grid (the content's and
+    the style's prompts, two seeds: as long to draw as four of the images) is left out, unless ``validation.prompts``
+    asks for it by name."""
+    if cfg.validation.prompts:
+        return cfg
+    return dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, seeds=[]))
 
 
 def pair_prompt(cfg: StageConfig) -> str:
@@ -286,7 +296,8 @@ def make_and_generate(
             say(console, f"make: finished in {out}, reused")
             summary = {}
         else:
-            summary = run_make(cfg, resume=resume and has_checkpoints(out), overwrite=overwrite, console=console)
+            make_cfg = without_own_samples(cfg)
+            summary = run_make(make_cfg, resume=resume and has_checkpoints(out), overwrite=overwrite, console=console)
         written = generate(
             str(out), prompts, output=str(images), n=n, device=cfg.device, overwrite=True, console=console
         )

@@ -9,23 +9,21 @@ from resampling pairs to resampling whole contents and styles), so old and new t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from b4m.files import atomic_path
 from b4m.world.bench.results import intervals, write_csv
+from b4m.world.bench.saved import read_results, results_path, write_results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="bench output folders (each with results.json)")
     for folder in parser.parse_args().folders:
-        path = folder / "results.json"
-        results = json.loads(path.read_text())
+        path = results_path(folder)
+        results = read_results(path)
         before = results["intervals"]
         results.update(intervals(results["per_image"], results["items"], results["reference"]))
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(path, results)
         write_csv(results, folder / "results.csv")
         print(f"{folder}: {before} -> {results['intervals']}")
 

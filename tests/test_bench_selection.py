@@ -90,3 +90,21 @@ def test_the_demo_settings_rule_prefers_passing_pairs_then_the_average():
 
     assert sweep.pick([row(1e-3, 3, 0.5), row(2e-3, 3, 0.6), row(5e-3, 2, 0.9)]) == {"lr": 2e-3}
     assert sweep.pick([row(1e-3, 3, 0.5), row(2e-3, 3, 0.5)]) == {"lr": 1e-3}
+
+
+def test_gzip_compressed_results_read_as_the_plain_ones(tmp_path):
+    """The repository keeps large results as results.json.gz (bench/results/world-v2): the grid reads them alike,
+    and writing the same results twice gives the same bytes (no timestamp in the gzip header)."""
+    from b4m.world.bench.saved import read_results, write_results
+
+    plain = write(tmp_path, 1e-3, 150, {"b4m": 0.8, "jttrain": 0.7})
+    packed = write(tmp_path, 2e-3, 150, {"b4m": 0.9, "jttrain": 0.6})
+    results = read_results(packed / "results.json")
+    write_results(packed / "results.json.gz", results)
+    first = (packed / "results.json.gz").read_bytes()
+    (packed / "results.json").unlink()
+    assert read_results(packed / "results.json.gz") == results and first[:2] == b"\x1f\x8b"
+    write_results(packed / "results.json.gz", results)
+    assert (packed / "results.json.gz").read_bytes() == first
+    chosen = select(read_grid([plain, packed]))
+    assert (chosen["b4m"].lr, chosen["jttrain"].lr) == (2e-3, 1e-3)

@@ -17,6 +17,7 @@ from ...environment import record
 from ...errors import B4MError
 from ...files import atomic_path
 from .results import make_results, write_csv, write_figures, write_html
+from .saved import write_results
 from .units import (
     Unit,
     failed_path,
@@ -188,8 +189,7 @@ def run_bench(
         results["workers"] = workers
     results["seconds"] = {"command": round(time.perf_counter() - t_start, 2)}
     results["commands"] = [*history, {**command, "seconds": results["seconds"]["command"], "units_run": ran}]
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=str))
+    write_results(out / "results.json", results)
     write_csv(results, out / "results.csv")
     images = {name: {label: u.images for label, u in per_pair.items()} for name, per_pair in units.items()}
     write_html(results, data, images, out / "report.html")

@@ -11,11 +11,11 @@ The rule, in order:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import B4MError
+from .saved import read_results, results_path
 
 TIE = 0.005
 
@@ -48,10 +48,8 @@ def read_grid(folders: list[Path]) -> list[GridCell]:
     cells: list[GridCell] = []
     shared: dict | None = None
     for folder in folders:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            raise B4MError(f"{path}: no results.json (run b4m bench there first)")
-        results = json.loads(path.read_text())
+        path = results_path(folder)
+        results = read_results(path)
         if not results.get("complete", True):
             raise B4MError(f"{path}: the run is not finished (b4m bench --resume)")
         settings = dict(results["settings"])

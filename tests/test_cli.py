@@ -14,7 +14,7 @@ from b4m import __version__
 from b4m.adapter.file import load_adapter, save_adapter
 from b4m.cli import app, main
 from b4m.lora_files import load_lora
-from b4m.runs.config import PATH_KEYS
+from b4m.runs.toml_files import PATH_KEYS
 from conftest import TINY_SD_UNET
 from test_adapter_file import trained_run
 

@@ -5,7 +5,8 @@ import tomllib
 import pytest
 
 from b4m import B4MError
-from b4m.runs.config import PATH_KEYS, STAGE_DEFAULTS, StageConfig, build_config, load_config, stage_config, to_toml
+from b4m.runs.config import STAGE_DEFAULTS, StageConfig, build_config, load_config, stage_config, to_toml
+from b4m.runs.toml_files import PATH_KEYS
 from b4m.training.config import TrainConfig
 
 

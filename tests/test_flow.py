@@ -98,8 +98,11 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     assert len(written) == 3 and "grid.png" in written and not (pair / "samples").exists()
     named = tmp_path / "named"  # validation prompts asked for by name: make's sample grid is drawn too
     (tmp_path / "make.toml").write_text('[validation]\nprompts = ["a sks dog"]\n')
-    invoke("make", *("--content", out / "content", "--style", out / "style", "-o", named, "--steps", "1"),
-           *("--generate", 1, "--config", tmp_path / "make.toml"))
+    invoke(
+        "make",
+        *("--content", out / "content", "--style", out / "style", "-o", named, "--steps", "1"),
+        *("--generate", 1, "--config", tmp_path / "make.toml"),
+    )
     assert list((named / "samples").glob("*.png"))
     with Image.open(pair / "images" / written[0]) as image:
         assert json.loads(image.text[PNG_KEY])["prompt"] == "a sks in zwx style"

@@ -16,3 +16,27 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for the leaves of ``data``: ``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """Tables from dotted keys, the inverse of :func:`flatten`: ``{"train.steps": 5}`` -> ``{"train": {"steps":
+    5}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *tables, leaf = key.split(".")
+        node = out
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[leaf] = value
+    return out

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import tomllib
 import types
 import typing
 from collections.abc import Callable
@@ -39,10 +38,11 @@ from ..adapter.config import PLPConfig
 from ..errors import B4MError
 from ..lora_files.formats import FORMATS, check_dtype_name
 from ..method.config import MakeConfig
-from ..nested import deep_merge
+from ..nested import deep_merge, flatten, nest
 from ..settings import setting
 from ..training.config import TrainConfig
 from ..training.speed import SPEED_KEYS
+from .toml_files import PATH_KEYS, paths_beside, read_toml, toml_value
 
 # The commands whose flags set a field (``metadata["commands"]``; b4m.cli builds its options from this metadata).
 _STAGES = ("content", "style", "make")
@@ -359,13 +359,7 @@ def load_config(
         path = Path(path)
         from_file = read_toml(path, "config file")
         paths_beside(from_file, path.parent)
-    flags: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *tables, leaf = key.split(".")
-        node = flags
-        for t in tables:
-            node = node.setdefault(t, {})
-        node[leaf] = value
+    flags = nest(overrides)
     given = deep_merge(from_file, flags)
     source = str(path) if path else "command line"
     layers: list[tuple[str, dict[str, Any]]] = [("default", defaults or {})]
@@ -387,7 +381,7 @@ def load_config(
     for name, layer in layers:
         data = deep_merge(data, layer)
         if sources is not None:
-            sources.update(dict.fromkeys(_dotted(layer), name))
+            sources.update(dict.fromkeys(flatten(layer), name))
     return build_config(data, source)
 
 
@@ -430,40 +424,6 @@ def recorded_transformer(given: str | None, model: str | None, run: dict) -> str
     return None if model else run.get("config", {}).get("transformer") or None
 
 
-def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in data.items():
-        keys += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return keys
-
-
-#: Settings that name files or folders: relative ones in a config file are relative to the file's folder.
-PATH_KEYS = ("images", "aux", "output", "content", "style", "transformer")
-
-
-def read_toml(path: Path, kind: str) -> dict[str, Any]:
-    """A TOML file's contents; a missing or malformed file is one line naming it (``kind``: what the file is)."""
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise B4MError(f"{path}: no such {kind}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise B4MError(f"{path}: not valid TOML ({e})") from e
-
-
-def paths_beside(data: dict[str, Any], folder: Path) -> None:
-    """Make the relative paths of a config file's :data:`PATH_KEYS` relative to ``folder`` (the file's), as a user
-    reading the file expects; ``model`` too when it names a folder or file found there (else it is a name or a Hub
-    id). Flags keep the working directory's meaning."""
-    for key in PATH_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            data[key] = str(folder / value)
-    model = data.get("model")
-    if isinstance(model, str) and model and not Path(model).is_absolute() and (folder / model).exists():
-        data["model"] = str(folder / model)
-
-
 def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
     """The config as TOML. ``None`` values are left out, as TOML has no null: only settings whose default is
     ``None`` may hold it (:func:`build_config`), so :func:`load_config` reads the text back as the same config.
@@ -490,16 +450,3 @@ def to_toml(config: StageConfig, sources: dict[str, str] | None = None) -> str:
         lines += ["", f"[{name}]"]
         lines += [line(k, v, f"{name}.{k}") for k, v in data[name].items() if v is not None]
     return "\n".join(lines) + "\n"
-
-
-def toml_value(v: Any) -> str:
-    """A setting's value as TOML text (bools, numbers, strings, lists of them)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise B4MError(f"cannot write {v!r} as TOML")

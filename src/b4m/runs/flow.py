@@ -29,11 +29,13 @@ from typing import Any
 from ..errors import B4MError
 from ..files import atomic_path
 from ..loading import shared_models
+from ..nested import flatten
 from ..progress import say
-from .config import StageConfig, paths_beside, read_toml, stage_config, to_toml, toml_value
+from .config import StageConfig, stage_config, to_toml
 from .folder import ADAPTER_NAMES, check_run_folder
 from .generation import GENERATED, generate
 from .stages import run_break, run_make
+from .toml_files import paths_beside, read_toml, toml_value
 
 #: Each stage's folder under the flow's output.
 FOLDERS = {"content": "content", "style": "style", "make": "made", "generate": "images"}
@@ -99,7 +101,7 @@ def flow_config(path: str | Path | None, flags: dict[str, Any], image_flags: dic
         table = data.get(stage, {})
         if not isinstance(table, dict):
             raise B4MError(f"{path}: [{stage}] must be a table")
-        given = _dotted({**shared, **table})
+        given = flatten({**shared, **table})
         flagged = {k: v for k, v in flags.items() if v is not None and k != "output"}
         given.update({k: v for k, v in flagged.items() if "." not in k or k.split(".")[0] in SHARED_TABLES})
         given.update({k.split(".", 1)[1]: v for k, v in flagged.items() if k.split(".")[0] == stage})
@@ -139,16 +141,6 @@ def flow_to_toml(flow: Flow) -> str:
     images = {k: v for k, v in dataclasses.asdict(flow.images).items() if v is not None}
     lines += ["", "[generate]", *(f"{k} = {toml_value(v)}" for k, v in images.items())]
     return "\n".join(lines) + "\n"
-
-
-def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def finished(folder: Path, stage: str) -> bool:

@@ -110,7 +110,10 @@ def test_one_command_writes_the_three_run_folders_and_images_loading_the_model_o
     loads.clear()
     for args, says in [
         (("--generate", -1), "at least 1"),
-        (("--generate", 1), "--resume keeps them, --overwrite replaces them"),  # images of an earlier call
+        (
+            ("--generate", 1),
+            "--resume keeps them and draws only the missing ones, --overwrite replaces them",
+        ),  # images of an earlier call
         (("--generate-prompt", "a sks dog"), "--generate-prompt needs --generate"),
     ]:
         assert says in str(invoke("make", *runs, "-o", pair, *args, ok=False).exception)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -132,7 +133,7 @@ def test_generate_checks_its_output_folder_and_resolution(references, tmp_path, 
     assert first.exit_code == 0, first.output
     assert Path("out/00_seed0.png").is_file()
     again = runner.invoke(app, args)
-    assert isinstance(again.exception, B4MError) and "holds 2 images of an earlier generate" in str(again.exception)
+    assert isinstance(again.exception, B4MError) and "holds 1 image of an earlier call" in str(again.exception)
     other = runner.invoke(
         app, [*args[:2], "a sks in zwx style on a red background", *args[3:], "--seed", "5", "--overwrite"]
     )
@@ -143,3 +144,55 @@ def test_generate_checks_its_output_folder_and_resolution(references, tmp_path, 
     ]  # none of the first call's
     big = runner.invoke(app, [*args, "--overwrite", "--resolution", "4096"])
     assert "resolution 4096 is more than 4× world's native 32 px" in str(big.exception)
+
+
+def test_generate_writes_each_prompt_as_drawn_and_resume_draws_only_the_missing(references, tmp_path, monkeypatch):
+    """An interrupted generate keeps the prompts it drew; --resume keeps the images that match (same prompt, seed
+    and settings), draws the missing ones (another prompt, more seeds) and refuses images of other settings."""
+    import b4m.runs.generation as generation
+    from b4m.images import PNG_KEY
+    from b4m.runs.generation import generate
+
+    for role in ("content", "style"):
+        run_break(role, break_config(references, role, tmp_path / role))
+    made = tmp_path / "made"
+    make = {"content": str(tmp_path / "content"), "style": str(tmp_path / "style"), "output": str(made)}
+    run_make(load_config(None, {**make, "train.steps": 1}, STAGE_DEFAULTS["make"]))
+    out = tmp_path / "out"
+    prompts = ["a sks in zwx style", "a sks in zwx style on a red background"]
+    original = generation.write_images
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:  # Ctrl-C while the second prompt's images are written
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "write_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(str(made), prompts, output=str(out), n=2, steps=2, score=False)
+    assert sorted(p.name for p in out.glob("*.png")) == ["00_seed0.png", "00_seed1.png"]  # no grid yet
+    first = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    with pytest.raises(B4MError, match="--resume keeps them and draws only the missing ones"):
+        generate(str(made), prompts, output=str(out), n=2, steps=2, score=False)
+
+    drawn = []
+    monkeypatch.setattr(generation, "write_images", lambda *a, **k: drawn.append(a[1:4:2]) or original(*a, **k))
+    written = generate(str(made), prompts, output=str(out), n=3, steps=2, score=False, resume=True)
+    assert sorted(drawn) == [(0, [2]), (1, [0, 1, 2])]  # only what was missing
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"{i:02d}_seed{s}.png" for i in (0, 1) for s in (0, 1, 2)] + ["grid.png"]
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    assert [p.name for p in written][-1] == "grid.png" and len(written) == 7
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as grid:
+        assert json.loads(grid.text[PNG_KEY])["seeds"] == [0, 1, 2]
+    for changed, says in (
+        ({"steps": 3}, "drawn with steps = 2, this call's is 3"),
+        ({"prompts": ["another prompt", prompts[1]]}, "drawn for the prompt 'a sks in zwx style'"),
+    ):
+        args = {"prompts": prompts, "steps": 2, **changed}
+        with pytest.raises(B4MError, match=says):
+            generate(str(made), args.pop("prompts"), output=str(out), n=3, score=False, resume=True, **args)

@@ -27,7 +27,8 @@ GenerateOpt = Annotated[
     typer.Option(
         "--generate",
         help="After make, this many images of each --generate-prompt into OUTPUT/images (what b4m generate writes), "
-        "the base model loaded once; make's own samples/ grid is then left out unless [validation] prompts are set.",
+        "the base model loaded once; make's own samples/ grid is then left out unless its [validation] sets prompts "
+        "or seeds.",
     ),
 ]
 GeneratePromptOpt = Annotated[
@@ -178,6 +179,14 @@ def generate(
     upscale: Annotated[
         int, typer.Option(help="Write the images this many times larger (nearest neighbour; e.g. 4 for 32-px ones).")
     ] = 1,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Keep the images an earlier generate drew in the output folder with the same prompts and settings, "
+            "and draw only the missing ones (more seeds, another prompt, what an interruption lost).",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the images an earlier generate left in the output folder.")
     ] = False,
@@ -234,6 +243,7 @@ def generate(
         merge=merge,
         resolution=resolution,
         upscale=upscale,
+        resume=resume,
         overwrite=overwrite,
         content_lora=content_lora,
         style_lora=style_lora,

@@ -8,7 +8,7 @@ and its sampler.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +45,10 @@ class Conditioning:
             torch.cat([c.hidden for c in items]),
             {k: torch.cat([c.extra[k] for c in items]) for k in items[0].extra},
         )
+
+
+#: ``on_images(prompt_index, images)``: a prompt's images, in seed order, as soon as they are decoded.
+OnImages = Callable[[int, list[Image.Image]], None]
 
 
 @dataclass
@@ -151,5 +155,7 @@ class DiffusionModel(ABC):
         """The denoiser's output for a batch."""
 
     @abstractmethod
-    def sample(self, request: SampleRequest) -> list[Image.Image]:
-        """Generate images with the denoiser as it is now (adapters attached, merged or not)."""
+    def sample(self, request: SampleRequest, on_images: OnImages | None = None) -> list[Image.Image]:
+        """Generate images with the denoiser as it is now (adapters attached, merged or not); ``on_images`` is
+        called with each prompt's index and images (in seed order) as soon as they are decoded (b4m generate
+        writes them then, so an interrupted call keeps what it drew)."""

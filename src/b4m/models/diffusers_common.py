@@ -21,7 +21,7 @@ from torch import nn
 
 from ..cuda_graphs import graphed_sampling
 from ..errors import B4MError
-from .base import Conditioning, DiffusionModel, SampleRequest
+from .base import Conditioning, DiffusionModel, OnImages, SampleRequest
 from .schedulers import make_scheduler
 from .steps import announcing
 
@@ -314,7 +314,7 @@ class DiffusersModel(DiffusionModel):
             kwargs[f"negative_{name}"] = cond.extra[key][1:]
         return kwargs
 
-    def sample(self, request: SampleRequest) -> list[Image.Image]:
+    def sample(self, request: SampleRequest, on_images: OnImages | None = None) -> list[Image.Image]:
         """One image per (prompt, seed), prompt-major.
 
         Each prompt is one pipeline call with one CPU generator per seed, so an image's starting noise (and the
@@ -333,7 +333,7 @@ class DiffusersModel(DiffusionModel):
         graphs = graphed_sampling(self.denoiser) if self.sample_cuda_graphs else contextlib.nullcontext()
         try:
             with torch.no_grad(), graphs:
-                for prompt in request.prompts:
+                for index, prompt in enumerate(request.prompts):
                     latents = pipe(
                         **self._prompt_kwargs(prompt, request.negative_prompt, (height, width)),
                         height=height,
@@ -344,8 +344,11 @@ class DiffusersModel(DiffusionModel):
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],
                         output_type="latent",
                     ).images
+                    first = len(images)
                     for row in latents:  # decode one at a time: a 1024 px float32 decode is memory hungry
                         images += self.image_processor.postprocess(self.decode_latents(row[None]), output_type="pil")
+                    if on_images is not None:
+                        on_images(index, images[first:])
         finally:
             self.denoiser.train(was_training)
         return images

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..device import avoid_cudnn_attention
 from ..errors import B4MError
-from .base import Conditioning, DiffusionModel, SampleRequest
+from .base import Conditioning, DiffusionModel, OnImages, SampleRequest
 from .diffusers_common import _to_float32, module_device, tokenize, vae_scale_factor
 from .steps import announcing
 
@@ -340,7 +340,7 @@ class FluxModel(DiffusionModel):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def sample(self, request: SampleRequest) -> list[Image.Image]:
+    def sample(self, request: SampleRequest, on_images: OnImages | None = None) -> list[Image.Image]:
         """One image per (prompt, seed), prompt-major, through ``FluxPipeline`` with precomputed embeddings.
 
         ``request.steps`` steps (default :attr:`default_steps`) of the pipeline's schedule (its resolution-dependent
@@ -360,7 +360,7 @@ class FluxModel(DiffusionModel):
         self.denoiser.eval()
         try:
             with torch.no_grad():
-                for prompt in request.prompts:
+                for index, prompt in enumerate(request.prompts):
                     cond = self.encode_prompts([prompt]).to(self.device, self.dtype)
                     packed = pipe(
                         prompt_embeds=cond.hidden.expand(n, -1, -1),
@@ -373,8 +373,11 @@ class FluxModel(DiffusionModel):
                         output_type="latent",
                     ).images
                     latents = FluxPipeline._unpack_latents(packed, height, width, self.vae_factor)
+                    first = len(images)
                     for row in latents:  # one decode at a time: a 1024 px float32 decode is memory hungry
                         images += self.image_processor.postprocess(self.decode_latents(row[None]), output_type="pil")
+                    if on_images is not None:
+                        on_images(index, images[first:])
         finally:
             self.denoiser.train(was_training)
         return images

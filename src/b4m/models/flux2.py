@@ -39,7 +39,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import B4MError
-from .base import Conditioning, SampleRequest
+from .base import Conditioning, OnImages, SampleRequest
 from .diffusers_common import module_device
 from .flux import MAX_SEQUENCE_LENGTH, TRAIN_GUIDANCE, FluxModel
 
@@ -192,7 +192,7 @@ class Flux2KleinModel(FluxModel):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def sample(self, request: SampleRequest) -> list[Image.Image]:
+    def sample(self, request: SampleRequest, on_images: OnImages | None = None) -> list[Image.Image]:
         """One image per (prompt, seed), prompt-major, through ``Flux2KleinPipeline`` with precomputed embeddings.
 
         ``request.steps`` steps of the pipeline's schedule (its empirical resolution- and step-dependent shift
@@ -216,7 +216,7 @@ class Flux2KleinModel(FluxModel):
                 if scale > 1 and not self.is_distilled:
                     negative = self.encode_prompts([request.negative_prompt]).to(self.device, self.dtype).hidden
                     negative = negative.expand(n, -1, -1)
-                for prompt in request.prompts:
+                for index, prompt in enumerate(request.prompts):
                     cond = self.encode_prompts([prompt]).to(self.device, self.dtype)
                     raw = pipe(
                         prompt_embeds=cond.hidden.expand(n, -1, -1),
@@ -228,10 +228,13 @@ class Flux2KleinModel(FluxModel):
                         generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in request.seeds],
                         output_type="latent",
                     ).images
+                    first = len(images)
                     for row in raw:
                         images += self.image_processor.postprocess(
                             self.decode_vae_latents(row[None]), output_type="pil"
                         )
+                    if on_images is not None:
+                        on_images(index, images[first:])
         finally:
             self.denoiser.train(was_training)
         return images

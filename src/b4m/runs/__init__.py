@@ -7,8 +7,10 @@ module             job
 ``config``         :class:`StageConfig`: the TOML file < flags, presets, each stage's defaults
 ``stages``         :func:`run_break` (content, style) and :func:`run_make`
 ``generation``     :func:`generate`
+``image_folder``   generate's output folder: images written as drawn, ``--resume``'s missing ones, the grid
 ``flow``           :func:`run_flow`: ``b4m run``, the four stages in one process, the model loaded once
 ``folder``         one run per folder, run.json, plain LoRA exports, reading a run back
+``toml_files``     reading a config or flow file (paths beside it), values as TOML text
 ``aux``            auxiliary sets generated with the base model, cached
 =================  ==========================================================================================
 """

@@ -31,9 +31,10 @@ from ..files import atomic_path
 from ..loading import shared_models
 from ..nested import flatten
 from ..progress import say
-from .config import StageConfig, stage_config, to_toml
+from .config import StageConfig, ValidationConfig, stage_config, to_toml
 from .folder import ADAPTER_NAMES, check_run_folder
-from .generation import GENERATED, generate
+from .generation import generate
+from .image_folder import earlier_images, holds_all
 from .stages import run_break, run_make
 from .toml_files import paths_beside, read_toml, toml_value
 
@@ -162,7 +163,9 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
         folder = Path(cfg.output)
         if not (resume and finished(folder, stage)):
             check_run_folder(folder, stage, resume=resume, overwrite=overwrite)
-    earlier = earlier_images(images_dir, resume=resume, overwrite=overwrite)
+    earlier_images(images_dir, resume=resume, overwrite=overwrite)  # refused before anything loads
+    seeds = range(flow.images.seed, flow.images.seed + flow.images.n)
+    drawn = holds_all(images_dir, len(flow.prompts), seeds)
     times: dict[str, float] = {}
     summaries: dict[str, Any] = {}
     with shared_models():
@@ -179,8 +182,8 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
             else:
                 summaries[stage] = run_break(stage, cfg, resume=again, overwrite=overwrite, console=console)
             times[stage] = round(time.perf_counter() - t0, 2)
-        if earlier and resume and not overwrite:
-            say(console, f"images: {len(earlier)} already in {images_dir}, kept")
+        if drawn and resume and not overwrite:
+            say(console, f"images: all {len(flow.prompts) * len(seeds)} already in {images_dir}, kept")
         else:
             t0 = time.perf_counter()
             written = generate(
@@ -192,7 +195,8 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
                 steps=flow.images.steps,
                 upscale=flow.images.upscale,
                 device=flow.stages["make"].device,
-                overwrite=True,
+                resume=resume,  # the images an interrupted flow drew are kept, the missing ones drawn
+                overwrite=overwrite,
                 console=console,
             )
             times["generate"] = round(time.perf_counter() - t0, 2)
@@ -211,9 +215,9 @@ def run_flow(flow: Flow, *, resume: bool = False, overwrite: bool = False, conso
 
 def without_own_samples(cfg: StageConfig) -> StageConfig:
     """Make's config when images of the pair follow in the same process: make's own sample grid (the content's and
-    the style's prompts, two seeds: as long to draw as four of the images) is left out, unless ``validation.prompts``
-    asks for it by name."""
-    if cfg.validation.prompts:
+    the style's prompts at two seeds: as long to draw as four of the images) is left out, unless the config's
+    ``[validation]`` asks for it (prompts, or seeds other than the default)."""
+    if cfg.validation.prompts or cfg.validation.seeds != ValidationConfig().seeds:
         return cfg
     return dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, seeds=[]))
 
@@ -246,15 +250,6 @@ def pair_text(content: str | None, style: str | None) -> str:
     return f"a {content} in {style} style"
 
 
-def earlier_images(folder: Path, *, resume: bool, overwrite: bool) -> list[Path]:
-    """The images an earlier call wrote to ``folder``; refused unless ``resume`` keeps or ``overwrite`` replaces
-    them."""
-    earlier = [f for f in folder.glob("*.png") if GENERATED.fullmatch(f.name)] if folder.is_dir() else []
-    if earlier and not (resume or overwrite):
-        raise B4MError(f"{folder}: holds images of an earlier run; --resume keeps them, --overwrite replaces them")
-    return earlier
-
-
 def has_checkpoints(folder: Path) -> bool:
     """Whether ``folder`` holds a complete checkpoint to resume from."""
     from ..training.checkpoint import checkpoints  # torch: only once a run is to be resumed
@@ -267,8 +262,8 @@ def make_and_generate(
 ) -> dict:
     """``b4m make --generate N``: make, then ``n`` images of each prompt (default: :func:`pair_prompt`) into the
     made run's ``images/`` folder, as ``b4m generate`` writes them, with the base model loaded once. As in ``b4m
-    run``: ``resume`` keeps a finished make and images already there, ``overwrite`` replaces them; images of an
-    earlier call are refused otherwise, before anything loads."""
+    run``: ``resume`` keeps a finished make and the images already there (drawing the missing ones), ``overwrite``
+    replaces them; images of an earlier call are refused otherwise, before anything loads."""
     if n < 1:
         raise B4MError(f"--generate must be at least 1 image per prompt, got {n}")
     if not cfg.content or not cfg.style:
@@ -280,7 +275,7 @@ def make_and_generate(
     images = out / FOLDERS["generate"]
     earlier = earlier_images(images, resume=resume, overwrite=overwrite)
     done = resume and not overwrite and finished(out, "make")
-    if done and earlier:
+    if done and holds_all(images, len(prompts), range(n)):
         say(console, f"make: finished in {out}, images in {images}: kept")
         return {"generated": [str(p) for p in earlier]}
     with shared_models():
@@ -291,6 +286,13 @@ def make_and_generate(
             make_cfg = without_own_samples(cfg)
             summary = run_make(make_cfg, resume=resume and has_checkpoints(out), overwrite=overwrite, console=console)
         written = generate(
-            str(out), prompts, output=str(images), n=n, device=cfg.device, overwrite=True, console=console
+            str(out),
+            prompts,
+            output=str(images),
+            n=n,
+            device=cfg.device,
+            resume=resume,
+            overwrite=overwrite,
+            console=console,
         )
     return {**summary, "generated": [str(p) for p in written]}

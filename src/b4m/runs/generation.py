@@ -9,11 +9,11 @@ ground truth at the end, as ``b4m world score`` scores a folder."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,21 +22,26 @@ from PIL import Image
 
 from ..errors import B4MError
 from ..files import check_output, load_safetensors
-from ..images import save_grid, save_png, upscaled
 from ..loading import denoiser_config, load_model, model_hint, model_of_identity
 from ..models.quantize import FULL_WIDTH, is_quantized, require_quantization
 from ..progress import count, say
 from ..unet_skeleton import unet_skeleton
 from .config import recorded_base_weights, recorded_transformer
 from .folder import ADAPTER_NAMES, run_source
+from .image_folder import (
+    earlier_images,
+    grouped,
+    image_name,
+    missing_seeds,
+    read_image,
+    write_grid,
+    write_images,
+)
 from .stages import check_before_loading, defaults_note
 
 if TYPE_CHECKING:  # the modules that import torch are imported where they are used, after the input's checks
     from ..lora_files import Factors
-    from ..models.base import DiffusionModel, SampleRequest
-
-#: The files a generate call writes: ``NN_seedS.png`` per image and the grid.
-GENERATED = re.compile(r"\d+_seed-?\d+\.png|grid\.png")
+    from ..models.base import DiffusionModel
 
 #: How ``--combine`` puts ``--content-lora`` and ``--style-lora`` together.
 COMBINE = {
@@ -65,6 +70,7 @@ def generate(
     device: str | None = None,
     upscale: int = 1,
     score: bool = True,
+    resume: bool = False,
     overwrite: bool = False,
     content_lora: str | None = None,
     style_lora: str | None = None,
@@ -76,8 +82,10 @@ def generate(
     """Sample ``n`` images per prompt (seeds ``seed … seed+n-1``) with a b4m adapter
     (:func:`b4m.method.stages.generate`); writes PNGs and a grid to ``output``, every image ``upscale`` times larger
     (nearest neighbours; the factor is in the metadata). On the world, ``score`` prints the images' scores when the
-    run's concepts are known (:func:`world_scores`). An ``output`` that holds images of an earlier call is refused
-    unless ``overwrite`` (then they are removed first, so two calls' images never mix).
+    run's concepts are known (:func:`world_scores`). Each prompt's images are written as soon as they are drawn
+    (:mod:`b4m.runs.image_folder`). An ``output`` that holds images of an earlier call is refused unless ``resume``
+    (the images this call would draw that are there, with the same prompt and settings, are kept and only the
+    missing ones drawn) or ``overwrite`` (they are removed first, so two calls' images never mix).
 
     With ``content_lora`` and ``style_lora`` (plain LoRA files, diffusers/peft or kohya; ``adapter_path`` None)
     the two LoRAs are combined as ``combine`` says (:data:`COMBINE`) on ``model`` (default: the built-in world),
@@ -102,12 +110,7 @@ def generate(
     require_quantization(base_weights)  # an unknown value, or torchao missing: before any file or weight loads
     check_output(output, folder=True)
     out = Path(output)
-    earlier = sorted(f.name for f in out.glob("*.png") if GENERATED.fullmatch(f.name)) if out.is_dir() else []
-    if earlier and not overwrite:
-        raise B4MError(
-            f"{out}: holds {len(earlier)} images of an earlier generate (e.g. {earlier[0]}); --overwrite replaces "
-            "them, or choose another -o"
-        )
+    earlier = earlier_images(out, resume=resume, overwrite=overwrite)
     pair = content_lora is not None or style_lora is not None
     if pair:
         paths = lora_pair(content_lora, style_lora, combine, merge=merge, run=adapter_path)
@@ -140,7 +143,6 @@ def generate(
             )
     check_before_loading(model_name, resolution, out)
     from ..device import default_device
-    from ..method.stages import generate as generate_images
     from ..models.base import SampleRequest
 
     t0 = time.perf_counter()
@@ -161,8 +163,8 @@ def generate(
             f"{', '.join(unknown[:12])}",
             stacklevel=2,
         )
-    for name in earlier:  # --overwrite: no image of the earlier call stays beside the new ones
-        (out / name).unlink(missing_ok=True)
+    for path in earlier if overwrite else []:  # no image of the earlier call stays beside the new ones
+        path.unlink(missing_ok=True)
     seeds = list(range(seed, seed + n))
     request = SampleRequest(
         prompts,
@@ -186,24 +188,58 @@ def generate(
         "style_scale": style_scale,
         **({"base_weights": base_weights} if base_weights not in FULL_WIDTH else {}),
     }
-    t1 = time.perf_counter()
-    if pair:
-        images, extra = sample_pair(base, loras, request, combine, scale * content_scale, scale * style_scale)
-        settings = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"]), **common, **extra}
-    else:
-        images = generate_images(
-            base, adapter, request, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge
-        )
-        settings = {"adapter": str(file), **common, "merged": merge and not is_quantized(base.denoiser)}
-    t2 = time.perf_counter()
     scenes = world_scenes(base, prompts)
-    written, grid = save_generated(images, prompts, seeds, out, settings, upscale=upscale, scenes=scenes)
-    seconds = f"loading {t1 - t0:.1f} s, images {t2 - t1:.1f} s, writing {time.perf_counter() - t2:.1f} s"
-    say(console, f"wrote {count(len(written), 'image')} and {grid} ({seconds}){defaults_note(base)}")
+    drawn: dict[tuple[int, int], Image.Image] = {}
+    t1 = time.perf_counter()
+    applied = (
+        pair_applied(base, loras, combine, scale * content_scale, scale * style_scale)
+        if pair
+        else applied_run(base, adapter, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge)
+    )
+    with applied as extra:
+        first = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"])} if pair else {}
+        settings = {**first, **({} if pair else {"adapter": str(file)}), **common, **extra}
+        todo = (
+            missing_seeds(out, prompts, seeds, settings, upscale=upscale)
+            if resume
+            else dict.fromkeys(range(len(prompts)), seeds)
+        )
+        kept = len(prompts) * len(seeds) - sum(map(len, todo.values()))
+        if kept:
+            say(console, f"{count(kept, 'image')} of an earlier call kept in {out}")
+        for indices, group_seeds in grouped(todo):
+
+            def write(j: int, images: list[Image.Image], indices=indices, group_seeds=group_seeds) -> None:
+                i = indices[j]
+                scene = scenes[i] if scenes is not None else None
+                write_images(out, i, prompts[i], group_seeds, images, settings, upscale=upscale, scene=scene)
+                drawn.update(zip(((i, s) for s in group_seeds), images, strict=True))
+
+            group = dataclasses.replace(request, prompts=[prompts[i] for i in indices], seeds=group_seeds)
+            base.sample(group, on_images=write)
+    t2 = time.perf_counter()
+    keys = [(i, s) for i in range(len(prompts)) for s in seeds]
+    written = [out / image_name(i, s) for i, s in keys]
+    images = [drawn[k] if k in drawn else read_image(path, upscale) for k, path in zip(keys, written, strict=True)]
+    grid = write_grid(out, images, prompts, seeds, settings, upscale=upscale)
+    seconds = (
+        f"loading {t1 - t0:.1f} s, images {t2 - t1:.1f} s (written as drawn), grid {time.perf_counter() - t2:.1f} s"
+    )
+    say(console, f"wrote {count(len(drawn), 'image')} and {grid} ({seconds}){defaults_note(base)}")
     if scenes is not None and score and not pair:
         arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
         world_scores(arrays, [scenes[i // n] for i in range(len(images))], written, file, run, console)
     return [*written, grid]
+
+
+@contextlib.contextmanager
+def applied_run(model: DiffusionModel, adapter, **scales) -> Iterator[dict]:
+    """A b4m adapter on ``model`` inside (:func:`b4m.method.stages.applied_adapter`; ``scales``: ``scale``,
+    ``content_scale``, ``style_scale``, ``merge``); yields what the images' metadata records of it."""
+    from ..method.stages import applied_adapter
+
+    with applied_adapter(model, adapter, **scales):
+        yield {"merged": scales.get("merge", False) and not is_quantized(model.denoiser)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -280,27 +316,23 @@ def read_loras_early(paths: dict[str, Path], model_name: str) -> dict[str, Facto
     return loras
 
 
-def sample_pair(
-    model: DiffusionModel,
-    loras: dict[str, Factors],
-    request: SampleRequest,
-    combine: str,
-    content: float,
-    style: float,
-) -> tuple[list[Image.Image], dict]:
-    """Images with the two LoRAs weighted ``content`` and ``style`` and combined as ``combine`` says; and what the
-    metadata records of it (K-LoRA: its settings and the γ it computed)."""
+@contextlib.contextmanager
+def pair_applied(
+    model: DiffusionModel, loras: dict[str, Factors], combine: str, content: float, style: float
+) -> Iterator[dict]:
+    """The two LoRAs on ``model`` inside, weighted ``content`` and ``style`` and combined as ``combine`` says;
+    yields what the images' metadata records of it (K-LoRA: its settings and the γ it computed)."""
     from ..baselines.direct_merge import direct_merge
     from ..baselines.klora import klora_applied, scaled
     from ..lora_files import applied
 
     if combine == "sum":
         with applied(model.denoiser, direct_merge(loras["content"], loras["style"], content, style)):
-            return model.sample(request), {"combine": "sum"}
+            yield {"combine": "sum"}
+        return
     with klora_applied(model.denoiser, scaled(loras["content"], content), scaled(loras["style"], style)) as klora:
-        images = model.sample(request)
-    settings = {**dataclasses.asdict(klora.settings), "beta": klora.settings.beta_value, "gamma": klora.gamma}
-    return images, {"combine": "k-lora", "k_lora": settings}
+        settings = {**dataclasses.asdict(klora.settings), "beta": klora.settings.beta_value, "gamma": klora.gamma}
+        yield {"combine": "k-lora", "k_lora": settings}
 
 
 def world_scenes(model, prompts: Sequence[str]) -> list[dict | None] | None:
@@ -314,41 +346,6 @@ def world_scenes(model, prompts: Sequence[str]) -> list[dict | None] | None:
 
     catalog = default_catalog()
     return [parse_prompt(p, catalog) for p in prompts]
-
-
-def save_generated(
-    images: Sequence[Image.Image],
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    out: Path,
-    settings: dict,
-    *,
-    upscale: int = 1,
-    grid_upscale: int | None = None,
-    scenes: Sequence[dict | None] | None = None,
-) -> tuple[list[Path], Path]:
-    """Images prompt-major (one per prompt and seed) as ``PP_seedS.png`` with the prompt, seed, settings and (if
-    known) the scene in the metadata, each ``upscale`` times larger, and ``grid.png`` (``grid_upscale`` times,
-    default ``upscale``): a row per prompt, a column per seed, with gaps and labels."""
-    n = len(seeds)
-    extra = {"upscale": upscale} if upscale > 1 else {}
-    paths = []
-    for i, image in enumerate(images):
-        info = {"prompt": prompts[i // n], "seed": seeds[i % n], **settings, **extra}
-        if scenes is not None and scenes[i // n] is not None:
-            info["scene"] = scenes[i // n]
-        paths.append(save_png(upscaled(image, upscale), out / f"{i // n:02d}_seed{seeds[i % n]}.png", info))
-    grid = save_grid(
-        images,
-        n,
-        out / "grid.png",
-        {"prompts": list(prompts), "seeds": list(seeds), **settings},
-        gap=2,
-        upscale=grid_upscale or upscale,
-        row_labels=list(prompts),
-        column_labels=[f"seed {s}" for s in seeds],
-    )
-    return paths, grid
 
 
 def world_run_concepts(file: Path, run: dict) -> dict | str:

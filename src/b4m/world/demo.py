@@ -45,7 +45,7 @@ from ..report import image_table, interval_text, summarize
 from ..report import png_data_url as _png
 from ..runs.config import StageConfig, ValidationConfig
 from ..runs.folder import ADAPTER_NAMES
-from ..runs.generation import save_generated
+from ..runs.image_folder import save_generated
 from ..runs.stages import run_break, run_make
 from ..training.config import TrainConfig
 from . import defaults

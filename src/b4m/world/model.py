@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import B4MError, first_line
-from ..models.base import Conditioning, DiffusionModel, SampleRequest
+from ..models.base import Conditioning, DiffusionModel, OnImages, SampleRequest
 from ..models.schedulers import make_scheduler
 from .catalog import PLACEHOLDERS, default_catalog
 from .vocab import Vocab, build_vocab, tokenize
@@ -178,9 +178,12 @@ class WorldModel(DiffusionModel):
         return self.denoiser(noisy, timesteps, encoder_hidden_states=cond.hidden).sample
 
     @torch.no_grad()
-    def sample(self, request: SampleRequest) -> list[Image.Image]:
-        arrays = self.sample_arrays(request)
-        return [Image.fromarray(a) for a in arrays]
+    def sample(self, request: SampleRequest, on_images: OnImages | None = None) -> list[Image.Image]:
+        images = [Image.fromarray(a) for a in self.sample_arrays(request)]
+        n = len(request.seeds)
+        for index in range(len(request.prompts) if on_images is not None else 0):  # 32-px batches: all at once
+            on_images(index, images[index * n : (index + 1) * n])
+        return images
 
     @torch.no_grad()
     def sample_arrays(self, request: SampleRequest, batch_size: int = 256) -> np.ndarray:

@@ -1,5 +1,5 @@
 # Sourced at the start of each call on the GPU machine (the device tool), from the repository root:
-#   source bench/gpu_setup.sh; python bench/…
+#   source bench/gpu_setup.sh && python bench/…
 # That machine has torch, transformers, peft and accelerate but no diffusers and no network: the wheels travel in
 # .whl/ (carry it; download them here with `pip download diffusers==0.42.1 --no-deps -d .whl`, plus
 # importlib_metadata and zipp) and install into /tmp/site, which stays while the machine is warm.
@@ -14,6 +14,6 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp
 unset PYTHONDONTWRITEBYTECODE
 if [ ! -d /tmp/pycache ]; then  # the first import of a fresh machine writes the caches (not a user's cost)
   python3 -c "import diffusers.models.autoencoders, diffusers.models.unets, transformers, peft, accelerate, b4m.cli" \
-    >/dev/null 2>&1
+    >/dev/null 2>&1 || true
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

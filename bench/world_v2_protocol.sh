@@ -19,7 +19,7 @@
 # scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
 # again).
 set -u
-phase=${1:?grid, grid-wide, levers, dev-seeds, test SEED or demo}
+phase=${1:?grid, grid-wide, levers [SEED], dev-seeds, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 [ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
@@ -30,10 +30,12 @@ save_runs() {  # the device tool brings back files up to 16 MiB: without the sta
   # load_time's random SDXL) made the archive outlast the call on 2026-12-06 and lost two calls' work.
   local tmp="$OUT/runs.tgz.part" keep d
   keep=$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
-  # A finished bench needs only its results and figure: its units and report (11 MB for 192 units) would crowd out
-  # the unfinished one, and the carry (tree ~55 MB + wheels ~6 MB + runs.tgz) must stay under the tool's 64 MiB.
+  # A finished bench needs only its results and figure: its units, report and stage-1 adapters (11 MB of units for
+  # 192 units) would crowd out the unfinished one, and the carry (tree ~52 MB + wheels ~6 MB + runs.tgz) must stay
+  # under the tool's 64 MiB.
   for d in runs/*/ runs/grid/*/; do
-    complete "${d%/}" && skip+=(--exclude="${d}units" --exclude="${d}report.html" --exclude="${d}workers")
+    complete "${d%/}" && skip+=(--exclude="${d}units" --exclude="${d}report.html" --exclude="${d}workers" \
+      --exclude="${d}stage1" --exclude="${d}runs" --exclude="${d}figure-prompts.png")
   done
   tar czf "$tmp" "${skip[@]}" $keep 2>/dev/null
   if [ "$(stat -c %s "$tmp")" -ge 16000000 ]; then
@@ -68,9 +70,11 @@ case $phase in
     chosen && cp runs/chosen.json "$OUT/" && python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* runs/grid/* \
       | tee "$OUT/grid.md" && echo done ;;
   levers)  # levers [SEED]: seed 0 (the first run, runs/levers) or a dev seed that reproduces the test failure
+    # at B4M's choice on the six-configuration grid at every seed (that of seed 0's run and of dev-seeds), whatever
+    # the wider grid adds later
     seed=${2:-0}; d=runs/levers; [ "$seed" = 0 ] || d=runs/levers-seed$seed
-    chosen
-    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
+    python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
+    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
       --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;

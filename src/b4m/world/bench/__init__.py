@@ -8,6 +8,8 @@ module             job
 ``workers``        units spread over worker processes (``python -m b4m.world.bench.workers SPEC``)
 ``run``            :func:`run_bench`: the whole benchmark, resumable, with its results files
 ``results``        statistics of the results (intervals, paired differences), ``results.csv``, ``report.html``
+``saved``          ``results.json`` read and written, plain or gzip-compressed (the repository's copies)
+``selection``      the dev grid's rule: each method's configuration (``bench/dev_grid.py``)
 =================  ==========================================================================================
 
 

@@ -1,6 +1,7 @@
 """A bench folder's ``results.json``: as ``b4m bench`` writes it, or gzip-compressed (``results.json.gz``), as the
 repository keeps the large ones under bench/results (per-image scores compress about 7×, and the whole tree travels
-to the GPU machine with each call). Light on purpose: reading results needs no torch."""
+to the GPU machine with each call; ``gzip -9n FOLDER/results.json`` makes one). Light on purpose: reading results
+needs no torch. A folder holding both forms is read as the plain one."""
 
 from __future__ import annotations
 

@@ -149,15 +149,18 @@ def test_generate_checks_its_output_folder_and_resolution(references, tmp_path, 
 def test_generate_writes_each_prompt_as_drawn_and_resume_draws_only_the_missing(references, tmp_path, monkeypatch):
     """An interrupted generate keeps the prompts it drew; --resume keeps the images that match (same prompt, seed
     and settings), draws the missing ones (another prompt, more seeds) and refuses images of other settings."""
+    from typer.testing import CliRunner
+
     import b4m.runs.generation as generation
+    from b4m.cli import app
     from b4m.images import PNG_KEY
     from b4m.runs.generation import generate
 
     for role in ("content", "style"):
         run_break(role, break_config(references, role, tmp_path / role))
-    made = tmp_path / "made"
-    make = {"content": str(tmp_path / "content"), "style": str(tmp_path / "style"), "output": str(made)}
-    run_make(load_config(None, {**make, "train.steps": 1}, STAGE_DEFAULTS["make"]))
+    made = tmp_path / "fused.b4m.safetensors"  # fused, no make: a file generate reads like a run
+    halves = [str(tmp_path / role / f"{role}.b4m.safetensors") for role in ("content", "style")]
+    assert CliRunner().invoke(app, ["fuse", *halves, "-o", str(made)]).exit_code == 0
     out = tmp_path / "out"
     prompts = ["a sks in zwx style", "a sks in zwx style on a red background"]
     original = generation.write_images

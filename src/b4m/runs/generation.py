@@ -197,8 +197,8 @@ def generate(
         else applied_run(base, adapter, scale=scale, content_scale=content_scale, style_scale=style_scale, merge=merge)
     )
     with applied as extra:
-        first = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"])} if pair else {}
-        settings = {**first, **({} if pair else {"adapter": str(file)}), **common, **extra}
+        source = {"content_lora": str(paths["content"]), "style_lora": str(paths["style"])} if pair else {}
+        settings = {**(source or {"adapter": str(file)}), **common, **extra}
         todo = (
             missing_seeds(out, prompts, seeds, settings, upscale=upscale)
             if resume

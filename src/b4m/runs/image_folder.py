@@ -31,9 +31,10 @@ def image_name(prompt_index: int, seed: int) -> str:
 
 
 def holds_all(folder: Path, prompts: int, seeds: Sequence[int]) -> bool:
-    """Whether ``folder`` holds an image of each of ``prompts`` prompts at each seed (by name: checked before a
-    model loads; :func:`missing_seeds` reads what they were drawn with)."""
-    return all((folder / image_name(i, s)).is_file() for i in range(prompts) for s in seeds)
+    """Whether ``folder`` holds an image of each of ``prompts`` prompts at each seed, and the grid written last (by
+    name: checked before a model loads; :func:`missing_seeds` reads what they were drawn with)."""
+    images = all((folder / image_name(i, s)).is_file() for i in range(prompts) for s in seeds)
+    return images and (folder / "grid.png").is_file()
 
 
 def earlier_images(folder: Path, *, resume: bool, overwrite: bool) -> list[Path]:
@@ -67,7 +68,8 @@ def missing_seeds(
 ) -> dict[int, list[int]]:
     """Per prompt index, the seeds whose image ``folder`` does not hold yet (those that hold none are left out). An
     image there of another prompt or other settings is refused in one line naming it and the first difference."""
-    wanted = image_info("", 0, settings, upscale=upscale)
+    wanted = json.loads(json.dumps(image_info("", 0, settings, upscale=upscale)))  # as read back from a file
+    want = {k: v for k, v in wanted.items() if k not in PER_IMAGE}
     todo: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         for seed in seeds:
@@ -82,7 +84,6 @@ def missing_seeds(
                     "folder's images, or choose another -o"
                 )
             have = {k: v for k, v in info.items() if k not in PER_IMAGE}
-            want = {k: v for k, v in json.loads(json.dumps(wanted)).items() if k not in PER_IMAGE}
             if have != want:
                 key = next(k for k in sorted({*have, *want}) if have.get(k) != want.get(k))
                 raise B4MError(

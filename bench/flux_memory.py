@@ -31,6 +31,7 @@ from diffusers import FluxTransformer2DModel
 from b4m.adapter.config import PLPConfig
 from b4m.adapter.walker import add_plp, plp_layers
 from b4m.device import avoid_cudnn_attention
+from b4m.environment import record
 from b4m.models.quantize import linear_weight_bytes, quantize_weights
 
 #: FLUX.1-dev's transformer/config.json.
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         torchao_version = None
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **record(device),  # device, date, commit (B4M_COMMIT on the GPU machine), command, versions
         "torch": torch.__version__,
         "torchao": torchao_version,
         "transformer": "tiny" if args.tiny else "FLUX.1-dev",

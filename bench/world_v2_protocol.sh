@@ -70,13 +70,14 @@ case $phase in
     chosen && cp runs/chosen.json "$OUT/" && python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* runs/grid/* \
       | tee "$OUT/grid.md" && echo done ;;
   levers)  # levers [SEED]: seed 0 (the first run, runs/levers) or a dev seed that reproduces the test failure
+    # (make's steps: 50 and 200 around the bench's 100 since 2026-12-06; the runs before had make100 around 50)
     # at B4M's choice on the six-configuration grid at every seed (that of seed 0's run and of dev-seeds), whatever
     # the wider grid adds later
     seed=${2:-0}; d=runs/levers; [ "$seed" = 0 ] || d=runs/levers-seed$seed
     python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
     read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
-      --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make100,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
+      --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make50,b4m-make200,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in

@@ -39,7 +39,7 @@ def bench(
     ] = "world",
     oracle: Annotated[str, typer.Option(help="Shipped oracle a or b, or an oracle file.")] = "a",
     steps: Annotated[int | None, typer.Option(help="Steps of every stage-1 run and of JTtrain (default 150).")] = None,
-    make_steps: Annotated[int | None, typer.Option(help="Steps of B4M's make (default 50).")] = None,
+    make_steps: Annotated[int | None, typer.Option(help="B4M's make steps (default 100; b4m make's is 50).")] = None,
     merge_steps: Annotated[int | None, typer.Option(help="Steps of ZipLoRA's merge (default 100).")] = None,
     sample_steps: Annotated[int | None, typer.Option(help="Sampler steps (default 25).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the runs (default 2e-3; make: half).")] = None,

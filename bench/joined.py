@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from b4m.errors import B4MError
 from b4m.world.bench.results import intervals
 from b4m.world.bench.saved import read_results, results_path
 
 COLUMNS = ("average", "content", "style", "prompt", "content_leak", "style_leak")
+#: Settings a method run apart may differ in (its own training); the rest (split, pairs, scenes, sampling, oracle,
+#: model) must be the same for the images to pair.
+OWN_SETTINGS = {"methods", "method_settings", "lr", "steps", "make_steps", "make_lr", "merge_steps", "preset"}
 
 
 def joined(folders: list[Path], reference: str, methods: list[str] | None = None) -> dict:
@@ -26,14 +29,21 @@ def joined(folders: list[Path], reference: str, methods: list[str] | None = None
     in one line when the folders' items differ or a method is in two of them."""
     per_image: dict[str, dict] = {}
     sources: dict[str, dict] = {}
-    items = None
+    items = shared = None
     for folder in folders:
-        path = results_path(folder)
+        try:
+            path = results_path(folder)
+        except B4MError as e:
+            raise SystemExit(str(e)) from None
         results = read_results(path)
+        settings = {k: v for k, v in results["settings"].items() if k not in OWN_SETTINGS}
         if items is None:
-            items = results["items"]
+            items, shared = results["items"], settings
         elif results["items"] != items:
             raise SystemExit(f"{path}: its items (pairs, scenes, seeds) differ from {folders[0]}'s; nothing to pair")
+        elif settings != shared:
+            key = next(k for k in sorted({*settings, *shared}) if settings.get(k) != shared.get(k))
+            raise SystemExit(f"{path}: {key} = {settings.get(key)!r}, {folders[0]}'s is {shared.get(key)!r}")
         for method, scores in results["per_image"].items():
             if method in per_image:
                 raise SystemExit(f"{path}: method {method} is also in {sources[method]['folder']}")
@@ -52,7 +62,7 @@ def markdown(table: dict) -> str:
     """Means per metric, then the average's difference from the reference with its 95% interval."""
     ref = table["reference"]
     lines = [
-        f"| method | {' | '.join(COLUMNS)} | average − {ref} [95%] | run |",
+        f"| method | {' | '.join(COLUMNS)} | average − {ref} [95%] | run (commit, device) |",
         "|---|" + "---:|" * (len(COLUMNS) + 1) + "---|",
     ]
     for method, summary in table["summary"].items():
@@ -60,7 +70,8 @@ def markdown(table: dict) -> str:
         diff = "—" if method == ref else f"{d['mean']:+.3f} [{d['low']:+.2f}, {d['high']:+.2f}]"
         src = table["sources"][method]
         cells = " | ".join(f"{summary[k]['mean']:.{3 if k == 'average' else 2}f}" for k in COLUMNS)
-        lines.append(f"| {method} | {cells} | {diff} | {Path(src['folder']).name} ({src['commit']}) |")
+        run = f"{Path(src['folder']).name} ({src['commit']}, {src['device']})"
+        lines.append(f"| {method} | {cells} | {diff} | {run} |")
     return "\n".join(lines)
 
 
@@ -79,4 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -64,7 +64,8 @@ case $phase in
     for cfg in $cfgs; do
       lr=${cfg%:*}; st=${cfg#*:}
       [ -d "bench/results/world-v2/dev-grid/lr$lr-s$st" ] && continue
-      bench "runs/grid/lr$lr-s$st" --split dev --lr "$lr" --steps "$st" || exit 0
+      # make 50, as the six configurations ran (the bench's make is 100 since 2026-12-06): one grid, one make
+      bench "runs/grid/lr$lr-s$st" --split dev --lr "$lr" --steps "$st" --make-steps 50 || exit 0
     done
     (cd runs && tar cf "$OUT/grid.tar" grid/*/results.json grid/*/results.csv grid/*/figure.png)
     chosen && cp runs/chosen.json "$OUT/" && python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* runs/grid/* \

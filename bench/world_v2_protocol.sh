@@ -92,9 +92,12 @@ case $phase in
         && cp "runs/dev-seed$seed/figure.png" "$OUT/dev-seed$seed.png" || exit 0
     done
     echo done ;;
-  test)
+  test)  # every method at its dev choice; since 2026-12-06 also B4M with make 50 (the bench's make before it was
+    # 100), at B4M's choice, so that the make change is measured inside the run
     seed=${2:?seed}; chosen
+    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
     bench "runs/test-seed$seed" --split test --seed "$seed" --method-settings runs/chosen.json \
+      --methods default,b4m-make50 --lr "$lr" --steps "$st" \
       && cp "runs/test-seed$seed/results.json" "$OUT/test-seed$seed.json" \
       && cp "runs/test-seed$seed/figure.png" "$OUT/test-seed$seed.png" \
       && cp "runs/test-seed$seed/figure-prompts.png" "$OUT/test-seed$seed-prompts.png" && echo done ;;

@@ -51,7 +51,6 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
+from b4m import environment
 from b4m.adapter.config import PLPConfig
 from b4m.adapter.walker import add_plp, plp_layers, remove_plp, set_submodule
 from b4m.cuda_graphs import graphed_sampling
@@ -144,16 +144,9 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The commit (``B4M_COMMIT`` on a GPU machine's copy without history), ``+dirty`` with uncommitted changes."""
+    commit, dirty = environment.git_commit(__file__)
+    return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

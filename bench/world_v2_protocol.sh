@@ -7,6 +7,7 @@
 #   bash bench/world_v2_protocol.sh grid-wide  # the wider grid's three 600-step configurations, every method alike
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
 #   bash bench/world_v2_protocol.sh levers 1   # the levers again at dev seed 1 (docs/benchmarks.md, "Dev at fresh seeds")
+#   bash bench/world_v2_protocol.sh make-levers 1  # more make against the bench's make 100, on dev at seed 1 (then 0)
 #   bash bench/world_v2_protocol.sh dev-seeds  # every method at its dev choice on dev at seeds 1 and 2 (diagnostic)
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
 #   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
@@ -19,17 +20,17 @@
 # scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
 # again).
 set -u
-phase=${1:?grid, grid-wide, levers [SEED], dev-seeds, test SEED or demo}
+phase=${1:?grid, grid-wide, levers [SEED], make-levers SEED, dev-seeds, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
-[ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
+[ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers* runs/make-levers* runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
 save_runs() {  # the device tool brings back files up to 16 MiB: without the stage-1 adapters if need be, then nothing
   # (a temporary name, then a rename: a call killed while tar writes leaves no truncated runs.tgz behind)
   local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
   # Only the protocol's own folders: anything else under runs/ (a base model another bench built there, 5 GB for
   # load_time's random SDXL) made the archive outlast the call on 2026-12-06 and lost two calls' work.
   local tmp="$OUT/runs.tgz.part" keep d
-  keep=$(ls -d runs/grid runs/levers* runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
+  keep=$(ls -d runs/grid runs/levers* runs/make-levers* runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
   # A finished bench needs only its results and figure: its units, report and stage-1 adapters (11 MB of units for
   # 192 units) would crowd out the unfinished one, and the carry (tree ~52 MB + wheels ~6 MB + runs.tgz) must stay
   # under the tool's 64 MiB.
@@ -80,6 +81,13 @@ case $phase in
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
       --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make50,b4m-make200,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;
+  make-levers)  # make-levers SEED: more make (200 steps, or lr 2e-3) against the bench's make 100, on dev at B4M's
+    # six-configuration choice (docs/benchmarks.md, "More make? written before any run")
+    seed=${2:?seed}; d=runs/make-levers-seed$seed
+    python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
+    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
+    bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-make200,b4m-make-lr2e-3 \
+      && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in
     # the JSON, run at B4M's choice: the bench's --lr and --steps)

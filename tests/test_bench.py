@@ -118,6 +118,9 @@ def test_ablations_change_one_setting():
     assert variant_config("b4m-rank16", config).adapter.rank == 16
     assert variant_config("b4m-make20", config).make.steps == 20
     assert variant_config("b4m-make100", config).make.steps == 100
+    assert variant_config("b4m-make200", config).make.steps == 200
+    faster = variant_config("b4m-make-lr2e-3", config)
+    assert faster.make.lr == 2e-3 != base.make.lr and faster.make.steps == base.make.steps
     half = variant_config("b4m-content-half", config)
     assert (half.make.steps, half.style_scale, half.content_scale) == (0, 0.0, 1.0) and half.train == base.train
     assert variant_config("b4m-made-content-half", config).make == base.make

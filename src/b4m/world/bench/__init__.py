@@ -45,6 +45,7 @@ Methods (:data:`VARIANTS`; ``--methods`` takes names, ``default``, ``ablations``
   ``b4m-mixed-routing``, ``b4m-no-precond`` (AdamW in make), ``b4m-make0`` (fuse only), ``b4m-up-lr4`` and
   ``b4m-up-lr16`` (the up half B at 4× / 16× the lr, LoRA+-style), ``b4m-rank16``, make's data:
   ``b4m-make20``, ``b4m-make50``, ``b4m-make100``, ``b4m-make200`` (make's steps; the bench's default is 100),
+  ``b4m-make-lr2e-3`` (make's lr; the default is half the stage-1 lr),
   ``b4m-make-routed`` (each concept's loss trains only its half),
   ``b4m-make-style-equal`` (style references weighted 1, the paper's; the default is 0.5), ``b4m-d0`` …
   ``b4m-d7/8`` (frozen ratio d; ``b4m`` itself is d = 1/2).

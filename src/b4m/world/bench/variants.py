@@ -135,6 +135,9 @@ VARIANTS: dict[str, Variant] = {
         summary="make with 50 steps (b4m make's own default; the bench's until 2026-12-06)",
     ),
     "b4m-make200": Variant("b4m", {"make": {"steps": 200}}, summary="make with 200 steps instead of the bench's 100"),
+    "b4m-make-lr2e-3": Variant(
+        "b4m", {"make": {"lr": 2e-3}}, summary="make at lr 2e-3 (B4M's stage-1 lr on world v2) instead of half of it"
+    ),
     # Where the content goes (diagnostics: the style half off at sampling, so style scores mean nothing)
     "b4m-content-half": Variant(
         "b4m",

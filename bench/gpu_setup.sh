@@ -3,12 +3,18 @@
 # That machine has torch, transformers, peft and accelerate but no diffusers and no network: the wheels travel in
 # .whl/ (carry it; download them here with `pip download diffusers==0.42.1 --no-deps -d .whl`, plus
 # importlib_metadata and zipp) and install into /tmp/site, which stays while the machine is warm.
+# torchao (bench/flux_memory.py, the 8-bit presets) travels apart, in .whl_ao/ (`pip download torchao==0.18.0 --no-deps
+# -d .whl_ao`; carry it too): installed only when carried, since diffusers imports it, and torch._dynamo with it,
+# whenever it is there, which would add to every load that issue 19 times.
 #
 # The machine sets PYTHONDONTWRITEBYTECODE=1, so every process compiled the stack's sources again: 2,225 compile
 # calls, 5.0 s of a profiled 18.7-s model load (2026-12-06, H100). A user's pip install keeps .pyc files, so the
 # timings here keep them too, outside the read-only site-packages, and warm them once per machine.
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl || return 1
+fi
+if [ -d .whl_ao ] && [ ! -d /tmp/site/torchao ]; then
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl_ao/*.whl || return 1
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pycache
 unset PYTHONDONTWRITEBYTECODE

@@ -265,7 +265,7 @@ def test_each_base_model_brings_its_own_defaults_and_print_config_says_where_eac
     run.mkdir()
     (run / "run.json").write_text('{"config": {"model": "world"}}')
     make = stage_config("make", None, {"content": str(run), "style": str(run)})  # the content run's model
-    assert (make.train.steps, make.train.lr, make.train.routing, make.train.precondition) == (40, 1e-3, "none", True)
+    assert (make.train.steps, make.train.lr, make.train.routing, make.train.precondition) == (80, 1e-3, "none", True)
     path = tmp_path / "run.toml"
     path.write_text("[train]\nlr = 0.001\n")
     sources: dict[str, str] = {}

@@ -59,6 +59,12 @@ bench() {  # bench FOLDER ARGS…: run or resume until LIMIT
 chosen() {  # the dev grid's choices (committed configurations and those run here)
   python3 bench/dev_grid.py bench/results/world-v2/dev-grid/* $(ls -d runs/grid/* 2>/dev/null) --json runs/chosen.json >/dev/null
 }
+chosen6() {  # the six-configuration grid's choices (those of the reported test table), in runs/chosen6.json
+  python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
+}
+b4m_choice() {  # b4m_choice FILE: B4M's chosen lr and steps, "LR STEPS"
+  python3 -c "import json; c=json.load(open('$1'))['b4m']; print(c['lr'], c['steps'])"
+}
 case $phase in
   grid|grid-wide)  # grid-wide: the three 600-step configurations of docs/benchmarks.md, "A wider grid"
     cfgs="1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300"; [ "$phase" = grid-wide ] && cfgs="5e-4:600 1e-3:600 2e-3:600"
@@ -76,23 +82,20 @@ case $phase in
     # at B4M's choice on the six-configuration grid at every seed (that of seed 0's run and of dev-seeds), whatever
     # the wider grid adds later
     seed=${2:-0}; d=runs/levers; [ "$seed" = 0 ] || d=runs/levers-seed$seed
-    python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
-    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
+    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
       --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make50,b4m-make200,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;
   make-levers)  # make-levers SEED: more make (200 steps, or lr 2e-3) against the bench's make 100, on dev at B4M's
     # six-configuration choice (docs/benchmarks.md, "More make? written before any run")
     seed=${2:?seed}; d=runs/make-levers-seed$seed
-    python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
-    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
+    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-make200,b4m-make-lr2e-3 \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in
     # the JSON, run at B4M's choice: the bench's --lr and --steps)
-    python3 bench/dev_grid.py bench/results/world-v2/dev-grid/lr{1e-3,2e-3,5e-3}-s{150,300} --json runs/chosen6.json >/dev/null
-    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen6.json'))['b4m']; print(c['lr'], c['steps'])")
+    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
     for seed in 1 2; do
       bench "runs/dev-seed$seed" --split dev --seed "$seed" --method-settings runs/chosen6.json --lr "$lr" \
         --steps "$st" --methods default,b4m-style-half,b4m-made-style-half,b4m-content-half,b4m-made-content-half \
@@ -103,7 +106,7 @@ case $phase in
   test)  # every method at its dev choice; since 2026-12-06 also B4M with make 50 (the bench's make before it was
     # 100), at B4M's choice, so that the make change is measured inside the run
     seed=${2:?seed}; chosen
-    read -r lr st < <(python3 -c "import json; c=json.load(open('runs/chosen.json'))['b4m']; print(c['lr'], c['steps'])")
+    read -r lr st < <(b4m_choice runs/chosen.json)
     bench "runs/test-seed$seed" --split test --seed "$seed" --method-settings runs/chosen.json \
       --methods default,b4m-make50 --lr "$lr" --steps "$st" \
       && cp "runs/test-seed$seed/results.json" "$OUT/test-seed$seed.json" \

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -72,7 +72,47 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class DiffusersModel(DiffusionModel):
+class ComponentPlacement:
+    """Where a diffusers-built model's parts live: the denoiser and text encoders on one device in the model's dtype,
+    the VAE in float32 beside them, the encoders offloaded to the CPU and back. Shared by the UNet models
+    (:class:`DiffusersModel`) and the FLUX transformers (:class:`b4m.models.flux.FluxModel`)."""
+
+    denoiser: nn.Module
+    vae: nn.Module
+    dtype: torch.dtype
+    text_encoders: Callable[[], list[nn.Module]]  # (each model's own: abstract in DiffusionModel)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.denoiser)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        """Move every component to ``device``; denoiser and text encoders in ``dtype`` if given, the VAE in float32.
+
+        Adapters attached to the denoiser keep their own dtype (:meth:`b4m.adapter.layer.PLPLinear._apply`).
+        """
+        self.denoiser.to(device=device, dtype=dtype)
+        for encoder in self.text_encoders():
+            encoder.to(device=device, dtype=dtype)
+        _to_float32(self.vae).to(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    def offload_encoders(self) -> None:
+        """Move the VAE and the text encoders to the CPU; encoding still works there (results come back on
+        :attr:`device`)."""
+        self.vae.to("cpu")
+        for encoder in self.text_encoders():
+            encoder.to("cpu")
+
+    def restore_encoders(self) -> None:
+        self.vae.to(self.device)
+        for encoder in self.text_encoders():
+            encoder.to(self.device)
+
+
+class DiffusersModel(ComponentPlacement, DiffusionModel):
     """A diffusers UNet text-to-image model: VAE, UNet, training (DDPM) scheduler, default sampling scheduler.
 
     Attributes:
@@ -178,41 +218,12 @@ class DiffusersModel(DiffusionModel):
         return self.denoiser
 
     @property
-    def device(self) -> torch.device:
-        return module_device(self.denoiser)
-
-    @property
     def prediction_type(self) -> str:
         """``epsilon``, ``v_prediction`` or ``sample``, from the scheduler config."""
         return self.train_scheduler.config.prediction_type
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersModel:
-        """Move every component to ``device``; denoiser and text encoders in ``dtype`` if given, the VAE in float32.
-
-        Adapters attached to the denoiser keep their own dtype (:meth:`b4m.adapter.layer.PLPLinear._apply`).
-        """
-        self.denoiser.to(device=device, dtype=dtype)
-        for encoder in self.text_encoders():
-            encoder.to(device=device, dtype=dtype)
-        _to_float32(self.vae).to(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self
-
-    def offload_encoders(self) -> None:
-        """Move the VAE and the text encoders to the CPU; encoding still works there (results come back on
-        :attr:`device`)."""
-        self.vae.to("cpu")
-        for encoder in self.text_encoders():
-            encoder.to("cpu")
-
     def use_resolution(self, resolution: int | None) -> None:
         self.resolution = resolution or self._native_resolution()
-
-    def restore_encoders(self) -> None:
-        self.vae.to(self.device)
-        for encoder in self.text_encoders():
-            encoder.to(self.device)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Latents

@@ -44,7 +44,7 @@ from torch import nn
 from ..device import avoid_cudnn_attention
 from ..errors import B4MError
 from .base import Conditioning, DiffusionModel, OnImages, SampleRequest
-from .diffusers_common import _to_float32, module_device, tokenize, vae_scale_factor
+from .diffusers_common import ComponentPlacement, _to_float32, module_device, tokenize, vae_scale_factor
 from .steps import announcing
 
 #: The guidance-embedding input during training on guidance-distilled models (FLUX.1-dev): the default of
@@ -60,7 +60,7 @@ DEFAULT_SAMPLE_SIZE = 128
 SCHNELL_DEFAULTS = {"steps": 4, "guidance": 0.0, "max_sequence_length": 256}
 
 
-class FluxModel(DiffusionModel):
+class FluxModel(ComponentPlacement, DiffusionModel):
     """FLUX.1 around diffusers components; PLP attaches to :attr:`denoiser`, the ``FluxTransformer2DModel``.
 
     Attributes:
@@ -155,29 +155,9 @@ class FluxModel(DiffusionModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Placement
 
-    @property
-    def device(self) -> torch.device:
-        return module_device(self.denoiser)
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FluxModel:
         avoid_cudnn_attention(device)  # its backward fails at FLUX's shapes (H200, torch 2.11)
-        self.denoiser.to(device=device, dtype=dtype)
-        for encoder in self.text_encoders():
-            encoder.to(device=device, dtype=dtype)
-        _to_float32(self.vae).to(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self
-
-    def offload_encoders(self) -> None:
-        self.vae.to("cpu")
-        for encoder in self.text_encoders():
-            encoder.to("cpu")
-
-    def restore_encoders(self) -> None:
-        self.vae.to(self.device)
-        for encoder in self.text_encoders():
-            encoder.to(self.device)
+        return super().to(device, dtype)
 
     def use_resolution(self, resolution: int | None) -> None:
         self.resolution = resolution or self._native_resolution()

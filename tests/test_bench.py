@@ -19,6 +19,7 @@ from b4m.cli import app
 from b4m.metrics import evaluate_folder
 from b4m.models.base import Conditioning
 from b4m.training.sets import TrainSet
+from b4m.world.bench.results import concept_means
 from b4m.world.bench.run import run_bench
 from b4m.world.bench.variants import (
     ABLATIONS,
@@ -222,6 +223,7 @@ def test_quick_bench_writes_every_method_and_metric(quick):
     page = (out / "report.html").read_text()
     for m in methods:
         assert f"<h3>{m}</h3>" in page
+    assert "By concept" not in page  # one content and one style: nothing to compare across concepts
     assert page.count("data:image/png;base64,") >= len(methods) + 2  # references and one grid per method
     assert "renderer" in output and "report:" in output
     figure = np.asarray(Image.open(out / "figure.png").convert("RGB"))
@@ -266,6 +268,14 @@ def test_renderer_upper_bound(tmp_path, world):
     assert summary["style_leak"]["mean"] <= 0.1
     assert len(results["per_image"]["renderer"]["content"]) == 16
     assert results["reference"] == "renderer"  # no b4m among the methods
+    # report.html's per-concept tables: style accuracy of each style's pairs (here one pair each)
+    page = (tmp_path / "report.html").read_text()
+    assert (
+        "<h2>By concept</h2>" in page and "style accuracy by style" in page and "content accuracy by content" in page
+    )
+    by_style = concept_means(results, "style")
+    assert list(by_style) == ["sunburst", "brick"]
+    assert by_style["brick"]["renderer"] == results["per_pair"]["renderer"]["dog-brick"]["style"]
 
 
 def test_stage1_runs_are_reused_and_resumed(tmp_path, world, monkeypatch):

@@ -99,6 +99,36 @@ def intervals(per_image: dict, items: list[dict], reference: str) -> dict:
     return {"intervals": label, "reference": reference, "summary": summary, "differences": differences}
 
 
+#: What each axis of the table is read for: a content's pairs for content accuracy, a style's for style accuracy.
+CONCEPT_METRICS = {"content": "content", "style": "style"}
+
+
+def concept_means(results: dict, axis: str, metric: str | None = None) -> dict[str, dict[str, float]]:
+    """``{concept: {method: mean}}`` of ``metric`` (default: the axis's own, :data:`CONCEPT_METRICS`) over each
+    ``axis`` (``content`` or ``style``) concept's pairs, from results.json's ``per_pair`` means (every pair has the
+    same number of images). A concept's stage-1 run is one draw shared by all its pairs, so these are single-run
+    figures: where a method wins and loses, not what it scores in general."""
+    metric = metric or CONCEPT_METRICS[axis]
+    position = {"content": 0, "style": 1}[axis]
+    concepts = list(dict.fromkeys(pair[position] for pair in results["settings"]["pairs"]))
+    return {
+        c: {
+            m: float(
+                np.mean(
+                    [
+                        scores[f"{pair[0]}-{pair[1]}"][metric]
+                        for pair in results["settings"]["pairs"]
+                        if pair[position] == c
+                    ]
+                )
+            )
+            for m, scores in results["per_pair"].items()
+            if all(metric in s for s in scores.values())
+        }
+        for c in concepts
+    }
+
+
 CSV_COLUMNS = (
     "method",
     "metric",
@@ -160,6 +190,28 @@ def _cost_text(cost: dict | None) -> str:
     )
 
 
+def _concept_tables(results: dict) -> list[str]:
+    """report.html's "By concept" tables (content accuracy per content, style accuracy per style), with more than
+    one concept on an axis."""
+    out = []
+    for axis, metric in CONCEPT_METRICS.items():
+        means = concept_means(results, axis)
+        if len(means) < 2:
+            continue
+        methods = list(next(iter(means.values())))
+        out.append(f"<h3>{metric} accuracy by {axis}</h3>")
+        out.append(
+            html_table([axis, *methods], [[c, *(f"{row[m]:.2f}" for m in methods)] for c, row in means.items()])
+        )
+    if out:
+        out.insert(
+            0,
+            "<h2>By concept</h2><p class='small'>Each concept's pairs share its stage-1 run: single-run figures, "
+            "where a method wins and loses.</p>",
+        )
+    return out
+
+
 def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     """``report.html``: settings, the summary table, a table per method, image grids per pair."""
     esc = html.escape
@@ -203,6 +255,7 @@ def write_html(results: dict, data: list[PairData], images: dict[str, dict[str, 
             f"({esc('; '.join(f'{k}: {v}' for k, v in errs.items()))}); not scored.</p>"
             for m, errs in results.get("failed", {}).items()
         ),
+        *_concept_tables(results),
         "<h2>Per method</h2>",
     ]
     for m, summary in results["summary"].items():

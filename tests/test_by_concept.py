@@ -1,0 +1,47 @@
+"""Per-concept means of a saved bench (b4m.world.bench.results.concept_means, bench/by_concept.py): each concept's
+figure is the mean of its pairs' images, checked against the per-image scores on a committed world-v2 run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from b4m.world.bench.results import concept_means
+from b4m.world.bench.saved import read_results, results_path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "bench" / "results" / "world-v2" / "test-make100-all-seed0"
+spec = importlib.util.spec_from_file_location("by_concept", ROOT / "bench" / "by_concept.py")
+by_concept = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(by_concept)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return read_results(results_path(FOLDER))
+
+
+@pytest.mark.parametrize(("axis", "metric"), [("style", None), ("content", None), ("style", "average")])
+def test_a_concepts_mean_is_the_mean_of_its_pairs_images(results, axis, metric):
+    means = concept_means(results, axis, metric)
+    metric = metric or axis
+    items = results["items"]
+    assert list(means) == list(dict.fromkeys(it[axis] for it in items))  # catalog order, each concept once
+    for concept, row in means.items():
+        rows = [i for i, it in enumerate(items) if it[axis] == concept]
+        assert len(rows) == 6 * 16  # six pairs of 4 prompts × 4 seeds
+        for method in ("b4m", "jttrain", "renderer"):
+            assert row[method] == pytest.approx(np.mean([results["per_image"][method][metric][i] for i in rows]))
+
+
+def test_the_script_prints_one_row_per_concept_and_names_an_unknown_method(results):
+    table = by_concept.table(results, "style", methods=["b4m", "klora"])
+    lines = table.splitlines()
+    assert lines[0] == "| style | b4m | klora |" and len(lines) == 2 + 6
+    tartan = concept_means(results, "style")["tartan"]
+    assert f"| tartan | {tartan['b4m']:.2f} | {tartan['klora']:.2f} |" in lines
+    with pytest.raises(SystemExit, match="no per-pair style for nope"):
+        by_concept.table(results, "style", methods=["b4m", "nope"])

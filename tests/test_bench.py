@@ -19,7 +19,7 @@ from b4m.cli import app
 from b4m.metrics import evaluate_folder
 from b4m.models.base import Conditioning
 from b4m.training.sets import TrainSet
-from b4m.world.bench.results import concept_means
+from b4m.world.bench.concepts import concept_means
 from b4m.world.bench.run import run_bench
 from b4m.world.bench.variants import (
     ABLATIONS,
@@ -275,7 +275,10 @@ def test_renderer_upper_bound(tmp_path, world):
     )
     by_style = concept_means(results, "style")
     assert list(by_style) == ["sunburst", "brick"]
-    assert by_style["brick"]["renderer"] == results["per_pair"]["renderer"]["dog-brick"]["style"]
+    assert by_style["brick"]["renderer"] == pytest.approx(results["per_pair"]["renderer"]["dog-brick"]["style"])
+    by_content = concept_means(results, "content")
+    assert f"<td>dog</td><td>{by_content['dog']['renderer']:.2f}</td>" in page
+    assert f"<td>brick</td><td>{by_style['brick']['renderer']:.2f}</td>" in page
 
 
 def test_stage1_runs_are_reused_and_resumed(tmp_path, world, monkeypatch):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from b4m.world.bench.results import concept_means
+from b4m.errors import B4MError
+from b4m.world.bench.concepts import concept_means
 from b4m.world.bench.saved import read_results, results_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,35 @@ def test_a_concepts_mean_is_the_mean_of_its_pairs_images(results, axis, metric):
             assert row[method] == pytest.approx(np.mean([results["per_image"][method][metric][i] for i in rows]))
 
 
-def test_the_script_prints_one_row_per_concept_and_names_an_unknown_method(results):
-    table = by_concept.table(results, "style", methods=["b4m", "klora"])
-    lines = table.splitlines()
+def test_the_script_prints_one_row_per_concept(capsys):
+    text = by_concept.main([str(FOLDER), "--methods", "b4m,klora"])
+    lines = text.splitlines()
     assert lines[0] == "| style | b4m | klora |" and len(lines) == 2 + 6
-    tartan = concept_means(results, "style")["tartan"]
+    tartan = concept_means(read_results(results_path(FOLDER)), "style")["tartan"]
     assert f"| tartan | {tartan['b4m']:.2f} | {tartan['klora']:.2f} |" in lines
-    with pytest.raises(SystemExit, match="no per-pair style for nope"):
-        by_concept.table(results, "style", methods=["b4m", "nope"])
+    assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metric", "nope"], "unknown metric 'nope'; one of: content, style"),
+        (["--methods", "b4m,nope"], "no scores for 'nope'; scored: b4m, jttrain"),
+    ],
+)
+def test_the_script_refuses_in_one_line(args, message):
+    with pytest.raises(SystemExit, match=f"^error: .*test-make100-all-seed0: {message}"):
+        by_concept.main([str(FOLDER), *args])
+
+
+def test_a_diverged_method_is_named_as_such(results):
+    diverged = {**results, "failed": {"ziplora": {"star-chevron": "loss is nan"}}}
+    diverged["per_image"] = {m: s for m, s in results["per_image"].items() if m != "ziplora"}
+    with pytest.raises(B4MError, match="ziplora diverged on 1 of 36 pairs"):
+        by_concept.table(diverged, "style", methods=["b4m", "ziplora"])
+    assert "ziplora" not in concept_means(diverged, "style")["tartan"]
+
+
+def test_an_unknown_axis_is_refused(results):
+    with pytest.raises(B4MError, match="unknown axis 'pair'"):
+        concept_means(results, "pair")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -86,7 +86,7 @@ class ComponentPlacement:
     def device(self) -> torch.device:
         return module_device(self.denoiser)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Self:
         """Move every component to ``device``; denoiser and text encoders in ``dtype`` if given, the VAE in float32.
 
         Adapters attached to the denoiser keep their own dtype (:meth:`b4m.adapter.layer.PLPLinear._apply`).

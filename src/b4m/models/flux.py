@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -155,7 +155,7 @@ class FluxModel(ComponentPlacement, DiffusionModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Placement
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FluxModel:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Self:
         avoid_cudnn_attention(device)  # its backward fails at FLUX's shapes (H200, torch 2.11)
         return super().to(device, dtype)
 

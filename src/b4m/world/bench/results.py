@@ -16,6 +16,7 @@ from ...files import atomic_path
 from ...images import grid_image, save_png
 from ...metrics.stats import paired_bootstrap
 from ...report import html_page, html_table, interval_text, png_data_url, summarize
+from .concepts import CONCEPT_METRICS, concept_means
 from .units import PairData, Unit
 from .variants import BINARY, BOUNDS, LOWER_IS_BETTER, METRICS, REFERENCE, VARIANTS, BenchConfig, variant_config
 
@@ -97,36 +98,6 @@ def intervals(per_image: dict, items: list[dict], reference: str) -> dict:
             differences[m][k] = {"mean": iv.estimate, "low": iv.low, "high": iv.high}
     label = INTERVALS if several else "Wilson (0/1 metrics) / item bootstrap (one pair)"
     return {"intervals": label, "reference": reference, "summary": summary, "differences": differences}
-
-
-#: What each axis of the table is read for: a content's pairs for content accuracy, a style's for style accuracy.
-CONCEPT_METRICS = {"content": "content", "style": "style"}
-
-
-def concept_means(results: dict, axis: str, metric: str | None = None) -> dict[str, dict[str, float]]:
-    """``{concept: {method: mean}}`` of ``metric`` (default: the axis's own, :data:`CONCEPT_METRICS`) over each
-    ``axis`` (``content`` or ``style``) concept's pairs, from results.json's ``per_pair`` means (every pair has the
-    same number of images). A concept's stage-1 run is one draw shared by all its pairs, so these are single-run
-    figures: where a method wins and loses, not what it scores in general."""
-    metric = metric or CONCEPT_METRICS[axis]
-    position = {"content": 0, "style": 1}[axis]
-    concepts = list(dict.fromkeys(pair[position] for pair in results["settings"]["pairs"]))
-    return {
-        c: {
-            m: float(
-                np.mean(
-                    [
-                        scores[f"{pair[0]}-{pair[1]}"][metric]
-                        for pair in results["settings"]["pairs"]
-                        if pair[position] == c
-                    ]
-                )
-            )
-            for m, scores in results["per_pair"].items()
-            if all(metric in s for s in scores.values())
-        }
-        for c in concepts
-    }
 
 
 CSV_COLUMNS = (

@@ -1,4 +1,4 @@
-"""Per-concept means of a saved bench (b4m.world.bench.results.concept_means, bench/by_concept.py): each concept's
+"""Per-concept means of a saved bench (b4m.world.bench.concepts.concept_means, bench/by_concept.py): each concept's
 figure is the mean of its pairs' images, checked against the per-image scores on a committed world-v2 run."""
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ class ComponentPlacement:
             encoder.to("cpu")
 
     def restore_encoders(self) -> None:
+        """Undo :meth:`offload_encoders`: the VAE and the text encoders back on :attr:`device`."""
         self.vae.to(self.device)
         for encoder in self.text_encoders():
             encoder.to(self.device)

@@ -29,7 +29,7 @@ save_runs() {  # the device tool brings back files up to 16 MiB: without the sta
   local skip=(--exclude='runs/*/*/runs' --exclude='runs/*/runs' --exclude='runs/*/*/workers' --exclude='runs/out')
   # Only the protocol's own folders: anything else under runs/ (a base model another bench built there, 5 GB for
   # load_time's random SDXL) made the archive outlast the call on 2026-12-06 and lost two calls' work.
-  local tmp="$OUT/runs.tgz.part" keep d
+  local tmp="$OUT/runs.tgz.part$BASHPID" keep d
   keep=$(ls -d runs/grid runs/levers* runs/make-levers* runs/dev-seed* runs/test-seed* runs/demo runs/chosen.json 2>/dev/null); [ -n "$keep" ] || return 0
   # A finished bench needs only its results and figure: its units, report and stage-1 adapters (11 MB of units for
   # 192 units) would crowd out the unfinished one, and the carry (tree ~52 MB + wheels ~6 MB + runs.tgz) must stay
@@ -44,7 +44,12 @@ save_runs() {  # the device tool brings back files up to 16 MiB: without the sta
   fi
   if [ "$(stat -c %s "$tmp")" -lt 16000000 ]; then mv "$tmp" "$OUT/runs.tgz"; else rm -f "$tmp"; fi
 }
-trap save_runs EXIT
+# Also every SAVE_EVERY seconds (default 120) while the phase runs: a call killed at the device's limit (SIGKILL, no
+# EXIT trap) still brings back the last snapshot, losing at most that much work (2026-12-07: a call killed at 600 s
+# before its one save lost ten minutes). Each snapshot has its own temporary name; at exit the saver and its tar are
+# stopped before the last save, so an older snapshot cannot replace it.
+( while sleep "${SAVE_EVERY:-120}"; do save_runs; done ) & saver=$!
+trap 'pkill -P $saver 2>/dev/null; kill $saver 2>/dev/null; wait $saver 2>/dev/null; rm -f "$OUT"/runs.tgz.part*; save_runs' EXIT
 left() { echo $(( LIMIT - ($(date +%s) - START) - 30 )); }
 complete() { [ -f "$1/results.json" ] && python3 -c "import json,sys; sys.exit(0 if json.load(open('$1/results.json')).get('complete', True) else 1)"; }
 bench() {  # bench FOLDER ARGS…: run or resume until LIMIT

@@ -1,7 +1,10 @@
 """The device a command runs on when none is named; whether a weight is stored as a plain tensor; attention kernels
-to avoid."""
+to avoid; host-to-device copies that do not stop the host."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -31,3 +34,32 @@ def avoid_cudnn_attention(device: torch.device | str) -> None:
     """
     if torch.device(device).type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+#: Off inside :func:`blocking_copies`: :func:`to_device_async` then copies as ``.to(device)`` does.
+_async_copies = True
+
+
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``, the same values; a CPU tensor bound for a CUDA device goes through pinned memory with
+    ``non_blocking=True``, queued on the stream like a kernel, and anything else is a plain ``.to(device)``.
+
+    A blocking copy from pageable memory synchronises the stream: the host waits there until the GPU has run all
+    the work queued before it, so a loop that copies its batch in every step cannot prepare step n + 1 while the GPU
+    runs step n. The pinned staging buffer is kept by torch's host allocator until the copy has run. No dtype
+    change here: the caller converts on the CPU first or on the device after, whichever it did before."""
+    device = torch.device(device)
+    if _async_copies and device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@contextmanager
+def blocking_copies() -> Iterator[None]:
+    """:func:`to_device_async` copies as plain ``.to(device)`` inside the block (bench/speed.py times both)."""
+    global _async_copies
+    before, _async_copies = _async_copies, False
+    try:
+        yield
+    finally:
+        _async_copies = before

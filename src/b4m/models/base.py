@@ -37,7 +37,11 @@ class Conditioning:
         return Conditioning(self.hidden[index], {k: v[index] for k, v in self.extra.items()})
 
     def to(self, device=None, dtype=None) -> Conditioning:
-        return Conditioning(self.hidden.to(device, dtype), {k: v.to(device, dtype) for k, v in self.extra.items()})
+        return self.apply(lambda t: t.to(device, dtype))
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """``fn`` applied to every tensor (``hidden`` and each of ``extra``)."""
+        return Conditioning(fn(self.hidden), {k: fn(v) for k, v in self.extra.items()})
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:

@@ -1,6 +1,7 @@
 """One micro-step's inputs: which images of every set, their noise and timesteps, drawn from a CPU generator whose
 state the checkpoints keep (so a resumed run draws what the uninterrupted one would have), and the target the
-prediction is fitted to. The loop (:mod:`b4m.training.loop`) turns a :class:`Batch` into a loss."""
+prediction is fitted to; copied to the device without stopping the host (:func:`~b4m.device.to_device_async`). The
+loop (:mod:`b4m.training.loop`) turns a :class:`Batch` into a loss."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import to_device_async
 from ..models.base import Conditioning, DiffusionModel
 from . import distributed
 from .config import TrainConfig
@@ -65,6 +67,27 @@ def _draw_rows(
     return picks, noise, draw_timesteps(shape[0], num_train_timesteps, config, g)
 
 
+def _gather(
+    ordered: list[TrainSet], picks: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, Conditioning]:
+    """The picked rows of every set's latents and conditioning, set after set, on ``device``.
+
+    Each tensor is indexed where it lives (the loop keeps the sets on the model's device), with the picks copied
+    there once per device by :func:`~b4m.device.to_device_async`: indexing a GPU tensor with CPU indices would copy
+    them with a blocking copy, which waits for the GPU. Sets kept on the CPU are indexed there, then copied."""
+    sizes = [len(i) for i in picks]
+    on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def take(t: torch.Tensor, j: int) -> torch.Tensor:
+        if t.device not in on:
+            on[t.device] = to_device_async(torch.cat(picks), t.device).split(sizes)
+        return t[on[t.device][j]]
+
+    latents = torch.cat([take(s.latents, j) for j, s in enumerate(ordered)])
+    cond = Conditioning.cat([s.cond.apply(lambda t, j=j: take(t, j)) for j, s in enumerate(ordered)])
+    return to_device_async(latents, device), cond.apply(lambda t: to_device_async(t, device))
+
+
 def draw_batch(
     model: DiffusionModel,
     sets: list[TrainSet],
@@ -91,18 +114,18 @@ def draw_batch(
         return torch.cat([x[j * n : (j + 1) * n] for j in range(len(ordered)) for x in per_draw])
 
     device = model.device
-    latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
-    cond = Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
-    noise = by_set([d[1] for d in drawn]).to(device, latents.dtype)
-    timesteps = by_set([d[2] for d in drawn]).to(device)
-    weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered]).to(device)
+    latents, cond = _gather(ordered, picks, device)
+    noise = to_device_async(by_set([d[1] for d in drawn]).to(latents.dtype), device)  # cast on the CPU, as before
+    timesteps = to_device_async(by_set([d[2] for d in drawn]), device)
+    weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered])
+    weights = to_device_async(weights, device)
     n_main = config.batch_size * sum(s.main for s in sets)
     order = [i for i, s in enumerate(sets) if s.main] + [i for i, s in enumerate(sets) if not s.main]
     sources = [i for i in order for _ in range(config.batch_size)]
     dist = distributed.current()
     rows = dist.shard_rows(len(ordered), config.batch_size)
     if rows is not None:  # this rank's share of every set's rows: main rows still first
-        rows_here = rows.to(device)
+        rows_here = to_device_async(rows, device)
         latents, cond, weights, noise, timesteps = (x[rows_here] for x in (latents, cond, weights, noise, timesteps))
         sources = [sources[i] for i in rows.tolist()]
         n_main //= dist.world_size

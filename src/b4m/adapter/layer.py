@@ -18,7 +18,8 @@ The tensors are named for what they are, as in peft: ``up_frozen`` (the paper's 
 ``down_frozen`` (C), ``down_learned`` (D). Note that the exported ``lora_A.weight`` of a plain LoRA file is the
 *down* projection (peft's naming), not the paper's A.
 
-Forward: training runs one autograd node for the whole adapter and its add (:mod:`b4m.adapter.lowrank`), so ΔW is
+Forward: training runs one autograd node for the whole adapter and its add (:mod:`b4m.adapter.lowrank`; the base
+layer's GEMM inside it too where the base is a plain frozen ``nn.Linear``), so ΔW is
 never materialised; sampling (no grad) adds two skinny matmuls to the base layer's output and keeps no copy of the
 base weight (:meth:`PLPLinear._infer`).
 """
@@ -36,7 +37,7 @@ from ..device import is_plain
 from ..errors import B4MError
 from .config import PLPConfig
 from .init import frozen_rng, learned_rng, make_frozen, make_learned_down
-from .lowrank import autocast_input, low_rank_add
+from .lowrank import autocast_input, fuse_base, linear_low_rank, low_rank_add
 
 
 @torch.no_grad()
@@ -141,18 +142,13 @@ class PLPLinear(LinearAdapter):
         self._drop_cache()  # training moves B and D: the cast factors would be stale anyway
         # One autograd node for the whole adapter and its add (b4m.adapter.lowrank); ΔW is never materialised.
         x = autocast_input(x)
-        return low_rank_add(
-            self.base_layer(x.reshape(-1, x.shape[-1])),  # 2-D: the adapter adds into it in place
-            x,
-            self.up_frozen,
-            self.up_learned,
-            self.down_frozen,
-            self.down_learned,
-            self.up_scale,
-            self.down_scale,
-            self.scale,
-            self.route,
-        )
+        adapter = (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)
+        knobs = (self.up_scale, self.down_scale, self.scale, self.route)
+        base = self.base_layer
+        if fuse_base(base, x, self.up_learned.dtype):  # a plain frozen nn.Linear: its GEMM inside the same node
+            return linear_low_rank(x, base.weight, base.bias, *adapter, *knobs)
+        y = base(x.reshape(-1, x.shape[-1]))  # 2-D: the adapter adds into it in place
+        return low_rank_add(y, x, *adapter, *knobs)
 
     # -- sampling ---------------------------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   forward and one backward.
 - ``stage1``: our content-run step: b4m's PLP adapter, clean routing, the 4 images of a micro-step in one batch
   (:func:`b4m.training.loop.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA
-  off, 1024 px.
+  off, 1024 px. Rows in pairs, to be read within one run: ``graphs-1x16`` against ``graphs-1x16-apart`` (the base
+  layer inside the adapter's autograd node or not), ``graphs-1x16-run10`` against ``graphs-1x16-run10-sync`` (10
+  steps per timed call, the batch copied without a host sync or with the earlier blocking copies).
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
   adapter unmerged (the no-grad path: the base layer and two skinny matmuls, the cast factors cached in the UNet
@@ -66,8 +68,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from b4m import environment
 from b4m.adapter.config import PLPConfig
+from b4m.adapter.lowrank import base_apart
 from b4m.adapter.walker import add_plp, plp_layers, remove_plp, set_submodule
 from b4m.cuda_graphs import graphed_sampling
+from b4m.device import blocking_copies
 from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
 from b4m.runs.config import STAGE_DEFAULTS, preset_settings
@@ -406,7 +410,7 @@ class Bench:
         self.rows.append(row)
         r = row.report(self.rate["tflops"])
         print(
-            f"  {row.id:<26} {r['ms_per_step']:>10.1f} ms/step {r['images_per_s']:>8.2f} img/s "
+            f"  {row.id:<30} {r['ms_per_step']:>10.1f} ms/step {r['images_per_s']:>8.2f} img/s "
             f"{r['peak_gib']:>6.2f} GiB {100 * r['fraction_of_matmul_rate']:>5.1f}% "
             f"(first call {row.first_call_s:.1f} s)",
             flush=True,
@@ -527,8 +531,14 @@ class Bench:
         *,
         compile: bool = False,
         sdpa: bool = True,
+        steps: int = 1,
+        apart: bool = False,
+        blocking: bool = False,
     ) -> None:
-        """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter."""
+        """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter: ``steps`` steps per timed
+        call with no sync between them (the loop syncs only to read the loss), ``apart``: the base layers as nodes of
+        their own (:func:`b4m.adapter.lowrank.base_apart`), ``blocking``: the batch's copies as blocking ``.to``
+        copies (:func:`b4m.device.blocking_copies`), as before each change."""
         self.use_adapter("plp")
         config = folded(config)  # as b4m.training.loop.train runs it
         model, unet = self.model, self.unet
@@ -557,16 +567,28 @@ class Bench:
             )
         }
         row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
+        row.settings.update(steps_per_timing=steps, base_apart=apart, blocking_copies=blocking)
         if compile:
             row.settings["compile_mode"] = self.args.compile_mode
 
         graphed = graphed_micro_step(model, config, optimizer, precision)  # None unless config.cuda_graphs
 
+        def switched() -> contextlib.ExitStack:  # around every call: a graph is captured in the first
+            stack = contextlib.ExitStack()
+            if apart:
+                stack.enter_context(base_apart())
+            if blocking:
+                stack.enter_context(blocking_copies())
+            return stack
+
         def step() -> None:
-            train_step(model, sets, config, optimizer, g, precision=precision, graphed=graphed)
+            with switched():
+                for _ in range(steps):
+                    train_step(model, sets, config, optimizer, g, precision=precision, graphed=graphed)
 
         def eager_step() -> None:  # FLOPs: a graph's capture runs its warm-up passes through the dispatcher too
-            train_step(model, sets, config, optimizer, g, precision=precision)
+            with switched():
+                train_step(model, sets, config, optimizer, g, precision=precision)
 
         try:
             with self.compiled(compile) as denoiser:
@@ -581,6 +603,7 @@ class Bench:
                     repeats=self.args.repeats,
                     flops=eager_step,
                     before_timing=swap,
+                    steps_per_call=steps,
                 )
         finally:
             model.denoiser = unet
@@ -623,6 +646,27 @@ class Bench:
                 res,
                 {**fast, **GRAPHS, **ONE_PASS},
                 {},
+            ),
+            "graphs-1x16-apart": (
+                "as graphs-1x16 with the base layers' GEMMs as autograd nodes of their own "
+                "(b4m.adapter.lowrank.base_apart, as before linear_low_rank): the baseline of graphs-1x16, same run",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS},
+                {"apart": True},
+            ),
+            "graphs-1x16-run10": (
+                "as graphs-1x16, 10 steps per timed call with no sync between them (the loop syncs only to read the "
+                "loss, every 10 steps): against graphs-1x16-run10-sync, same run",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS},
+                {"steps": 10},
+            ),
+            "graphs-1x16-run10-sync": (
+                "as graphs-1x16-run10 with the batch's blocking copies (b4m.device.blocking_copies, as before "
+                "to_device_async, each a host sync): the baseline of graphs-1x16-run10, same run",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS},
+                {"steps": 10, "blocking": True},
             ),
             "graphs-1x32": (
                 "as graphs-1x16 with 32 images (two per set): what one pass over the content and the style run's "
@@ -811,6 +855,9 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
+        "graphs-1x16-apart",
+        "graphs-1x16-run10",
+        "graphs-1x16-run10-sync",
         "graphs-1x32",
         "fast-1x16-compile",
     ],
@@ -859,13 +906,13 @@ def select_rows(cases: str, compile: bool, resolution: int, high: int) -> list[s
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'row':<26} {'res':>5} {'img/step':>8} {'ms/step':>10} {'img/s':>8} {'peak GiB':>9} "
+        f"{'row':<30} {'res':>5} {'img/step':>8} {'ms/step':>10} {'img/s':>8} {'peak GiB':>9} "
         f"{'TFLOP/step':>10} {'TFLOP/s':>8} {'% matmul':>8} {'1st call s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (CASES.index(r["case"]), RUN_ORDER.index(r["id"]))):
         lines.append(
-            f"{r['id']:<26} {r['resolution']:>5} {r['images_per_step']:>8.3g} {r['ms_per_step']:>10.1f} "
+            f"{r['id']:<30} {r['resolution']:>5} {r['images_per_step']:>8.3g} {r['ms_per_step']:>10.1f} "
             f"{r['images_per_s']:>8.2f} {r['peak_gib']:>9.2f} {r['tflop_per_step']:>10.3f} "
             f"{r['achieved_tflops']:>8.1f} {100 * r['fraction_of_matmul_rate']:>7.1f}% {r['first_call_s']:>10.2f}"
         )
@@ -920,8 +967,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default 512; tiny 64)")
     parser.add_argument("--gen-resolution", type=int, default=None, help="generation resolution (1024; tiny 64)")
     parser.add_argument("--gen-steps", type=int, default=None, help="denoising steps per image (25; tiny 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed training steps per row (3; tiny 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed training steps per row (5; tiny 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed training calls per row (3; tiny 1): a step, 10 in -run10"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed training calls per row (5; tiny 1): a step, 10 in -run10"
+    )
     parser.add_argument("--gen-warmup", type=int, default=1, help="untimed images per generation row")
     parser.add_argument("--gen-repeats", type=int, default=None, help="timed images per generation row (3; tiny 1)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows of the chosen cases")

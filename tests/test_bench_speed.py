@@ -57,3 +57,36 @@ def test_speed_tiny_on_cpu(tmp_path):
     bench.main(["--merge", str(path), "--out", str(tmp_path / "merged")])  # again: runs append, rows replaced
     twice = json.loads(merged.read_text())
     assert len(twice["runs"]) == 4 and len(twice["rows"]) == len(rows)
+
+
+def test_the_rows_of_the_two_stage1_changes_run_with_their_switches(tmp_path, monkeypatch):
+    """graphs-1x16 against graphs-1x16-apart (the base layer in the adapter's node or not), graphs-1x16-run10
+    against graphs-1x16-run10-sync (10 steps a call, copies without a host sync or blocking): on a CPU they run
+    eagerly, each step under its row's switches, and each row records them; the switches end with their rows."""
+    from b4m import device
+    from b4m.adapter import lowrank
+
+    bench = load_bench()
+    seen = []
+
+    def train_step(*args, **kwargs):
+        seen.append((lowrank._apart, device._async_copies))
+        return step(*args, **kwargs)
+
+    step = bench.train_step
+    monkeypatch.setattr(bench, "train_step", train_step)
+    ids = [f"stage1/graphs-1x16{v}" for v in ("", "-apart", "-run10", "-run10-sync")]
+    path = bench.main([*SMALL, "--out", str(tmp_path), "--cases", ",".join(ids)])
+    assert set(seen) == {(False, True), (True, True), (False, False)}
+    rows = {r["id"]: r for r in json.loads(path.read_text())["rows"]}
+    assert sorted(rows) == sorted(ids)
+    switches = ("steps_per_timing", "base_apart", "blocking_copies")
+    settings = {i: tuple(r["settings"][k] for k in switches) for i, r in rows.items()}
+    assert settings == {
+        ids[0]: (1, False, False),
+        ids[1]: (1, True, False),
+        ids[2]: (10, False, False),
+        ids[3]: (10, False, True),
+    }
+    assert all(r["ms_per_step"] > 0 and r["settings"]["cuda_graphs"] for r in rows.values())
+    assert not lowrank._apart and device._async_copies

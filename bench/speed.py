@@ -534,11 +534,13 @@ class Bench:
         steps: int = 1,
         apart: bool = False,
         blocking: bool = False,
+        channels_last: bool = False,
     ) -> None:
         """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter: ``steps`` steps per timed
         call with no sync between them (the loop syncs only to read the loss), ``apart``: the base layers as nodes of
         their own (:func:`b4m.adapter.lowrank.base_apart`), ``blocking``: the batch's copies as blocking ``.to``
-        copies (:func:`b4m.device.blocking_copies`), as before each change."""
+        copies (:func:`b4m.device.blocking_copies`), as before each change; ``channels_last``: the UNet's convolution
+        weights in channels-last memory format (cuDNN's native NHWC kernels; a convolution's output follows)."""
         self.use_adapter("plp")
         config = folded(config)  # as b4m.training.loop.train runs it
         model, unet = self.model, self.unet
@@ -568,6 +570,9 @@ class Bench:
         }
         row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
         row.settings.update(steps_per_timing=steps, base_apart=apart, blocking_copies=blocking)
+        row.settings.update(channels_last=channels_last)
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
         if compile:
             row.settings["compile_mode"] = self.args.compile_mode
 
@@ -607,6 +612,8 @@ class Bench:
                 )
         finally:
             model.denoiser = unet
+            if channels_last:
+                unet.to(memory_format=torch.contiguous_format)
             if config.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
             unet.set_attn_processor(processors)
@@ -667,6 +674,13 @@ class Bench:
                 res,
                 {**fast, **GRAPHS, **ONE_PASS},
                 {"steps": 10, "blocking": True},
+            ),
+            "graphs-1x16-cl": (
+                "as graphs-1x16 with the UNet's convolution weights in channels-last memory format (cuDNN's NHWC "
+                "kernels): against graphs-1x16, same run",
+                res,
+                {**fast, **GRAPHS, **ONE_PASS},
+                {"channels_last": True},
             ),
             "graphs-1x32": (
                 "as graphs-1x16 with 32 images (two per set): what one pass over the content and the style run's "
@@ -858,6 +872,7 @@ VARIANTS = {
         "graphs-1x16-apart",
         "graphs-1x16-run10",
         "graphs-1x16-run10-sync",
+        "graphs-1x16-cl",
         "graphs-1x32",
         "fast-1x16-compile",
     ],

@@ -68,10 +68,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from b4m import environment
 from b4m.adapter.config import PLPConfig
-from b4m.adapter.lowrank import base_apart
+from b4m.adapter.lowrank import fused_base
 from b4m.adapter.walker import add_plp, plp_layers, remove_plp, set_submodule
 from b4m.cuda_graphs import graphed_sampling
-from b4m.device import blocking_copies
+from b4m.device import async_copies
 from b4m.models.base import Conditioning
 from b4m.models.diffusers_common import DiffusersModel, default_dtype
 from b4m.runs.config import STAGE_DEFAULTS, preset_settings
@@ -532,15 +532,16 @@ class Bench:
         compile: bool = False,
         sdpa: bool = True,
         steps: int = 1,
-        apart: bool = False,
-        blocking: bool = False,
+        fused: bool = False,
+        nonblocking: bool = False,
         channels_last: bool = False,
     ) -> None:
         """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter: ``steps`` steps per timed
-        call with no sync between them (the loop syncs only to read the loss), ``apart``: the base layers as nodes of
-        their own (:func:`b4m.adapter.lowrank.base_apart`), ``blocking``: the batch's copies as blocking ``.to``
-        copies (:func:`b4m.device.blocking_copies`), as before each change; ``channels_last``: the UNet's convolution
-        weights in channels-last memory format (cuDNN's native NHWC kernels; a convolution's output follows)."""
+        call with no sync between them (the loop syncs only to read the loss), ``fused``: the base layers' GEMMs inside
+        the adapter's node (:func:`b4m.adapter.lowrank.fused_base`), ``nonblocking``: the batch's copies without a
+        host sync (:func:`b4m.device.async_copies`), the two changes not yet on by default; ``channels_last``: the
+        UNet's convolution weights in channels-last memory format (cuDNN's NHWC kernels; a convolution's output
+        follows)."""
         self.use_adapter("plp")
         config = folded(config)  # as b4m.training.loop.train runs it
         model, unet = self.model, self.unet
@@ -569,7 +570,7 @@ class Bench:
             )
         }
         row.settings.update(sdpa=sdpa, compile=compile, precision=precision)
-        row.settings.update(steps_per_timing=steps, base_apart=apart, blocking_copies=blocking)
+        row.settings.update(steps_per_timing=steps, fused_base=fused, async_copies=nonblocking)
         row.settings.update(channels_last=channels_last)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -580,10 +581,10 @@ class Bench:
 
         def switched() -> contextlib.ExitStack:  # around every call: a graph is captured in the first
             stack = contextlib.ExitStack()
-            if apart:
-                stack.enter_context(base_apart())
-            if blocking:
-                stack.enter_context(blocking_copies())
+            if fused:
+                stack.enter_context(fused_base())
+            if nonblocking:
+                stack.enter_context(async_copies())
             return stack
 
         def step() -> None:
@@ -654,26 +655,26 @@ class Bench:
                 {**fast, **GRAPHS, **ONE_PASS},
                 {},
             ),
-            "graphs-1x16-apart": (
-                "as graphs-1x16 with the base layers' GEMMs as autograd nodes of their own "
-                "(b4m.adapter.lowrank.base_apart, as before linear_low_rank): the baseline of graphs-1x16, same run",
+            "graphs-1x16-fused": (
+                "as graphs-1x16 with the base layers' GEMMs inside the adapter's autograd node "
+                "(b4m.adapter.lowrank.fused_base, linear_low_rank): against graphs-1x16, same run",
                 res,
                 {**fast, **GRAPHS, **ONE_PASS},
-                {"apart": True},
+                {"fused": True},
             ),
             "graphs-1x16-run10": (
                 "as graphs-1x16, 10 steps per timed call with no sync between them (the loop syncs only to read the "
-                "loss, every 10 steps): against graphs-1x16-run10-sync, same run",
+                "loss, every 10 steps): the baseline of graphs-1x16-run10-async, same run",
                 res,
                 {**fast, **GRAPHS, **ONE_PASS},
                 {"steps": 10},
             ),
-            "graphs-1x16-run10-sync": (
-                "as graphs-1x16-run10 with the batch's blocking copies (b4m.device.blocking_copies, as before "
-                "to_device_async, each a host sync): the baseline of graphs-1x16-run10, same run",
+            "graphs-1x16-run10-async": (
+                "as graphs-1x16-run10 with the batch's copies through pinned memory without a host sync "
+                "(b4m.device.async_copies, to_device_async): against graphs-1x16-run10, same run",
                 res,
                 {**fast, **GRAPHS, **ONE_PASS},
-                {"steps": 10, "blocking": True},
+                {"steps": 10, "nonblocking": True},
             ),
             "graphs-1x16-cl": (
                 "as graphs-1x16 with the UNet's convolution weights in channels-last memory format (cuDNN's NHWC "
@@ -869,9 +870,9 @@ VARIANTS = {
         "graphs",
         "fast-1x16",
         "graphs-1x16",
-        "graphs-1x16-apart",
+        "graphs-1x16-fused",
         "graphs-1x16-run10",
-        "graphs-1x16-run10-sync",
+        "graphs-1x16-run10-async",
         "graphs-1x16-cl",
         "graphs-1x32",
         "fast-1x16-compile",

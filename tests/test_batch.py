@@ -1,10 +1,11 @@
-"""A micro-step's batch: the values drawn are those of the copies it made before it copied without a host sync
-(b4m.device.to_device_async), with extra conditioning, folded draws and a rank's share of the rows."""
+"""A micro-step's batch: the values drawn are those of the copies it made before it could copy without a host sync
+(b4m.device.to_device_async, inside async_copies), with extra conditioning, folded draws and a rank's share of the
+rows."""
 
 import pytest
 import torch
 
-from b4m.device import blocking_copies, to_device_async
+from b4m.device import async_copies, to_device_async
 from b4m.models.base import Conditioning
 from b4m.training import distributed
 from b4m.training.batch import _draw_rows, draw_batch
@@ -51,7 +52,7 @@ def before(model, sets, config, g, draws=1):
 
 @pytest.mark.parametrize("draws", [1, 2])
 @pytest.mark.parametrize("rank", [None, 1])
-def test_a_batch_draws_what_it_drew_with_blocking_copies(monkeypatch, draws, rank):
+def test_a_batch_draws_what_it_drew_before_with_either_copies(monkeypatch, draws, rank):
     if rank is not None:
         monkeypatch.setattr(distributed, "_current", Dist(rank, 2))
     model = ToyModel()
@@ -59,7 +60,8 @@ def test_a_batch_draws_what_it_drew_with_blocking_copies(monkeypatch, draws, ran
     config = TrainConfig(routing="clean", owned="up", batch_size=4, timestep_bias="high-noise")
     g, g_before = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(2):  # the second batch: the generator's state after the first is the same too
-        batch = draw_batch(model, sets, config, g, draws=draws)
+        with async_copies():
+            batch = draw_batch(model, sets, config, g, draws=draws)
         noisy, timesteps, cond, target, weights = before(model, sets, config, g_before, draws)
         for got, want in [
             (batch.noisy, noisy),
@@ -71,7 +73,7 @@ def test_a_batch_draws_what_it_drew_with_blocking_copies(monkeypatch, draws, ran
         ]:
             assert got.dtype == want.dtype and got.device == want.device and torch.equal(got, want)
     assert torch.equal(g.get_state(), g_before.get_state())
-    with blocking_copies():  # the switch changes how the copies run, not what is drawn
+    with async_copies(False):  # the switch changes how the copies run, not what is drawn
         again = draw_batch(model, sets, config, torch.Generator().manual_seed(3), draws=draws)
     first = draw_batch(model, sets, config, torch.Generator().manual_seed(3), draws=draws)
     assert torch.equal(again.noisy, first.noisy)

@@ -60,9 +60,10 @@ def test_speed_tiny_on_cpu(tmp_path):
 
 
 def test_the_rows_of_the_two_stage1_changes_run_with_their_switches(tmp_path, monkeypatch):
-    """graphs-1x16 against graphs-1x16-apart (the base layer in the adapter's node or not), graphs-1x16-run10
-    against graphs-1x16-run10-sync (10 steps a call, copies without a host sync or blocking): on a CPU they run
-    eagerly, each step under its row's switches, and each row records them; the switches end with their rows."""
+    """graphs-1x16 against graphs-1x16-fused (the base layer in the adapter's node or not), graphs-1x16-run10
+    against graphs-1x16-run10-async (10 steps a call, blocking copies or copies without a host sync): on a CPU they
+    run eagerly, each step under its row's switches, and each row records them; the switches end with their rows
+    and are off by default."""
     from b4m import device
     from b4m.adapter import lowrank
 
@@ -70,17 +71,17 @@ def test_the_rows_of_the_two_stage1_changes_run_with_their_switches(tmp_path, mo
     seen = []
 
     def train_step(*args, **kwargs):
-        seen.append((lowrank._apart, device._async_copies))
+        seen.append((lowrank._fused, device._async_copies))
         return step(*args, **kwargs)
 
     step = bench.train_step
     monkeypatch.setattr(bench, "train_step", train_step)
-    ids = [f"stage1/graphs-1x16{v}" for v in ("", "-apart", "-run10", "-run10-sync")]
+    ids = [f"stage1/graphs-1x16{v}" for v in ("", "-fused", "-run10", "-run10-async")]
     path = bench.main([*SMALL, "--out", str(tmp_path), "--cases", ",".join(ids)])
-    assert set(seen) == {(False, True), (True, True), (False, False)}
+    assert set(seen) == {(False, False), (True, False), (False, True)}
     rows = {r["id"]: r for r in json.loads(path.read_text())["rows"]}
     assert sorted(rows) == sorted(ids)
-    switches = ("steps_per_timing", "base_apart", "blocking_copies")
+    switches = ("steps_per_timing", "fused_base", "async_copies")
     settings = {i: tuple(r["settings"][k] for k in switches) for i, r in rows.items()}
     assert settings == {
         ids[0]: (1, False, False),
@@ -89,4 +90,4 @@ def test_the_rows_of_the_two_stage1_changes_run_with_their_switches(tmp_path, mo
         ids[3]: (10, False, True),
     }
     assert all(r["ms_per_step"] > 0 and r["settings"]["cuda_graphs"] for r in rows.values())
-    assert not lowrank._apart and device._async_copies
+    assert not lowrank._fused and not device._async_copies

@@ -5,7 +5,7 @@ import torch
 
 from b4m import PLPConfig, add_plp, plp_layers
 from b4m.cuda_graphs import graphed_sampling
-from b4m.device import blocking_copies
+from b4m.device import async_copies
 from b4m.training.config import TrainConfig
 from b4m.training.loop import draw_batch, graphed_micro_step, make_optimizer, scaled_loss, train
 from b4m.training.sets import TrainSet
@@ -77,9 +77,9 @@ def test_graphed_micro_steps_accumulate_the_eager_gradients(precision):
 
 @cuda
 def test_drawing_a_batch_does_not_wait_for_the_gpu():
-    """With the sets on the GPU, a batch's copies are queued (b4m.device.to_device_async): torch's sync-debug mode,
-    set to raise, sees no synchronisation in drawing it, add_noise and the target included; the earlier blocking
-    copies (blocking_copies) raise there. The first draw runs before: diffusers' scheduler moves its alphas_cumprod
+    """With the sets on the GPU and async_copies on, a batch's copies are queued (b4m.device.to_device_async):
+    torch's sync-debug mode, set to raise, sees no synchronisation in drawing it, add_noise and the target included;
+    the default blocking copies raise there. The first draw runs before: diffusers' scheduler moves its alphas_cumprod
     to the device in its first add_noise (a blocking copy once a run, not once a step)."""
     model, _ = attached()
     model.to("cuda")
@@ -91,8 +91,9 @@ def test_drawing_a_batch_does_not_wait_for_the_gpu():
     mode = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        batch = draw_batch(model, sets, config, g)
-        with blocking_copies(), pytest.raises(RuntimeError, match="synchroniz"):
+        with async_copies():
+            batch = draw_batch(model, sets, config, g)
+        with pytest.raises(RuntimeError, match="synchroniz"):
             draw_batch(model, sets, config, g)
     finally:
         torch.cuda.set_sync_debug_mode(mode)

@@ -1,12 +1,10 @@
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 from b4m.adapter.config import PLPConfig
 from b4m.adapter.layer import PLPLinear
-from b4m.adapter.lowrank import base_apart, fusable_base, linear_low_rank, low_rank_add
+from b4m.adapter.lowrank import fusable_base, fused_base, linear_low_rank, low_rank_add
 
 
 def reference(x, a, b, c, d, us, ds, route):
@@ -197,11 +195,8 @@ def test_plp_linear_with_its_base_inside_trains_like_the_separate_nodes(route, b
     for apart in (False, True):
         x = x0.clone().requires_grad_(x_grad)
         layer.zero_grad()
-        with contextlib.ExitStack() as stack:
-            if apart:
-                stack.enter_context(base_apart())
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = layer(x)
+        with fused_base(not apart), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
         assert grad_node(out) == ("LowRankAddBackward" if apart else "LinearLowRankBackward")
         (out.float() * grad).sum().backward()
         results.append((out, x.grad, layer.up_learned.grad, layer.down_learned.grad))
@@ -212,19 +207,19 @@ def test_plp_linear_with_its_base_inside_trains_like_the_separate_nodes(route, b
         torch.testing.assert_close(g_x, g_x_apart, rtol=2e-2, atol=2e-2 * g_x_apart.abs().max().item())
     else:
         assert g_x is None and g_x_apart is None
-    assert grad_node(layer(x0.requires_grad_())) == "LinearLowRankBackward"  # base_apart ended with its block
+    assert grad_node(layer(x0.requires_grad_())) == "LowRankAddBackward"  # fused_base ended with its block: off
 
 
 def test_plp_linear_in_fp32_with_its_base_inside_is_the_separate_nodes():
     layer = plp(bias=True)
     x = torch.randn(4, 12, requires_grad=True)
-    out = layer(x)
+    with fused_base():
+        out = layer(x)
     out.square().sum().backward()
     got = (out, x.grad, layer.up_learned.grad, layer.down_learned.grad)
     x.grad = None
     layer.zero_grad()
-    with base_apart():
-        want = layer(x)
+    want = layer(x)
     want.square().sum().backward()
     for gg, ww in zip(got, (want, x.grad, layer.up_learned.grad, layer.down_learned.grad), strict=True):
         torch.testing.assert_close(gg, ww, rtol=1e-5, atol=1e-6)

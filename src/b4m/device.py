@@ -36,13 +36,15 @@ def avoid_cudnn_attention(device: torch.device | str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-#: Off inside :func:`blocking_copies`: :func:`to_device_async` then copies as ``.to(device)`` does.
-_async_copies = True
+#: On inside :func:`async_copies`; off by default until measured on a GPU (docs/benchmarks.md, "Two changes to the
+#: stage-1 step"): :func:`to_device_async` then copies as ``.to(device)`` does.
+_async_copies = False
 
 
 def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``t`` on ``device``, the same values; a CPU tensor bound for a CUDA device goes through pinned memory with
-    ``non_blocking=True``, queued on the stream like a kernel, and anything else is a plain ``.to(device)``.
+    """``t`` on ``device``, the same values; inside :func:`async_copies` a CPU tensor bound for a CUDA device goes
+    through pinned memory with ``non_blocking=True``, queued on the stream like a kernel; anything else is a plain
+    ``.to(device)``.
 
     A blocking copy from pageable memory synchronises the stream: the host waits there until the GPU has run all
     the work queued before it, so a loop that copies its batch in every step cannot prepare step n + 1 while the GPU
@@ -55,10 +57,12 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
 
 
 @contextmanager
-def blocking_copies() -> Iterator[None]:
-    """:func:`to_device_async` copies as plain ``.to(device)`` inside the block (bench/speed.py times both)."""
+def async_copies(enabled: bool = True) -> Iterator[None]:
+    """:func:`to_device_async` copies through pinned memory without a host sync inside the block (``enabled``), or as
+    plain ``.to(device)`` (the default outside any block, until bench/speed.py's ``stage1/graphs-1x16-run10-async``
+    row has shown on a GPU that it pays)."""
     global _async_copies
-    before, _async_copies = _async_copies, False
+    before, _async_copies = _async_copies, enabled
     try:
         yield
     finally:

@@ -20,7 +20,8 @@ into ``W_up`` and the weight-gradient multipliers, small tensors, rather than in
 ``g_x = g · W0`` with ``g_h · W_down`` added in its epilogue (``addmm_``), where autograd would run the base layer's
 GEMM and the adapter's as two nodes and add their results with an elementwise kernel over the activations. The
 forward is the same computation; the input's gradient is rounded once instead of twice (in bf16: not bit for bit
-the separate nodes'). :func:`base_apart` keeps the base layer a node of its own, for comparison.
+the separate nodes'). Off by default until measured on a GPU (docs/benchmarks.md, "Two changes to the stage-1
+step"): :func:`fused_base` turns it on.
 
 :func:`autocast_input` gives the base layer and the adapter one cast of an autocast input, shared by the layers fed
 the very same tensor (``to_q``, ``to_k`` and ``to_v`` read one LayerNorm output).
@@ -184,21 +185,22 @@ def linear_low_rank(x, weight, bias, a, b, c, d, up_scale=1.0, down_scale=1.0, s
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-#: Set inside :func:`base_apart`.
-_apart = False
+#: On inside :func:`fused_base`; off by default until bench/speed.py's ``stage1/graphs-1x16-fused`` row has shown on
+#: a GPU that it pays (it changes the input gradient's rounding, so every stored figure would move).
+_fused = False
 
 
 @contextmanager
-def base_apart() -> Iterator[None]:
-    """Inside the block :class:`~b4m.adapter.layer.PLPLinear` runs its base layer as a node of its own, then
-    :func:`low_rank_add`, as before :func:`linear_low_rank` (bench/speed.py's ``stage1/graphs-1x16-apart`` row).
+def fused_base(enabled: bool = True) -> Iterator[None]:
+    """Inside the block :class:`~b4m.adapter.layer.PLPLinear` runs a fusable base layer inside
+    :func:`linear_low_rank` (``enabled``), or as a node of its own before :func:`low_rank_add` (the default).
     Read when a layer runs its forward: a CUDA graph keeps the way it was captured with."""
-    global _apart
-    before, _apart = _apart, True
+    global _fused
+    before, _fused = _fused, enabled
     try:
         yield
     finally:
-        _apart = before
+        _fused = before
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -233,9 +235,9 @@ def fusable_base(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype =
 
 
 def fuse_base(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype = torch.float32) -> bool:
-    """:func:`fusable_base`, outside :func:`base_apart`: whether :class:`~b4m.adapter.layer.PLPLinear` runs
+    """:func:`fusable_base`, inside :func:`fused_base`: whether :class:`~b4m.adapter.layer.PLPLinear` runs
     :func:`linear_low_rank`."""
-    return not _apart and fusable_base(layer, x, adapter_dtype)
+    return _fused and fusable_base(layer, x, adapter_dtype)
 
 
 #: The last input cast by :func:`autocast_input`: weak references to the source and the cast, the source's version

@@ -12,9 +12,10 @@ projections, autocast bf16 (on a CPU: the library's CPU defaults, fp32 and no au
   forward and one backward.
 - ``stage1``: our content-run step: b4m's PLP adapter, clean routing, the 4 images of a micro-step in one batch
   (:func:`b4m.training.loop.train_step`), plus one row per option: the ``fast`` and ``low-memory`` presets, SDPA
-  off, 1024 px. Rows in pairs, to be read within one run: ``graphs-1x16`` against ``graphs-1x16-apart`` (the base
-  layer inside the adapter's autograd node or not), ``graphs-1x16-run10`` against ``graphs-1x16-run10-sync`` (10
-  steps per timed call, the batch copied without a host sync or with the earlier blocking copies).
+  off, 1024 px. Rows to be read against their baseline within one run: ``graphs-1x16-fused`` (the base layer inside
+  the adapter's autograd node) and ``graphs-1x16-cl`` (channels-last convolution weights) against ``graphs-1x16``,
+  ``graphs-1x16-run10-async`` (the batch copied without a host sync) against ``graphs-1x16-run10`` (10 steps per
+  timed call, as the loop runs between its loss reads).
 - ``make``: our make step (routing none, Riemannian preconditioner, content + style image per micro-step).
 - ``gen``: one 1024-px image, 25 Euler steps with CFG (batch 2 per step), UNet loop only: no adapter, the fused
   adapter unmerged (the no-grad path: the base layer and two skinny matmuls, the cast factors cached in the UNet

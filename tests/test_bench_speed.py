@@ -59,35 +59,47 @@ def test_speed_tiny_on_cpu(tmp_path):
     assert len(twice["runs"]) == 4 and len(twice["rows"]) == len(rows)
 
 
-def test_the_rows_of_the_two_stage1_changes_run_with_their_switches(tmp_path, monkeypatch):
-    """graphs-1x16 against graphs-1x16-fused (the base layer in the adapter's node or not), graphs-1x16-run10
-    against graphs-1x16-run10-async (10 steps a call, blocking copies or copies without a host sync): on a CPU they
-    run eagerly, each step under its row's switches, and each row records them; the switches end with their rows
-    and are off by default."""
+def test_the_rows_of_the_stage1_changes_run_with_their_switches(tmp_path, monkeypatch):
+    """graphs-1x16 against graphs-1x16-fused (the base layer in the adapter's node or not) and graphs-1x16-cl (the
+    convolution weights channels-last), graphs-1x16-run10 against graphs-1x16-run10-async (10 steps a call, blocking
+    copies or copies without a host sync): on a CPU they run eagerly, each step under its row's switches, and each
+    row records them; the switches end with their rows and are off by default."""
     from b4m import device
     from b4m.adapter import lowrank
 
     bench = load_bench()
     seen = []
+    made = bench.Bench.__init__
+
+    def init(self, *args, **kwargs):  # the Bench the run makes, whose UNet the steps read
+        nonlocal bench_
+        made(self, *args, **kwargs)
+        bench_ = self
+
+    bench_ = None
+    monkeypatch.setattr(bench.Bench, "__init__", init)
 
     def train_step(*args, **kwargs):
-        seen.append((lowrank._fused, device._async_copies))
+        conv = bench_.unet.conv_in.weight
+        seen.append((bool(lowrank.fused_base), bool(device.async_copies), conv.is_contiguous()))
         return step(*args, **kwargs)
 
     step = bench.train_step
     monkeypatch.setattr(bench, "train_step", train_step)
-    ids = [f"stage1/graphs-1x16{v}" for v in ("", "-fused", "-run10", "-run10-async")]
+    ids = [f"stage1/graphs-1x16{v}" for v in ("", "-fused", "-run10", "-run10-async", "-cl")]
     path = bench.main([*SMALL, "--out", str(tmp_path), "--cases", ",".join(ids)])
-    assert set(seen) == {(False, False), (True, False), (False, True)}
+    assert set(seen) == {(False, False, True), (True, False, True), (False, True, True), (False, False, False)}
     rows = {r["id"]: r for r in json.loads(path.read_text())["rows"]}
     assert sorted(rows) == sorted(ids)
-    switches = ("steps_per_timing", "fused_base", "async_copies")
+    switches = ("steps_per_timing", "fused_base", "async_copies", "channels_last")
     settings = {i: tuple(r["settings"][k] for k in switches) for i, r in rows.items()}
     assert settings == {
-        ids[0]: (1, False, False),
-        ids[1]: (1, True, False),
-        ids[2]: (10, False, False),
-        ids[3]: (10, False, True),
+        ids[0]: (1, False, False, False),
+        ids[1]: (1, True, False, False),
+        ids[2]: (10, False, False, False),
+        ids[3]: (10, False, True, False),
+        ids[4]: (1, False, False, True),
     }
     assert all(r["ms_per_step"] > 0 and r["settings"]["cuda_graphs"] for r in rows.values())
-    assert not lowrank._fused and not device._async_copies
+    assert not lowrank.fused_base and not device.async_copies
+    assert bench_.unet.conv_in.weight.is_contiguous()  # channels-last ended with its row

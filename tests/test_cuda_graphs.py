@@ -101,6 +101,30 @@ def test_drawing_a_batch_does_not_wait_for_the_gpu():
 
 
 @cuda
+@pytest.mark.parametrize("sets_on", ["cuda", "cpu"])
+def test_copies_without_a_sync_draw_the_same_batch_through_pinned_memory(monkeypatch, sets_on):
+    """async_copies on and off draw the same values bit for bit, the sets on the GPU (as the loop keeps them) or on
+    the CPU; on, every copy to the GPU goes through pinned memory (sync-debug mode does not flag a non-blocking copy
+    from pageable memory, so the calls are counted)."""
+    model, _ = attached()
+    model.to("cuda")
+    sets = [TrainSet(s.name, s.latents.to(sets_on), s.cond.to(sets_on), s.weight, s.main) for s in toy_sets(model)]
+    config = TrainConfig(routing="clean", owned="up", batch_size=2)
+    pinned = []
+    pin = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t.shape) or pin(t, *a))
+    with async_copies():
+        on = draw_batch(model, sets, config, torch.Generator().manual_seed(5))
+    assert pinned  # the noise, timesteps and weights at least; the picks too where the sets are on the GPU
+    n = len(pinned)
+    off = draw_batch(model, sets, config, torch.Generator().manual_seed(5))
+    assert len(pinned) == n  # off: plain copies
+    for a, b in [(on.noisy, off.noisy), (on.timesteps, off.timesteps), (on.target, off.target)]:
+        assert a.is_cuda and torch.equal(a, b)
+    assert torch.equal(on.weights, off.weights) and torch.equal(on.cond.hidden, off.cond.hidden)
+
+
+@cuda
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_graphed_steps_train_like_eager_ones(tmp_path, precision):
     """The whole loop (4 steps of 3 accumulated micro-steps, clipping, SGD: an update proportional to the gradient,

@@ -3,11 +3,10 @@ to avoid; host-to-device copies that do not stop the host."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from .switch import Switch
 
 
 def default_device() -> str:
@@ -36,9 +35,10 @@ def avoid_cudnn_attention(device: torch.device | str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-#: On inside :func:`async_copies`; off by default until measured on a GPU (docs/benchmarks.md, "Two changes to the
-#: stage-1 step"): :func:`to_device_async` then copies as ``.to(device)`` does.
-_async_copies = False
+#: On for a block (``with async_copies():``): :func:`to_device_async` copies without a host sync. Off by default
+#: until bench/speed.py's ``stage1/graphs-1x16-run10-async`` row has shown on a GPU that it pays (docs/benchmarks.md,
+#: "Two changes to the stage-1 step"); off, the batch is drawn and copied as it always was.
+async_copies = Switch("async_copies")
 
 
 def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -51,19 +51,6 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
     runs step n. The pinned staging buffer is kept by torch's host allocator until the copy has run. No dtype
     change here: the caller converts on the CPU first or on the device after, whichever it did before."""
     device = torch.device(device)
-    if _async_copies and device.type == "cuda" and t.device.type == "cpu":
+    if async_copies and device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-@contextmanager
-def async_copies(enabled: bool = True) -> Iterator[None]:
-    """:func:`to_device_async` copies through pinned memory without a host sync inside the block (``enabled``), or as
-    plain ``.to(device)`` (the default outside any block, until bench/speed.py's ``stage1/graphs-1x16-run10-async``
-    row has shown on a GPU that it pays)."""
-    global _async_copies
-    before, _async_copies = _async_copies, enabled
-    try:
-        yield
-    finally:
-        _async_copies = before

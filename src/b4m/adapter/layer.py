@@ -37,7 +37,7 @@ from ..device import is_plain
 from ..errors import B4MError
 from .config import PLPConfig
 from .init import frozen_rng, learned_rng, make_frozen, make_learned_down
-from .lowrank import autocast_input, fuse_base, linear_low_rank, low_rank_add
+from .lowrank import autocast_input, linear_low_rank, low_rank_add, runs_fused
 
 
 @torch.no_grad()
@@ -145,7 +145,7 @@ class PLPLinear(LinearAdapter):
         adapter = (self.up_frozen, self.up_learned, self.down_frozen, self.down_learned)
         knobs = (self.up_scale, self.down_scale, self.scale, self.route)
         base = self.base_layer
-        if fuse_base(base, x, self.up_learned.dtype):  # a plain frozen nn.Linear: its GEMM inside the same node
+        if runs_fused(base, x, self.up_learned.dtype):  # a plain frozen nn.Linear: its GEMM inside the same node
             return linear_low_rank(x, base.weight, base.bias, *adapter, *knobs)
         y = base(x.reshape(-1, x.shape[-1]))  # 2-D: the adapter adds into it in place
         return low_rank_add(y, x, *adapter, *knobs)

@@ -21,7 +21,7 @@ into ``W_up`` and the weight-gradient multipliers, small tensors, rather than in
 GEMM and the adapter's as two nodes and add their results with an elementwise kernel over the activations. The
 forward is the same computation; the input's gradient is rounded once instead of twice (in bf16: not bit for bit
 the separate nodes'). Off by default until measured on a GPU (docs/benchmarks.md, "Two changes to the stage-1
-step"): :func:`fused_base` turns it on.
+step"): :data:`fused_base` turns it on.
 
 :func:`autocast_input` gives the base layer and the adapter one cast of an autocast input, shared by the layers fed
 the very same tensor (``to_q``, ``to_k`` and ``to_v`` read one LayerNorm output).
@@ -30,8 +30,6 @@ the very same tensor (``to_q``, ``to_k`` and ``to_v`` read one LayerNorm output)
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +37,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ..device import is_plain
+from ..switch import Switch
 
 #: ``torch.mm(a, b, out_dtype=torch.float32)`` exists (torch >= 2.8; CUDA, fp16/bf16 inputs): the learned halves'
 #: gradients then come out of the GEMM in fp32, without a bf16 result and a cast kernel.
@@ -185,22 +184,12 @@ def linear_low_rank(x, weight, bias, a, b, c, d, up_scale=1.0, down_scale=1.0, s
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-#: On inside :func:`fused_base`; off by default until bench/speed.py's ``stage1/graphs-1x16-fused`` row has shown on
-#: a GPU that it pays (it changes the input gradient's rounding, so every stored figure would move).
-_fused = False
-
-
-@contextmanager
-def fused_base(enabled: bool = True) -> Iterator[None]:
-    """Inside the block :class:`~b4m.adapter.layer.PLPLinear` runs a fusable base layer inside
-    :func:`linear_low_rank` (``enabled``), or as a node of its own before :func:`low_rank_add` (the default).
-    Read when a layer runs its forward: a CUDA graph keeps the way it was captured with."""
-    global _fused
-    before, _fused = _fused, enabled
-    try:
-        yield
-    finally:
-        _fused = before
+#: On for a block (``with fused_base():``): :class:`~b4m.adapter.layer.PLPLinear` runs a fusable base layer inside
+#: :func:`linear_low_rank`; off (the default), as a node of its own before :func:`low_rank_add`. Off until
+#: bench/speed.py's ``stage1/graphs-1x16-fused`` row has shown on a GPU that it pays (it changes the input gradient's
+#: rounding, so every stored figure would move). Read when a layer runs its forward, so the backward belongs inside
+#: the block too: gradient checkpointing runs the forward again there, and a CUDA graph keeps the way it was captured.
+fused_base = Switch("fused_base")
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -234,10 +223,10 @@ def fusable_base(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype =
     return all(t.dtype == x.dtype for t in tensors) and x.dtype == adapter_dtype  # no cast: x's dtype throughout
 
 
-def fuse_base(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype = torch.float32) -> bool:
-    """:func:`fusable_base`, inside :func:`fused_base`: whether :class:`~b4m.adapter.layer.PLPLinear` runs
-    :func:`linear_low_rank`."""
-    return _fused and fusable_base(layer, x, adapter_dtype)
+def runs_fused(layer: nn.Module, x: torch.Tensor, adapter_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :class:`~b4m.adapter.layer.PLPLinear` runs :func:`linear_low_rank`: :data:`fused_base` is on and
+    :func:`fusable_base` allows it."""
+    return bool(fused_base) and fusable_base(layer, x, adapter_dtype)
 
 
 #: The last input cast by :func:`autocast_input`: weak references to the source and the cast, the source's version

@@ -1,7 +1,7 @@
 """One micro-step's inputs: which images of every set, their noise and timesteps, drawn from a CPU generator whose
 state the checkpoints keep (so a resumed run draws what the uninterrupted one would have), and the target the
-prediction is fitted to; copied to the device without stopping the host (:func:`~b4m.device.to_device_async`). The
-loop (:mod:`b4m.training.loop`) turns a :class:`Batch` into a loss."""
+prediction is fitted to; inside :data:`~b4m.device.async_copies` copied to the device without stopping the host.
+The loop (:mod:`b4m.training.loop`) turns a :class:`Batch` into a loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..device import to_device_async
+from ..device import async_copies, to_device_async
 from ..models.base import Conditioning, DiffusionModel
 from . import distributed
 from .config import TrainConfig
@@ -72,9 +72,14 @@ def _gather(
 ) -> tuple[torch.Tensor, Conditioning]:
     """The picked rows of every set's latents and conditioning, set after set, on ``device``.
 
-    Each tensor is indexed where it lives (the loop keeps the sets on the model's device), with the picks copied
-    there once per device by :func:`~b4m.device.to_device_async`: indexing a GPU tensor with CPU indices would copy
-    them with a blocking copy, which waits for the GPU. Sets kept on the CPU are indexed there, then copied."""
+    Inside :data:`~b4m.device.async_copies` each tensor is indexed where it lives (the loop keeps the sets on the
+    model's device), with the picks copied there once per device by :func:`~b4m.device.to_device_async`: indexing a
+    GPU tensor with CPU indices copies them with a blocking copy, which waits for the GPU. Sets kept on the CPU are
+    indexed there, then copied. Outside it (the default), as it always was: CPU picks index every tensor, then a
+    plain ``.to(device)``. The same values either way."""
+    if not async_copies:
+        latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
+        return latents, Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
     sizes = [len(i) for i in picks]
     on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
@@ -115,7 +120,7 @@ def draw_batch(
 
     device = model.device
     latents, cond = _gather(ordered, picks, device)
-    noise = to_device_async(by_set([d[1] for d in drawn]).to(latents.dtype), device)  # cast on the CPU, as before
+    noise = to_device_async(by_set([d[1] for d in drawn]).to(latents.dtype), device)  # cast, then copy: same values
     timesteps = to_device_async(by_set([d[2] for d in drawn]), device)
     weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered])
     weights = to_device_async(weights, device)

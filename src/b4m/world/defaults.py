@@ -4,7 +4,8 @@ or file says otherwise (SDXL and SD keep the official B4M settings of the config
 The world's 32-px model learns a concept in tens of steps, not a thousand: these are the settings of ``b4m demo``
 (docs/world.md), 90 steps of two images per set at lr 2e-3 for each break run and 80 steps at half that lr for make,
 with every micro-step's images in one batch (the lr, then the make steps, then the break steps chosen on the dev
-split within the demo's 5-minute CPU budget: docs/world.md, "The demo's pair"). Data only (no torch): the command line reads it for its help.
+split within the demo's 5-minute CPU budget: docs/world.md, "The demo's pair"). Data only (no torch): the command
+line reads it for its help.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def test_seed_rank_and_export_flags_land_in_their_tables():
 @pytest.mark.parametrize(
     ("command", "flag", "shown"),
     [
-        ("content", "--steps", "Optimizer steps (default 60 on the built-in world, 1000 on SD and SDXL)."),
+        ("content", "--steps", "Optimizer steps (default 90 on the built-in world, 1000 on SD and SDXL)."),
         ("content", "--lr", "Learning rate (default 0.002 on the built-in world, 0.0001 on SD and SDXL)."),
         ("make", "--steps", "Optimizer steps (default 80 on the built-in world, 50 on SD and SDXL; 0 fuses only)."),
         ("make", "--lr", "(default 0.001 on the built-in world, 0.0001 on SD and SDXL)."),

@@ -258,7 +258,7 @@ def test_each_base_model_brings_its_own_defaults_and_print_config_says_where_eac
     while SD and SDXL keep the official ones; a preset, the file and the flags still win, and every printed value
     names its source."""
     world = stage_config("content")
-    assert (world.train.steps, world.train.lr, world.train.batch_size, world.train.grad_accum) == (60, 2e-3, 2, 1)
+    assert (world.train.steps, world.train.lr, world.train.batch_size, world.train.grad_accum) == (90, 2e-3, 2, 1)
     sdxl = stage_config("content", None, {"model": "stabilityai/stable-diffusion-xl-base-1.0"})
     assert (sdxl.train.steps, sdxl.train.lr, sdxl.train.batch_size, sdxl.train.grad_accum) == (1000, 1e-4, 1, 4)
     run = tmp_path / "dog"

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layers, lowest first: a module may import only from its own layer and the layers below. A module takes the layer
 #: of the longest prefix listed here (docs/design.md draws the same picture).
 LAYERS: list[tuple[str, ...]] = [
-    # 0: foundations (errors, version, safe files, devices, CUDA graphs, statistics)
+    # 0: foundations (errors, version, safe files, devices, switches, CUDA graphs, statistics)
     (
         "b4m.errors",
         "b4m.version",
@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
         "b4m.files",
         "b4m.nested",
         "b4m.device",
+        "b4m.switch",
         "b4m.cuda_graphs",
         "b4m.environment",
         "b4m.metrics.stats",

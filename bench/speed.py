@@ -580,21 +580,13 @@ class Bench:
 
         graphed = graphed_micro_step(model, config, optimizer, precision)  # None unless config.cuda_graphs
 
-        def switched() -> contextlib.ExitStack:  # around every call: a graph is captured in the first
-            stack = contextlib.ExitStack()
-            if fused:
-                stack.enter_context(fused_base())
-            if nonblocking:
-                stack.enter_context(async_copies())
-            return stack
-
-        def step() -> None:
-            with switched():
+        def step() -> None:  # the switches around every call: a graph is captured in the first
+            with fused_base(fused), async_copies(nonblocking):
                 for _ in range(steps):
                     train_step(model, sets, config, optimizer, g, precision=precision, graphed=graphed)
 
         def eager_step() -> None:  # FLOPs: a graph's capture runs its warm-up passes through the dispatcher too
-            with switched():
+            with fused_base(fused), async_copies(nonblocking):
                 train_step(model, sets, config, optimizer, g, precision=precision)
 
         try:

@@ -13,7 +13,8 @@
 #   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
 #
 # Environment: WORKERS (default 6), LIMIT (seconds, default 555), START (epoch seconds the LIMIT counts from, so that
-# several phases can share one call; bench/gpu_setup.sh sets it when sourced, so its set-up counts), B4M_COMMIT (recorded in results.json).
+# several phases can share one call; bench/gpu_setup.sh sets it when sourced, so its set-up counts), B4M_COMMIT
+# (recorded in results.json), SAVE_EVERY (seconds between snapshots of runs/, default 120).
 #
 # The device machine goes back 30 s after a call, with runs/: the work in progress travels as $OUT/runs.tgz, and a
 # later call that carries it as .carry/runs.tgz starts from it (stage-1 adapters and finished units; no per-unit

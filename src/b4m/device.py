@@ -41,16 +41,15 @@ def avoid_cudnn_attention(device: torch.device | str) -> None:
 async_copies = Switch("async_copies")
 
 
-def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``t`` on ``device``, the same values; inside :func:`async_copies` a CPU tensor bound for a CUDA device goes
-    through pinned memory with ``non_blocking=True``, queued on the stream like a kernel; anything else is a plain
-    ``.to(device)``.
+def to_device_async(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` (in ``dtype``, if given), the same values; inside :data:`async_copies` a CPU tensor bound
+    for a CUDA device is cast on the CPU and goes through pinned memory with ``non_blocking=True``, queued on the
+    stream like a kernel; anything else is a plain ``t.to(device, dtype)``, as before the switch.
 
     A blocking copy from pageable memory synchronises the stream: the host waits there until the GPU has run all
     the work queued before it, so a loop that copies its batch in every step cannot prepare step n + 1 while the GPU
-    runs step n. The pinned staging buffer is kept by torch's host allocator until the copy has run. No dtype
-    change here: the caller converts on the CPU first or on the device after, whichever it did before."""
+    runs step n. The pinned staging buffer is kept by torch's host allocator until the copy has run."""
     device = torch.device(device)
     if async_copies and device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+        return t.to(dtype).pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)

@@ -120,7 +120,7 @@ def draw_batch(
 
     device = model.device
     latents, cond = _gather(ordered, picks, device)
-    noise = to_device_async(by_set([d[1] for d in drawn]).to(latents.dtype), device)  # cast, then copy: same values
+    noise = to_device_async(by_set([d[1] for d in drawn]), device, latents.dtype)
     timesteps = to_device_async(by_set([d[2] for d in drawn]), device)
     weights = torch.cat([torch.full((config.batch_size,), s.weight / config.batch_size) for s in ordered])
     weights = to_device_async(weights, device)

@@ -11,9 +11,9 @@
 # calls, 5.0 s of a profiled 18.7-s model load (2026-12-06, H100). A user's pip install keeps .pyc files, so the
 # timings here keep them too, outside the read-only site-packages, and warm them once per machine.
 # START (epoch seconds) is when the call began, for scripts that stop within a budget (bench/world_v2_protocol.sh's
-# LIMIT): taken here, before this file's own work, unless set already. A fresh machine's set-up below took about 40
-# s on 2026-12-07; a START taken after it left that out of LIMIT, and the call was killed at the device's 600 s
-# before it could save its work (ten minutes of a test-split run lost).
+# LIMIT): taken here, before this file's own work, unless set already. On 2026-12-07 a START taken after a fresh
+# machine's set-up left that out of a LIMIT of 570 s: the call ran 610 s, was killed at the device's 600 s before it
+# could save its work, and ten minutes of a test-split run were lost.
 export START=${START:-$(date +%s)}
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl || return 1

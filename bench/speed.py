@@ -540,7 +540,8 @@ class Bench:
         """Time :func:`b4m.training.loop.train_step` with ``config`` on the PLP adapter: ``steps`` steps per timed
         call with no sync between them (the loop syncs only to read the loss), ``fused``: the base layers' GEMMs inside
         the adapter's node (:func:`b4m.adapter.lowrank.fused_base`), ``nonblocking``: the batch's copies without a
-        host sync (:func:`b4m.device.async_copies`), the two changes not yet on by default; ``channels_last``: the
+        host sync (:func:`b4m.device.async_copies`; on by default since 2026-12-07, off in every row but
+        ``-run10-async`` so that the rows time what they timed before); ``channels_last``: the
         UNet's convolution weights in channels-last memory format (cuDNN's NHWC kernels; a convolution's output
         follows)."""
         self.use_adapter("plp")

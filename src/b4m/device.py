@@ -35,10 +35,10 @@ def avoid_cudnn_attention(device: torch.device | str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-#: On for a block (``with async_copies():``): :func:`to_device_async` copies without a host sync. Off by default
-#: until bench/speed.py's ``stage1/graphs-1x16-run10-async`` row has shown on a GPU that it pays (docs/benchmarks.md,
-#: "Two changes to the stage-1 step"); off, the batch is drawn and copied as it always was.
-async_copies = Switch("async_copies")
+#: On by default since 2026-12-07 (docs/benchmarks.md, "Two changes to the stage-1 step": bench/speed.py's
+#: ``stage1/graphs-1x16-run10-async`` row against ``-run10`` on an H100, 3-6% of the step): :func:`to_device_async`
+#: copies without a host sync. ``with async_copies(False):`` copies as before the switch (the speed rows' baseline).
+async_copies = Switch("async_copies", default=True)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:

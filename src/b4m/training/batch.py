@@ -1,6 +1,6 @@
 """One micro-step's inputs: which images of every set, their noise and timesteps, drawn from a CPU generator whose
 state the checkpoints keep (so a resumed run draws what the uninterrupted one would have), and the target the
-prediction is fitted to; inside :data:`~b4m.device.async_copies` copied to the device without stopping the host.
+prediction is fitted to; copied to the device without stopping the host (:data:`~b4m.device.async_copies`).
 The loop (:mod:`b4m.training.loop`) turns a :class:`Batch` into a loss."""
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def _gather(
 ) -> tuple[torch.Tensor, Conditioning]:
     """The picked rows of every set's latents and conditioning, set after set, on ``device``.
 
-    Inside :data:`~b4m.device.async_copies` each tensor is indexed where it lives (the loop keeps the sets on the
-    model's device), with the picks copied there once per device by :func:`~b4m.device.to_device_async`: indexing a
-    GPU tensor with CPU indices copies them with a blocking copy, which waits for the GPU. Sets kept on the CPU are
-    indexed there, then copied. Outside it (the default), as it always was: CPU picks index every tensor, then a
-    plain ``.to(device)``. The same values either way."""
+    With :data:`~b4m.device.async_copies` on (the default) each tensor is indexed where it lives (the loop keeps
+    the sets on the model's device), with the picks copied there once per device by
+    :func:`~b4m.device.to_device_async`: indexing a GPU tensor with CPU indices copies them with a blocking copy,
+    which waits for the GPU. Sets kept on the CPU are indexed there, then copied. With it off, as before 2026-12-07:
+    CPU picks index every tensor, then a plain ``.to(device)``. The same values either way."""
     if not async_copies:
         latents = torch.cat([s.latents[i] for s, i in zip(ordered, picks, strict=True)]).to(device)
         return latents, Conditioning.cat([s.cond[i] for s, i in zip(ordered, picks, strict=True)]).to(device)

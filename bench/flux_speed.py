@@ -204,11 +204,14 @@ class Bench:
         return {"ms_all": ms, **peak, "flops": flops, "warmup_s": first}
 
     def attempt(self, plans: list[tuple[str, Callable[[], dict]]]) -> dict:
-        """The first plan that fits in memory; the ones that ran out are listed."""
-        oom = []
+        """The first plan that fits in memory; the ones that ran out are listed, and the GPU memory allocated and
+        reserved when each plan started (GiB): memory a failed plan left behind would show there."""
+        oom, held = [], []
         for label, run in plans:
+            if self.device.type == "cuda":
+                held.append([torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30])
             try:
-                return {**run(), "plan": label, "out_of_memory": oom}
+                return {**run(), "plan": label, "out_of_memory": oom, "held_gib_at_plans": held}
             except Exception as e:  # CUDA graph capture wraps it in a B4MError
                 if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
                     raise
@@ -217,7 +220,12 @@ class Bench:
                 for p in self.denoiser.parameters():
                     p.grad = None
                 reset_peak(self.device)
-        return {"plan": None, "out_of_memory": oom, "error": "out of memory with every plan"}
+        return {
+            "plan": None,
+            "out_of_memory": oom,
+            "error": "out of memory with every plan",
+            "held_gib_at_plans": held,
+        }
 
     def plain(self, res: int, fp32: bool) -> dict:
         """diffusers' DreamBooth LoRA script's loop (see the module docstring)."""

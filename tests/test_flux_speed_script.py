@@ -95,6 +95,7 @@ def test_a_plan_that_runs_out_of_memory_gives_way_to_the_next():
         "plan": None,
         "out_of_memory": ["a"],
         "error": "out of memory with every plan",
+        "held_gib_at_plans": [],  # on a GPU: allocated and reserved GiB as each plan starts
     }
     with pytest.raises(B4MError, match="stream is capturing"):
         bench.attempt(

@@ -328,3 +328,40 @@ def test_auto_speed_starts_again_without_cuda_graphs_when_their_capture_fails(tm
     model, plp = attached()
     with pytest.raises(B4MError, match="CUDA graph capture of the training step failed"):
         train(model, plp, sets_of(model), fixed, tmp_path / "fixed")
+
+
+def test_a_failed_first_step_gives_its_memory_back_before_the_next_plan(tmp_path, monkeypatch):
+    """What a first step that ran out of memory held is freed before the next plan's first step, even what only a
+    reference cycle keeps (frames of the error's traceback can form one): with the garbage collector's automatic
+    turns off, the failed step's tensor is gone when the next plan starts."""
+    import gc
+    import weakref
+
+    import b4m.training.loop as loop
+
+    config = TrainConfig(steps=1, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
+    monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("first", config), ("second", config)])
+    step, held, alive = loop.train_step, [], []
+
+    class Cycle:  # an activation that a reference cycle keeps, as a traceback's frames may
+        def __init__(self):
+            self.me, self.activation = self, torch.zeros(1024)
+
+    def first_fails(*args, **kwargs):
+        if not held:
+            cycle = Cycle()
+            held.append(weakref.ref(cycle.activation))
+            del cycle
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        alive.append(held[0]() is not None)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", first_fails)
+    model, plp = attached()
+    gc.disable()
+    try:
+        with pytest.warns(UserWarning, match="starting again with second"):
+            result = train(model, plp, sets_of(model), config, tmp_path / "run")
+    finally:
+        gc.enable()
+    assert result.speed == "second" and alive == [False]

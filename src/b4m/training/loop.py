@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import signal
@@ -272,8 +273,7 @@ def train(
                 model.denoiser.disable_gradient_checkpointing()
         for p in model.denoiser.parameters():  # the failed step's gradients (no weight was updated)
             p.grad = None
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(model.device)
         if capture_failed:
             warnings.warn(
                 f"CUDA graph capture failed at the first step with {label} ({error}); starting again without",
@@ -288,6 +288,16 @@ def train(
             f"out of GPU memory at the first step with {label}; starting again with {plans[i + 1][0]}", stacklevel=2
         )
     raise AssertionError("unreachable")
+
+
+def release_memory(device: torch.device) -> None:
+    """Give a failed first step's memory back before the next plan starts: a full garbage collection (tensors that
+    only a reference cycle kept, such as frames of the error's traceback, are freed now, not at the collector's next
+    turn), then the CUDA allocator's cached blocks (what accelerate's ``find_executable_batch_size`` does between
+    batch sizes)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def train_once(

@@ -273,7 +273,7 @@ def test_auto_speed_falls_back_when_the_first_step_runs_out_of_memory(tmp_path, 
     plans[:] = [("only", config)]  # nothing left to try: one line
     failures.clear()
     model, plp = attached()
-    with pytest.raises(B4MError, match=r"out of GPU memory at the first step with only \(CUDA out of memory"):
+    with pytest.raises(B4MError, match=r"out of GPU memory at the first step with only \(CUDA out of memory.*\); use"):
         train(model, plp, sets_of(model), config, tmp_path / "none")
 
     calls = []
@@ -365,3 +365,16 @@ def test_a_failed_first_step_gives_its_memory_back_before_the_next_plan(tmp_path
     finally:
         gc.enable()
     assert result.speed == "second" and alive == [False]
+
+
+def test_the_out_of_memory_error_says_what_to_try_next():
+    """The one-line error after the last plan ran out of memory names the lightest change left to try."""
+    from b4m.training.loop import memory_advice
+
+    fixed = TrainConfig(speed="fixed", cuda_graphs=True, fold_accumulation=True)
+    assert "no --preset fast" in memory_advice(fixed) and "--preset low-memory" in memory_advice(fixed)
+    assert memory_advice(TrainConfig()) == "use --preset low-memory"
+    low = TrainConfig(speed="fixed", gradient_checkpointing=True)
+    assert "rows_per_forward = 1" in memory_advice(low)
+    last = dataclasses.replace(low, rows_per_forward=1)
+    assert "low-memory-8bit" in memory_advice(last) and "lower resolution" in memory_advice(last)

@@ -281,13 +281,26 @@ def train(
             )
             continue
         if i + 1 == len(plans):
-            raise B4MError(
-                f"out of GPU memory at the first step with {label} ({error}); use a smaller batch or resolution"
-            )
+            raise B4MError(f"out of GPU memory at the first step with {label} ({error}); {memory_advice(settings)}")
         warnings.warn(
             f"out of GPU memory at the first step with {label}; starting again with {plans[i + 1][0]}", stacklevel=2
         )
     raise AssertionError("unreachable")
+
+
+def memory_advice(config: TrainConfig) -> str:
+    """What to try after the first step of ``config`` ran out of GPU memory, the lightest change first."""
+    if (
+        config.speed != "auto" and not config.gradient_checkpointing
+    ):  # a preset or given settings: auto would fall back
+        return "leave the speed settings to b4m (no --preset fast), or use --preset low-memory"
+    if not config.gradient_checkpointing:
+        return "use --preset low-memory"
+    if config.rows_per_forward != 1:
+        return "set train.rows_per_forward = 1, or use --preset low-memory-8bit (8-bit base weights)"
+    return (
+        "use --preset low-memory-8bit (8-bit base weights) if the run does not, a smaller batch or a lower resolution"
+    )
 
 
 def release_memory(device: torch.device) -> None:

@@ -77,10 +77,11 @@ def test_graphed_micro_steps_accumulate_the_eager_gradients(precision):
 
 @cuda
 def test_drawing_a_batch_does_not_wait_for_the_gpu():
-    """With the sets on the GPU and async_copies on, a batch's copies are queued (b4m.device.to_device_async):
-    torch's sync-debug mode, set to raise, sees no synchronisation in drawing it, add_noise and the target included;
-    the default blocking copies raise there. The first draw runs before: diffusers' scheduler moves its alphas_cumprod
-    to the device in its first add_noise (a blocking copy once a run, not once a step)."""
+    """With the sets on the GPU and async_copies on (the default), a batch's copies are queued
+    (b4m.device.to_device_async): torch's sync-debug mode, set to raise, sees no synchronisation in drawing it,
+    add_noise and the target included; the blocking copies (async_copies off) raise there. The first draw runs
+    before: diffusers' scheduler moves its alphas_cumprod to the device in its first add_noise (a blocking copy once a
+    run, not once a step)."""
     model, _ = attached()
     model.to("cuda")
     sets = [TrainSet(s.name, s.latents.cuda(), s.cond.to("cuda"), s.weight, s.main) for s in toy_sets(model)]
@@ -93,7 +94,7 @@ def test_drawing_a_batch_does_not_wait_for_the_gpu():
     try:
         with async_copies():
             batch = draw_batch(model, sets, config, g)
-        with pytest.raises(RuntimeError, match="synchroniz"):
+        with async_copies(False), pytest.raises(RuntimeError, match="synchroniz"):
             draw_batch(model, sets, config, g)
     finally:
         torch.cuda.set_sync_debug_mode(mode)
@@ -117,7 +118,8 @@ def test_copies_without_a_sync_draw_the_same_batch_through_pinned_memory(monkeyp
         on = draw_batch(model, sets, config, torch.Generator().manual_seed(5))
     assert pinned  # the noise, timesteps and weights at least; the picks too where the sets are on the GPU
     n = len(pinned)
-    off = draw_batch(model, sets, config, torch.Generator().manual_seed(5))
+    with async_copies(False):
+        off = draw_batch(model, sets, config, torch.Generator().manual_seed(5))
     assert len(pinned) == n  # off: plain copies
     for a, b in [(on.noisy, off.noisy), (on.timesteps, off.timesteps), (on.target, off.target)]:
         assert a.is_cuda and torch.equal(a, b)

@@ -378,3 +378,46 @@ def test_the_out_of_memory_error_says_what_to_try_next():
     assert "rows_per_forward = 1" in memory_advice(low)
     last = dataclasses.replace(low, rows_per_forward=1)
     assert "low-memory-8bit" in memory_advice(last) and "lower resolution" in memory_advice(last)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_first_step_that_fails_inside_the_model_leaves_none_of_its_tensors(tmp_path, monkeypatch, where):
+    """An out-of-memory error raised inside the first step's real forward (or backward) of the last adapted layer:
+    with the garbage collector's automatic turns off, neither that layer's input nor its output is alive when the
+    next plan's first step starts (the error's traceback holds them only until the fallback has handled it)."""
+    import gc
+    import weakref
+
+    import b4m.training.loop as loop
+
+    config = TrainConfig(steps=1, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
+    monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("first", config), ("second", config)])
+    model, plp = attached()
+    last = [m for m in model.denoiser.modules() if isinstance(m, PLPLinear)][-1]
+    held, alive = [], []
+    forward, step = PLPLinear.forward, loop.train_step
+
+    def boom(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def failing_forward(self, x, *args, **kwargs):
+        out = forward(self, x, *args, **kwargs)
+        if self is last and not held:
+            held.extend([weakref.ref(x), weakref.ref(out)])
+            out.register_hook(boom) if where == "backward" else boom()
+        return out
+
+    def next_plan(*args, **kwargs):
+        if held and not alive:
+            alive.append([r() is not None for r in held])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(PLPLinear, "forward", failing_forward)
+    monkeypatch.setattr(loop, "train_step", next_plan)
+    gc.disable()
+    try:
+        with pytest.warns(UserWarning, match="starting again with second"):
+            result = train(model, plp, sets_of(model), config, tmp_path / "run")
+    finally:
+        gc.enable()
+    assert result.speed == "second" and alive == [[False, False]]

@@ -1,9 +1,9 @@
 """An on/off setting of the whole process, turned on or off for a block (``with switch():``) and read as a bool.
 
-For code paths that exist beside the default until a measurement decides them (docs/benchmarks.md): the default
-stays the measured one, and a bench row turns the other on for its timing. A plain attribute, not a context
-variable: the autograd engine runs CUDA backward passes, and with them gradient checkpointing's recomputed
-forward, on threads of its own, which must see what the step's thread set.
+For code paths that exist beside the default until a measurement decides them (docs/benchmarks.md), or beside
+a default that a measurement changed: a bench row turns the other path on (or off) for its timing. A plain
+attribute, not a context variable: the autograd engine runs CUDA backward passes, and with them gradient
+checkpointing's recomputed forward, on threads of its own, which must see what the step's thread set.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ into ``W_up`` and the weight-gradient multipliers, small tensors, rather than in
 ``g_x = g · W0`` with ``g_h · W_down`` added in its epilogue (``addmm_``), where autograd would run the base layer's
 GEMM and the adapter's as two nodes and add their results with an elementwise kernel over the activations. The
 forward is the same computation; the input's gradient is rounded once instead of twice (in bf16: not bit for bit
-the separate nodes'). Off by default until measured on a GPU (docs/benchmarks.md, "Two changes to the stage-1
-step"): :data:`fused_base` turns it on.
+the separate nodes'). Off by default: measured on an H100, its gain was within the step's spread (docs/benchmarks.md,
+"Two changes to the stage-1 step"); :data:`fused_base` turns it on.
 
 :func:`autocast_input` gives the base layer and the adapter one cast of an autocast input, shared by the layers fed
 the very same tensor (``to_q``, ``to_k`` and ``to_v`` read one LayerNorm output).
@@ -185,10 +185,11 @@ def linear_low_rank(x, weight, bias, a, b, c, d, up_scale=1.0, down_scale=1.0, s
 
 
 #: On for a block (``with fused_base():``): :class:`~b4m.adapter.layer.PLPLinear` runs a fusable base layer inside
-#: :func:`linear_low_rank`; off (the default), as a node of its own before :func:`low_rank_add`. Off until
-#: bench/speed.py's ``stage1/graphs-1x16-fused`` row has shown on a GPU that it pays (it changes the input gradient's
-#: rounding, so every stored figure would move). Read when a layer runs its forward, so the backward belongs inside
-#: the block too: gradient checkpointing runs the forward again there, and a CUDA graph keeps the way it was captured.
+#: :func:`linear_low_rank`; off (the default), as a node of its own before :func:`low_rank_add`. Kept off: on an
+#: H100 (2026-12-07) bench/speed.py's ``stage1/graphs-1x16-fused`` row's gain was within the spread of the repeats,
+#: and it changes the input gradient's rounding, so every stored figure would move. Read when a layer runs its
+#: forward, so the backward belongs inside the block too: gradient checkpointing runs the forward again there, and a
+#: CUDA graph keeps the way it was captured.
 fused_base = Switch("fused_base")
 
 

@@ -13,6 +13,7 @@ H200's room. Reports per stage: wall seconds, the run's own timings (run.json), 
 
     python bench/flux_pipeline.py --out runs/flux-bench            # JSON to OUT/report.json (and $OUT if set)
     python bench/flux_pipeline.py --out runs/flux-bench --cap-gib 0 --preset low-memory   # no cap, bf16 base
+    python bench/flux_pipeline.py --out runs/flux-bench --cap-gib 0 --preset none --stages content  # the defaults
     python bench/flux_pipeline.py --tiny --out /tmp/flux-bench     # the tiny test pipeline on a CPU (the test's)
 """
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="steps of the content run")
     p.add_argument("--make-steps", type=int, default=5)
-    p.add_argument("--preset", default="low-memory-8bit")
+    p.add_argument("--preset", default="low-memory-8bit", help="none: no preset, the default (auto) speed settings")
     p.add_argument("--cap-gib", type=float, default=23.0, help="CUDA memory cap of every b4m process (0: none)")
     p.add_argument("--aux-steps", type=int, default=4, help="sampler steps of the generated auxiliary sets")
     p.add_argument("--stages", default="content,style,make,generate")
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"\n[train]\nrows_per_forward = {args.rows_per_forward}\n" if args.rows_per_forward else "")
     )
     rank = ["--rank", 4] if args.tiny else []  # the tiny transformer is 16 wide
-    train = ["--resolution", res, "--preset", args.preset, "-c", config, "--overwrite", *rank]
+    preset = [] if args.preset == "none" else ["--preset", args.preset]
+    train = ["--resolution", res, *preset, "-c", config, "--overwrite", *rank]
     data = out / "data"
     commands = {  # the style run's memory is the content run's: it runs 2 steps, for make
         "content": [
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         "make": [
             *("make", "--content", out / "dog", "--style", out / "yarn", "-o", out / "made"),
-            *("--steps", args.make_steps, "--preset", args.preset, "-c", config, "--overwrite"),
+            *("--steps", args.make_steps, *preset, "-c", config, "--overwrite"),
         ],
         "generate": [
             *("generate", out / "made", "a sks dog in zwx style", "-n", 1, "--resolution", res),

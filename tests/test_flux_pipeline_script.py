@@ -26,3 +26,16 @@ def test_the_tiny_flux_pipeline_runs_every_command(tmp_path):
         assert ("peak" in row) == torch.cuda.is_available()  # recorded by the sitecustomize on a GPU only
     assert report["stages"]["content"]["timings_s"]["train"] > 0
     assert len(list((tmp_path / "run" / "images").glob("*.png"))) >= 1
+
+
+def test_the_tiny_flux_pipeline_runs_a_stage_with_the_default_settings(tmp_path):
+    """--preset none runs a stage with no --preset at all: the defaults a user gets (speed auto), as typed."""
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "flux_pipeline.py"), "--tiny", "--out", str(tmp_path / "run")]
+    cmd += ["--steps", "1", "--aux-steps", "2", "--preset", "none", "--stages", "content"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "flux_pipeline.json").read_text())
+    assert list(report["stages"]) == ["content"] and report["stages"]["content"]["finished"]
+    run = json.loads((tmp_path / "run" / "dog" / "run.json").read_text())
+    assert run["config"]["train"]["speed"] == "auto"

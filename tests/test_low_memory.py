@@ -330,17 +330,31 @@ def test_auto_speed_starts_again_without_cuda_graphs_when_their_capture_fails(tm
         train(model, plp, sets_of(model), fixed, tmp_path / "fixed")
 
 
-def test_a_failed_first_step_gives_its_memory_back_before_the_next_plan(tmp_path, monkeypatch):
-    """What a first step that ran out of memory held is freed before the next plan's first step, even what only a
-    reference cycle keeps (frames of the error's traceback can form one): with the garbage collector's automatic
-    turns off, the failed step's tensor is gone when the next plan starts."""
+def two_plans_with_the_collector_off(monkeypatch, model, plp, out):
+    """``train`` over two plans of the same settings ("first", "second"), the garbage collector's automatic turns
+    off throughout (so only what the fallback frees is freed); the result of the plan that finished."""
     import gc
-    import weakref
 
     import b4m.training.loop as loop
 
     config = TrainConfig(steps=1, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
     monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("first", config), ("second", config)])
+    gc.disable()
+    try:
+        with pytest.warns(UserWarning, match="starting again with second"):
+            return train(model, plp, sets_of(model), config, out)
+    finally:
+        gc.enable()
+
+
+def test_a_failed_first_step_gives_its_memory_back_before_the_next_plan(tmp_path, monkeypatch):
+    """What a first step that ran out of memory held is freed before the next plan's first step, even what only a
+    reference cycle keeps (frames of the error's traceback can form one): with the garbage collector's automatic
+    turns off, the failed step's tensor is gone when the next plan starts."""
+    import weakref
+
+    import b4m.training.loop as loop
+
     step, held, alive = loop.train_step, [], []
 
     class Cycle:  # an activation that a reference cycle keeps, as a traceback's frames may
@@ -357,13 +371,7 @@ def test_a_failed_first_step_gives_its_memory_back_before_the_next_plan(tmp_path
         return step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", first_fails)
-    model, plp = attached()
-    gc.disable()
-    try:
-        with pytest.warns(UserWarning, match="starting again with second"):
-            result = train(model, plp, sets_of(model), config, tmp_path / "run")
-    finally:
-        gc.enable()
+    result = two_plans_with_the_collector_off(monkeypatch, *attached(), tmp_path / "run")
     assert result.speed == "second" and alive == [False]
 
 
@@ -385,13 +393,10 @@ def test_a_first_step_that_fails_inside_the_model_leaves_none_of_its_tensors(tmp
     """An out-of-memory error raised inside the first step's real forward (or backward) of the last adapted layer:
     with the garbage collector's automatic turns off, neither that layer's input nor its output is alive when the
     next plan's first step starts (the error's traceback holds them only until the fallback has handled it)."""
-    import gc
     import weakref
 
     import b4m.training.loop as loop
 
-    config = TrainConfig(steps=1, lr=1e-3, routing="clean", owned="up", grad_accum=1, checkpoint_every=1)
-    monkeypatch.setattr(loop, "speed_plans", lambda c, d: [("first", config), ("second", config)])
     model, plp = attached()
     last = [m for m in model.denoiser.modules() if isinstance(m, PLPLinear)][-1]
     held, alive = [], []
@@ -414,10 +419,5 @@ def test_a_first_step_that_fails_inside_the_model_leaves_none_of_its_tensors(tmp
 
     monkeypatch.setattr(PLPLinear, "forward", failing_forward)
     monkeypatch.setattr(loop, "train_step", next_plan)
-    gc.disable()
-    try:
-        with pytest.warns(UserWarning, match="starting again with second"):
-            result = train(model, plp, sets_of(model), config, tmp_path / "run")
-    finally:
-        gc.enable()
+    result = two_plans_with_the_collector_off(monkeypatch, model, plp, tmp_path / "run")
     assert result.speed == "second" and alive == [[False, False]]

@@ -290,12 +290,9 @@ def train(
 
 def memory_advice(config: TrainConfig) -> str:
     """What to try after the first step of ``config`` ran out of GPU memory, the lightest change first."""
-    if (
-        config.speed != "auto" and not config.gradient_checkpointing
-    ):  # a preset or given settings: auto would fall back
-        return "leave the speed settings to b4m (no --preset fast), or use --preset low-memory"
-    if not config.gradient_checkpointing:
-        return "use --preset low-memory"
+    if not config.gradient_checkpointing:  # with a preset or given settings, auto would have fallen back
+        auto = "leave the speed settings to b4m (no --preset fast), or " if config.speed != "auto" else ""
+        return f"{auto}use --preset low-memory"
     if config.rows_per_forward != 1:
         return "set train.rows_per_forward = 1, or use --preset low-memory-8bit (8-bit base weights)"
     return (

@@ -63,7 +63,7 @@ from b4m.models.flux import TRAIN_GUIDANCE, FluxModel
 from b4m.models.flux2 import Flux2KleinModel
 from b4m.runs.config import preset_settings
 from b4m.training.config import TrainConfig, folded, resolve_precision
-from b4m.training.loop import graphed_micro_step, make_optimizer, train_step
+from b4m.training.loop import graphed_micro_step, make_optimizer, release_memory, train_step
 from b4m.training.sets import TrainSet
 from b4m.training.speed import enable_gradient_checkpointing, speed_plans
 
@@ -204,14 +204,26 @@ class Bench:
         return {"ms_all": ms, **peak, "flops": flops, "warmup_s": first}
 
     def attempt(self, plans: list[tuple[str, Callable[[], dict]]]) -> dict:
-        """The first plan that fits in memory; the ones that ran out are listed, and the GPU memory allocated and
-        reserved when each plan started (GiB): memory a failed plan left behind would show there."""
-        oom, held = [], []
+        """The first plan that fits in memory, with ``train()``'s fallback (a failed plan's gradients dropped, then
+        :func:`release_memory`); the ones that ran out are listed, and the GPU memory allocated and reserved (GiB)
+        when each plan started and, after a failed one, before the release: memory a failed plan left behind, and
+        what the release gave back, show there."""
+        oom, held, left = [], [], []
+
+        def gib() -> list[float]:
+            return [torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30]
+
         for label, run in plans:
             if self.device.type == "cuda":
-                held.append([torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30])
+                held.append(gib())
             try:
-                return {**run(), "plan": label, "out_of_memory": oom, "held_gib_at_plans": held}
+                row = {
+                    "plan": label,
+                    "out_of_memory": oom,
+                    "held_gib_at_plans": held,
+                    "held_gib_after_failed_plans": left,
+                }
+                return {**run(), **row}
             except Exception as e:  # CUDA graph capture wraps it in a B4MError
                 if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
                     raise
@@ -219,12 +231,16 @@ class Bench:
             finally:
                 for p in self.denoiser.parameters():
                     p.grad = None
-                reset_peak(self.device)
+            if self.device.type == "cuda":
+                left.append(gib())
+            release_memory(self.device)
+            reset_peak(self.device)
         return {
             "plan": None,
             "out_of_memory": oom,
             "error": "out of memory with every plan",
             "held_gib_at_plans": held,
+            "held_gib_after_failed_plans": left,
         }
 
     def plain(self, res: int, fp32: bool) -> dict:

@@ -73,7 +73,7 @@ b4m_choice() {  # b4m_choice FILE: B4M's chosen lr and steps, "LR STEPS"
 }
 case $phase in
   grid|grid-wide)  # grid-wide: the three 600-step configurations of docs/benchmarks.md, "A wider grid"
-    cfgs="1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300"; [ "$phase" = grid-wide ] && cfgs="5e-4:600 1e-3:600 2e-3:600"
+    cfgs="1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300"; [ "$phase" = grid-wide ] && cfgs="1e-3:600 2e-3:600 5e-4:600"
     for cfg in $cfgs; do
       lr=${cfg%:*}; st=${cfg#*:}
       [ -d "bench/results/world-v2/dev-grid/lr$lr-s$st" ] && continue

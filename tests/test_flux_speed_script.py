@@ -96,6 +96,7 @@ def test_a_plan_that_runs_out_of_memory_gives_way_to_the_next():
         "out_of_memory": ["a"],
         "error": "out of memory with every plan",
         "held_gib_at_plans": [],  # on a GPU: allocated and reserved GiB as each plan starts
+        "held_gib_after_failed_plans": [],  # …and after a failed one, before its memory is released
     }
     with pytest.raises(B4MError, match="stream is capturing"):
         bench.attempt(

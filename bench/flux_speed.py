@@ -63,7 +63,7 @@ from b4m.models.flux import TRAIN_GUIDANCE, FluxModel
 from b4m.models.flux2 import Flux2KleinModel
 from b4m.runs.config import preset_settings
 from b4m.training.config import TrainConfig, folded, resolve_precision
-from b4m.training.loop import graphed_micro_step, make_optimizer, release_memory, train_step
+from b4m.training.loop import graphed_micro_step, make_optimizer, train_step
 from b4m.training.sets import TrainSet
 from b4m.training.speed import enable_gradient_checkpointing, speed_plans
 
@@ -204,10 +204,10 @@ class Bench:
         return {"ms_all": ms, **peak, "flops": flops, "warmup_s": first}
 
     def attempt(self, plans: list[tuple[str, Callable[[], dict]]]) -> dict:
-        """The first plan that fits in memory, with ``train()``'s fallback (a failed plan's gradients dropped, then
-        :func:`release_memory`); the ones that ran out are listed, and the GPU memory allocated and reserved (GiB)
-        when each plan started and, after a failed one, before the release: memory a failed plan left behind, and
-        what the release gave back, show there."""
+        """The first plan that fits in memory, with ``train()``'s fallback (a failed plan's gradients dropped, then a
+        full collection and the CUDA cache emptied, in :func:`reset_peak`); the ones that ran out are listed, and the
+        GPU memory allocated and reserved (GiB) when each plan started and, after a failed one, before the release:
+        memory a failed plan left behind, and what the release gave back, show there."""
         oom, held, left = [], [], []
 
         def gib() -> list[float]:
@@ -233,7 +233,6 @@ class Bench:
                     p.grad = None
             if self.device.type == "cuda":
                 left.append(gib())
-            release_memory(self.device)
             reset_peak(self.device)
         return {
             "plan": None,

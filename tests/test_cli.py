@@ -157,6 +157,12 @@ def test_help_shows_square_brackets_as_written(command):
     assert "pip install 'b4m[lowmem]'" in help_lines(command)["--base-weights"]
 
 
+@pytest.mark.parametrize("command", ["content", "generate", "run", "ui"])
+def test_help_names_flux2_klein_as_written(command):
+    """The options written by hand in the CLI (not from a setting) went through rich markup unescaped."""
+    assert "FLUX.2 [klein] transformer" in help_lines(command)["--transformer"]
+
+
 def test_help_defaults_follow_the_stage_defaults(monkeypatch):
     """The defaults in the help are read from the stage's config, not written beside the flags."""
     from b4m.cli.options import settings_of

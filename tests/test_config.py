@@ -39,7 +39,17 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(B4MError, match="bad.toml: unknown key\\(s\\) in \\[train\\]: step"):
         load_config(path, {})
     path.write_text("modle = 'x'\n")
-    with pytest.raises(B4MError, match="bad.toml: unknown key\\(s\\) modle"):
+    with pytest.raises(B4MError, match="bad.toml: unknown key\\(s\\) modle \\(did you mean model\\?\\)$"):
+        load_config(path, {})
+    path.write_text("steps = 3\n")  # every flag has a key, but a loop setting lives in [train]
+    with pytest.raises(
+        B4MError, match=r"unknown key\(s\) steps \(it goes in \[train\], \[validation\] or \[auto_aux\]\)$"
+    ):
+        load_config(path, {})
+    path.write_text("[train]\nrank = 4\nstpes = 3\n")
+    with pytest.raises(
+        B4MError, match=r"in \[train\]: rank \(it goes in \[adapter\]\), stpes \(did you mean steps\?\)$"
+    ):
         load_config(path, {})
     path.write_text("model = \n")
     with pytest.raises(B4MError, match="bad.toml: not valid TOML"):

@@ -203,6 +203,7 @@ def test_caption_file_wins_over_prompt(tmp_path: Path):
     (tmp_path / "c.txt").write_text("  \n")  # empty: falls back to the prompt
     s, warned = load(tmp_path, prompt=" a photo of sks dog ")
     assert s.captions == ["a photo of sks dog on grass", "a photo of sks dog", "a photo of sks dog"]
+    assert s.own_captions == 1  # the empty c.txt does not count
     assert warned == []
 
 

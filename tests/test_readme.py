@@ -83,3 +83,26 @@ def test_the_world_runs_of_the_readme_use_the_worlds_defaults(stage):
     assert result.exit_code == 0, result.output
     steps = next(line for line in result.output.splitlines() if line.startswith("steps ="))
     assert steps.split("#")[1].strip() == "world model" and int(steps.split("=")[1].split("#")[0]) < 100
+
+
+def python_blocks() -> list[str]:
+    """The README's Python blocks under "### Python", in order."""
+    text = README.read_text()
+    section = text[text.index("### Python") : text.index("## Documentation")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("B4M_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["world", "render", "--content", "teapot", "--style", "brick", "-o", "refs"])
+    assert result.exit_code == 0, result.output
+    first, second = python_blocks()
+    steps = "config.train.steps, config.make.steps = 90, 80"
+    assert steps in first  # the only change the test makes: fewer steps
+    scope: dict = {}
+    exec(first.replace(steps, "config.train.steps, config.make.steps = 3, 2"), scope)
+    assert len(scope["images"]) == 2 and scope["images"][0].size == (32, 32)
+    exec(second, scope)
+    assert load_adapter("teapot_brick.b4m.safetensors").role == "fused"
+    assert load_lora("teapot_brick.safetensors")[0]

@@ -210,6 +210,34 @@ def test_bad_input_fails_before_the_model_loads(world, tmp_path):
         run_break("content", cfg)
 
 
+def test_a_prompt_that_captions_no_image_is_said_before_the_model_loads(tmp_path):
+    """Every image with its own .txt caption (kohya's rule: the file wins): --prompt only names validation images."""
+    from rich.console import Console
+
+    images = tmp_path / "dog"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (200, 50 * i, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a photo of sks dog, view {i}")
+    given = {
+        "model": str(tmp_path / "no-model"),
+        "images": str(images),
+        "prompt": "a sks dog",
+        "output": str(tmp_path / "o"),
+    }
+    console = Console(record=True, width=400)
+    with pytest.raises(B4MError, match="no-model"):
+        run_break("content", load_config(None, given), console=console)
+    assert "every content image has its own .txt caption: --prompt 'a sks dog' captions none of them" in (
+        console.export_text()
+    )
+    (images / "1.txt").unlink()  # one image takes the prompt: nothing to say
+    console = Console(record=True, width=400)
+    with pytest.raises(B4MError, match="no-model"):
+        run_break("content", load_config(None, given), console=console)
+    assert "captions none" not in console.export_text()
+
+
 def test_make_names_what_differs(world, tmp_path):
     for name, rank in (("c", 4), ("s", 8)):
         role = "content" if name == "c" else "style"

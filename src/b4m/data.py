@@ -58,6 +58,7 @@ class ImageSet:
         images: RGB images, each resolution x resolution.
         captions: One caption per image.
         files: The file each image came from.
+        own_captions: How many captions came from the images' own ``.txt`` files (the rest are the prompt).
     """
 
     name: str
@@ -65,6 +66,7 @@ class ImageSet:
     images: list[Image.Image]
     captions: list[str]
     files: list[Path]
+    own_captions: int = 0
 
     def __post_init__(self) -> None:
         if not len(self.images) == len(self.captions) == len(self.files):
@@ -191,20 +193,22 @@ def _load_set(
     folder = _existing_folder(folder)
     prompt = _clean(prompt) if prompt is not None else None
     candidates = _candidate_files(folder)
-    images, captions, files = [], [], []
+    images, captions, files, own = [], [], [], 0
     for path in candidates:
         image = _load_image(path, resolution, warn)
         if image is None:
             continue
         images.append(image)
-        captions.append(_caption(path, prompt, prompt_hint))
+        caption, from_file = _caption(path, prompt, prompt_hint)
+        captions.append(caption)
         files.append(path)
+        own += from_file
     if not images:
         raise B4MError(f"{folder}: no usable images ({len(candidates)} files skipped, see the warnings)")
     name = name or folder.resolve().name or str(folder)
     if placeholder:
         _check_placeholder(name, placeholder, captions, files, warn)
-    return ImageSet(name=name, folder=folder, images=images, captions=captions, files=files)
+    return ImageSet(name=name, folder=folder, images=images, captions=captions, files=files, own_captions=own)
 
 
 def _existing_folder(folder: str | os.PathLike) -> Path:
@@ -249,14 +253,16 @@ def _read_text(path: Path) -> str | None:
     return _clean(text) or None
 
 
-def _caption(image_path: Path, prompt: str | None, prompt_hint: str) -> str:
-    """The image's own non-empty ``.txt`` caption, else ``prompt``; a B4MError naming the image if neither exists."""
+def _caption(image_path: Path, prompt: str | None, prompt_hint: str) -> tuple[str, bool]:
+    """The image's own non-empty ``.txt`` caption (and True), else ``prompt`` (and False); a B4MError naming the
+    image if neither exists."""
     caption_file = image_path.with_suffix(".txt")
     caption = _read_text(caption_file) if caption_file.is_file() else None
-    caption = caption or prompt
-    if caption is None:
+    if caption is not None:
+        return caption, True
+    if prompt is None:
         raise B4MError(f"{image_path}: no caption; add {caption_file.name} beside it, {prompt_hint}")
-    return caption
+    return prompt, False
 
 
 def _check_placeholder(name: str, placeholder: str, captions: list[str], files: list[Path], warn: Warn) -> None:

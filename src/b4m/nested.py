@@ -40,3 +40,20 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(t, {})
         node[leaf] = value
     return out
+
+
+def key_hints(keys: list[str], known: set[str], tables: dict[str, set[str]] | None = None) -> str:
+    """Unknown config keys for an error message, each with a hint where one is found: the table that has it
+    (``steps (it goes in [train])``) or the nearest known key (``stpes (did you mean steps?)``)."""
+    import difflib
+
+    hints = []
+    for key in keys:
+        homes = [f"[{name}]" for name, fields in (tables or {}).items() if key in fields]
+        if homes:
+            where = homes[0] if len(homes) == 1 else f"{', '.join(homes[:-1])} or {homes[-1]}"
+            hints.append(f"{key} (it goes in {where})")
+            continue
+        near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        hints.append(f"{key} (did you mean {near[0]}?)" if near else key)
+    return ", ".join(hints)

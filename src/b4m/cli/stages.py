@@ -154,7 +154,7 @@ def generate(
     transformer: Annotated[
         str | None,
         typer.Option(
-            help="A FLUX.1 or FLUX.2 [klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
+            help="A FLUX.1 or FLUX.2 \\[klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
             "replaces the transformer of --model, a diffusers FLUX folder or Hub id (default: the run's).",
             show_default=False,
         ),
@@ -281,12 +281,17 @@ def run(
     transformer: Annotated[
         str | None,
         typer.Option(
-            help="A FLUX.1 or FLUX.2 [klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
+            help="A FLUX.1 or FLUX.2 \\[klein] transformer .safetensors file (BFL/ComfyUI or diffusers names) that "
             "replaces the transformer of --model, then a diffusers FLUX folder or Hub id.",
             show_default=False,
         ),
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="fast or low-memory, for every stage.")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="fast, low-memory or low-memory-8bit, for every stage (b4m content --help says what each sets)."
+        ),
+    ] = None,
     resolution: Annotated[
         int | None, typer.Option(help="Training resolution (default: the model's, at most 512).")
     ] = None,

@@ -20,7 +20,7 @@ def ui(
     ] = "world",
     transformer: Annotated[
         str | None,
-        typer.Option(help="A FLUX.1 or FLUX.2 [klein] transformer .safetensors file that replaces --model's own."),
+        typer.Option(help="A FLUX.1 or FLUX.2 \\[klein] transformer .safetensors file that replaces --model's own."),
     ] = None,
     preset: Annotated[
         str | None, typer.Option(help="Preset of every training run: fast, low-memory or low-memory-8bit.")

@@ -38,7 +38,7 @@ from ..adapter.config import PLPConfig
 from ..errors import B4MError
 from ..lora_files.formats import FORMATS, check_dtype_name
 from ..method.config import MakeConfig
-from ..nested import deep_merge, flatten, nest
+from ..nested import deep_merge, flatten, key_hints, nest
 from ..settings import setting
 from ..training.config import TrainConfig
 from ..training.speed import SPEED_KEYS
@@ -184,7 +184,13 @@ class StageConfig:
     images: str = setting(
         "", "Folder of training images (+ optional same-name .txt).", flag="--images", commands=_BREAK
     )
-    prompt: str = setting("", "Caption of the images, with the placeholder token.", flag="--prompt", commands=_BREAK)
+    prompt: str = setting(
+        "",
+        "The concept's prompt, with the placeholder token: the caption of each image without its own .txt caption, "
+        "and the validation images' prompt.",
+        flag="--prompt",
+        commands=_BREAK,
+    )
     output: str = setting("", "Run folder.", flag="--output", short="-o", commands=_STAGES)
     aux: str | None = setting(
         None, "Folder of folders, one per auxiliary set.", flag="--aux", commands=_BREAK, unset="generated"
@@ -250,8 +256,9 @@ def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
     is not ``None``, are errors that name the key."""
     top = {f.name for f in dataclasses.fields(StageConfig)} - set(_TABLES)
     unknown = sorted(set(data) - top - set(_TABLES))
+    fields_of = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in _TABLES.items()}
     if unknown:
-        raise B4MError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        raise B4MError(f"{source}: unknown key(s) {key_hints(unknown, top | set(_TABLES), fields_of)}")
     kwargs = {k: v for k, v in data.items() if k in top}
     _refuse_none(StageConfig, kwargs, source)
     _check_types(StageConfig, kwargs, source)
@@ -259,10 +266,10 @@ def build_config(data: dict[str, Any], source: str = "config") -> StageConfig:
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise B4MError(f"{source}: [{name}] must be a table")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(table) - fields)
+        bad = sorted(set(table) - fields_of[name])
         if bad:
-            raise B4MError(f"{source}: unknown key(s) in [{name}]: {', '.join(bad)}")
+            others = {other: fields for other, fields in fields_of.items() if other != name}
+            raise B4MError(f"{source}: unknown key(s) in [{name}]: {key_hints(bad, fields_of[name], others)}")
         if name == "export" and isinstance(table.get("formats"), str):  # formats = "kohya": one format
             table = {**table, "formats": [table["formats"]]}
         _refuse_none(cls, table, source, f"{name}.")

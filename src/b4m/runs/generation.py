@@ -106,7 +106,10 @@ def generate(
     if steps is not None and steps < 1:
         raise B4MError(f"steps must be at least 1, got {steps}")
     if not prompts:
-        raise B4MError("no prompt given")
+        raise B4MError(
+            'no prompt given, e.g. b4m generate RUN "a sks dog in zwx style" with the run\'s placeholders '
+            "(b4m inspect RUN/fused.b4m.safetensors shows them as trigger words)"
+        )
     require_quantization(base_weights)  # an unknown value, or torchao missing: before any file or weight loads
     check_output(output, folder=True)
     out = Path(output)

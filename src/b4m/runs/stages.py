@@ -176,6 +176,12 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
     check_res = cfg.resolution or 16
     main_set = load_image_set(cfg.images, cfg.prompt, check_res, name=role, placeholder=cfg.placeholder, warn=warn)
     aux_sets = load_aux_sets(cfg.aux, check_res, warn=warn) if cfg.aux else None
+    if main_set.own_captions == len(main_set):  # kohya's rule: a caption file wins over the prompt
+        say(
+            console,
+            f"every {role} image has its own .txt caption: --prompt {cfg.prompt!r} captions none of them; it is the "
+            "validation images' prompt and the adapter's recorded prompt",
+        )
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
     check_before_loading(cfg.model, cfg.resolution, out, cfg.adapter)

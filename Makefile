@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch that lies on this project's machines. GPU users: see README ("Installing on a GPU machine").
+# The CPU build of torch that lies on this project's machines. GPU users: see README ("Install").
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 

@@ -47,6 +47,9 @@ def test_demo_runs_end_to_end(demo):
     below = [k for k, m in means.items() if m < report["bars"][k]]
     assert report["passed"] == (not below) and ("did not pass" in output) is bool(below), (below, means)
     page = (out / "report.html").read_text()
+    # A pair below the bars says why a first run may show it (the pair is fixed by a rule; docs/world.md's share).
+    assert ("not chosen among pairs that pass" in " ".join(output.split())) is bool(below)
+    assert ("not chosen among pairs that pass" in page) is bool(below)
     assert page.count("data:image/png;base64,") == 2 + 2  # the two reference sets, then every image
     assert report["prompts"][0] in page and page.count("content ✓") + page.count("content ✗") == 2  # its scores
     assert "B4M" in output and "report.html" in output

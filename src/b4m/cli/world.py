@@ -192,7 +192,7 @@ def demo(
 ) -> None:
     """B4M end to end on the built-in world: references, content, style, make, generate, scores (a few CPU minutes)."""
     from ..report import interval_text
-    from ..world.demo import DemoConfig, run_world_demo
+    from ..world.demo import NOT_PASSED_NOTE, DemoConfig, run_world_demo
     from ..world.tasks import METRICS
 
     config = DemoConfig(
@@ -219,6 +219,8 @@ def demo(
     verdict = "[green]passed[/]" if report["passed"] else "[red]did not pass[/]"
     bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in report["bars"].items())
     console.print(f"B4M {verdict} the bars ({bars}); {report['seconds']['total']:.0f} s", highlight=False)
+    if not report["passed"]:
+        console.print(NOT_PASSED_NOTE, highlight=False, markup=False, soft_wrap=True)
     console.print(f"report: {output / 'report.html'}", highlight=False)
     made, prompt = report["runs"]["make"], report["prompts"][0]
     console.print(

@@ -56,6 +56,12 @@ from .tasks import METRICS, TaskConfig, make_task, score_images
 
 #: The demo's pass marks: B4M's images must reach these accuracies.
 BARS = {"content": 0.60, "style": 0.60, "prompt": 0.80}
+#: Said after a pair that did not pass, so that a first run's red line is read as what it is.
+NOT_PASSED_NOTE = (
+    "The demo's pair is fixed by a rule (the first test pair in catalog order), not chosen among pairs that pass; "
+    "docs/world.md gives the share of test pairs that pass at these settings. Try another pair with --content and "
+    "--style."
+)
 BINARY = {"content", "style", "content_leak", "style_leak"}
 #: Folder names of the generated images, by method.
 METHODS = {"B4M": "b4m", "base model, no adapter": "base"}
@@ -224,6 +230,8 @@ def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
     verdict = "passed" if report["passed"] else "did not pass"
     bars = ", ".join(f"{k} ≥ {v:.2f}" for k, v in BARS.items())
     parts.append(f"</table><p>B4M {verdict} the bars ({bars}).</p>")
+    if not report["passed"]:
+        parts.append(f"<p>{esc(NOT_PASSED_NOTE)}</p>")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts))
 

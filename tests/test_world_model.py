@@ -411,3 +411,6 @@ def test_the_world_names_its_unknown_words_and_generates_aux_sets_in_its_own_wor
         check_words(model, "ohwx", [image_set], seen.append)
     check_words(model, "sks", [image_set], seen.append)
     assert seen == ["dog: the captions use words world does not know, all read as one unknown token: photo"]
+    seen.clear()
+    check_words(model, "dog", [], seen.append)  # a catalog word: allowed, said
+    assert len(seen) == 1 and seen[0].startswith("placeholder 'dog': a word world already knows")

@@ -85,6 +85,11 @@ def check_words(model: DiffusionModel, placeholder: str | None, sets: list[Image
     if placeholder and model.unknown_words(placeholder):
         hint = f"; its placeholders: {', '.join(model.placeholders)}" if model.placeholders else ""
         raise B4MError(f"placeholder {placeholder!r}: not a word of {model.identity}'s vocabulary{hint}")
+    if placeholder and model.placeholders and placeholder not in model.placeholders:
+        warn(
+            f"placeholder {placeholder!r}: a word {model.identity} already knows, so the run trains over its meaning; "
+            f"its free placeholders: {', '.join(model.placeholders)}"
+        )
     for image_set in sets:
         unknown = list(dict.fromkeys(w for c in image_set.captions for w in model.unknown_words(c)))
         if unknown:

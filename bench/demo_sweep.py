@@ -33,25 +33,29 @@ from b4m.world.demo import BARS
 KEYS = ("content", "style", "prompt", "content_leak", "style_leak")
 
 
-def one(job: tuple[dict, str, str]) -> dict:
+def one(job: tuple[dict, str, str, list[dict]]) -> list[dict]:
+    """One training of the pair at ``settings``, scored under each generation setting (the first as the demo does,
+    the others by :func:`b4m.world.demo.score_again` on the same made adapter): one row each."""
     import torch
 
-    from b4m.world.demo import DemoConfig, run_world_demo
+    from b4m.world.demo import DemoConfig, run_world_demo, score_again
 
-    settings, content, style = job
+    settings, content, style, generations = job
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # rows of several calls may merge
+    rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        config = DemoConfig(content=content, style=style, baseline=False, mixed_precision="no", **settings)
-        report = run_world_demo(tmp, config)
-    means = {k: report["metrics"]["B4M"][k]["mean"] for k in KEYS}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # rows of several calls may merge
-    return {
-        "settings": settings,
-        "pair": f"{content}:{style}",
-        **means,
-        "seconds": time.perf_counter() - t0,
-        "device": device,
-    }
+        for i, generation in enumerate(generations):
+            config = DemoConfig(
+                content=content, style=style, baseline=False, mixed_precision="no", **settings, **generation
+            )
+            per_image = run_world_demo(tmp, config)["per_image"]["B4M"] if i == 0 else score_again(tmp, config)
+            means = {k: float(np.mean(per_image[k])) for k in KEYS}
+            seconds = time.perf_counter() - t0  # the first row's includes the training
+            rows.append({"settings": {**settings, **generation}, "pair": f"{content}:{style}", **means})
+            rows[-1].update(seconds=seconds, device=device)
+            t0 = time.perf_counter()
+    return rows
 
 
 def _threads(n: int) -> None:
@@ -80,12 +84,22 @@ def main(argv=None) -> Path | None:
     p.add_argument("--pick", type=Path, help="a dev sweep's JSON: print the settings it chose, run nothing")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
+    p.add_argument(
+        "--generation",
+        default="[{}]",
+        help="JSON list of generation-only DemoConfig overrides (content_scale, style_scale, guidance_scale), each "
+        "scored on the same training of every settings × pair: a summary row per settings × generation",
+    )
     args = p.parse_args(argv)
     if args.pick:
         print(json.dumps([pick(json.loads(args.pick.read_text())["summary"])]))
         return None
     if args.out is None or args.settings is None:
         p.error("--out and --settings are required (or --pick)")
+    generations = json.loads(args.generation)
+    allowed = {"content_scale", "style_scale", "guidance_scale"}
+    if not generations or any(set(g) - allowed for g in generations):
+        p.error(f"--generation: a non-empty JSON list of objects with keys among {', '.join(sorted(allowed))}")
     settings = json.loads(args.settings)
     split = BenchConfig(split=args.split)
     pairs = (
@@ -93,7 +107,7 @@ def main(argv=None) -> Path | None:
         if args.pairs
         else list(itertools.product(split.contents, split.styles))
     )
-    jobs = [(s, c, st) for s in settings for c, st in pairs]
+    jobs = [(s, c, st, generations) for s in settings for c, st in pairs]
     t0 = time.perf_counter()
     partial = args.out.with_suffix(".jsonl")  # finished runs, one per line: a second call runs only the others
     rows, done = [], set()
@@ -103,18 +117,23 @@ def main(argv=None) -> Path | None:
         if key not in done:
             rows.append(row)
             done.add(key)
-    todo = [j for j in jobs if (json.dumps(j[0], sort_keys=True), f"{j[1]}:{j[2]}") not in done]
+    todo = [
+        j
+        for j in jobs
+        if any((json.dumps({**j[0], **g}, sort_keys=True), f"{j[1]}:{j[2]}") not in done for g in generations)
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     pool = cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_threads, initargs=(args.threads,))
     with pool, open(partial, "a") as log:
-        for row in pool.map(one, todo):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            log.write(json.dumps(row) + "\n")
+        for job_rows in pool.map(one, todo):
+            for row in job_rows:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                log.write(json.dumps(row) + "\n")
             log.flush()
     summary = []
-    for s in settings:
+    for s in [{**s, **g} for s in settings for g in generations]:
         mine = [r for r in rows if r["settings"] == s]
         passed = sum(all(r[k] >= v for k, v in BARS.items()) for r in mine)
         summary.append(

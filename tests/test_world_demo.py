@@ -147,3 +147,21 @@ def test_score_lists_what_it_cannot_score(tmp_path):
     assert "x.png: no world prompt" in result.output and "y.png: no world prompt" in result.output
     result = runner.invoke(app, ["world", "score", str(tmp_path), "--content", "unicorn", "--style", "brick"])
     assert "unicorn" in str(result.exception)
+
+
+def test_a_finished_demo_scores_again_as_it_did_and_under_other_scales(demo):
+    """bench/demo_sweep.py's generation settings: the made adapter scored again without training (the same images
+    at the demo's own settings; the halves scaled otherwise)."""
+    import dataclasses
+
+    from b4m.world.demo import DemoConfig, score_again
+
+    out, _ = demo
+    report = json.loads((out / "report.json").read_text())
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    config = DemoConfig(**{k: v for k, v in report["config"].items() if k in names})
+    assert score_again(out, config) == report["per_image"]["B4M"]
+    off = score_again(out, dataclasses.replace(config, content_scale=0.0, style_scale=0.0))
+    assert off.keys() == report["per_image"]["B4M"].keys() and len(off["content"]) == len(
+        report["per_image"]["B4M"]["content"]
+    )

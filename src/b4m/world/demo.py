@@ -84,6 +84,8 @@ class DemoConfig:
     prompts: int = 4
     sample_steps: int = 25
     guidance_scale: float | None = None  # None: the model's default
+    content_scale: float = 1.0  # generation-time multipliers of the made adapter's content and style halves
+    style_scale: float = 1.0
     seed: int = 0
     baseline: bool = True  # also score the base model with the same prompts and no adapter
     mixed_precision: str = "auto"  # bf16 on a GPU that has it; "no" runs fp32 everywhere, as on a CPU
@@ -236,6 +238,41 @@ def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
         tmp.write_text("\n".join(parts))
 
 
+def _request(model, task, config: DemoConfig) -> SampleRequest:
+    """The demo's images: every prompt of ``task`` at every seed, at the config's (or the model's) guidance."""
+    guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
+    return SampleRequest(task.prompts, list(config.seeds), steps=config.sample_steps, guidance_scale=guidance)
+
+
+def _sample_made(model, made_file: Path, request: SampleRequest, config: DemoConfig) -> np.ndarray:
+    """Images of the made adapter, merged, with its halves scaled by the config's content and style scales."""
+    factors = load_adapter(made_file).factors(content_scale=config.content_scale, style_scale=config.style_scale)
+    with applied(model.denoiser, factors):
+        return model.sample_arrays(request)
+
+
+def score_again(out: str | Path, config: DemoConfig, model=None, oracle=None) -> dict[str, list[float]]:
+    """B4M's per-image scores of a finished demo folder's made adapter (``out``/made) under ``config``'s generation
+    settings (its scales, guidance, seeds, prompts, sampler steps), with no training: a sweep of generation
+    settings over one training. ``config``'s pair and seed must be the demo's that wrote ``out``."""
+    from ..device import default_device
+    from ..loading import load_model
+    from .weights import load_shipped_oracle
+
+    device = default_device()
+    model = model or load_model("world", device=device)
+    task = make_task(
+        default_catalog(),
+        config.content,
+        config.style,
+        model.resolution,
+        TaskConfig(prompts=config.prompts, seed=config.seed),
+    )
+    arrays = _sample_made(model, Path(out) / "made" / ADAPTER_NAMES["fused"], _request(model, task, config), config)
+    oracle = oracle or load_shipped_oracle("a", device=device)
+    return score_images(oracle, arrays, [s for s in task.scenes for _ in config.seeds], task)
+
+
 def _run_info(summary: dict) -> dict:
     train = summary.get("train") or {}
     return {**train, "final_loss": summary.get("final_loss"), "adapter": summary["adapter"]}
@@ -283,16 +320,13 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
     stages.start("make", f"make: {config.make_steps} steps into {out / 'made'}")
     runs["make"] = run_make(cfgs["make"], overwrite=True, console=console)
 
-    guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
-    request = SampleRequest(task.prompts, list(config.seeds), steps=config.sample_steps, guidance_scale=guidance)
+    request = _request(model, task, config)
+    guidance = request.guidance_scale
     methods = [m for m in METHODS if config.baseline or m == "B4M"]
     count = len(task.prompts) * len(config.seeds)
     stages.start("generate", f"generating {count} images each ({', '.join(methods)}), {config.sample_steps} steps")
     made_file = out / "made" / ADAPTER_NAMES["fused"]
-    made = load_adapter(made_file)
-    generated: dict[str, np.ndarray] = {}
-    with applied(model.denoiser, made.factors()):
-        generated["B4M"] = model.sample_arrays(request)
+    generated: dict[str, np.ndarray] = {"B4M": _sample_made(model, made_file, request, config)}
     if config.baseline:
         generated["base model, no adapter"] = model.sample_arrays(request)
     scenes = [parse_prompt(p, catalog) for p in task.prompts]

@@ -38,18 +38,27 @@ def one(job: tuple[dict, str, str, list[dict]]) -> list[dict]:
     the others by :func:`b4m.world.demo.score_again` on the same made adapter): one row each."""
     import torch
 
+    from b4m.device import default_device
+    from b4m.loading import load_model
     from b4m.world.demo import DemoConfig, run_world_demo, score_again
+    from b4m.world.weights import load_shipped_oracle
 
     settings, content, style, generations = job
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # rows of several calls may merge
-    rows = []
+    rows, model, oracle = [], None, None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i, generation in enumerate(generations):
             config = DemoConfig(
                 content=content, style=style, baseline=False, mixed_precision="no", **settings, **generation
             )
-            per_image = run_world_demo(tmp, config)["per_image"]["B4M"] if i == 0 else score_again(tmp, config)
+            if i == 0:
+                per_image = run_world_demo(tmp, config)["per_image"]["B4M"]
+            else:  # the model and the oracle loaded once for the job's further settings
+                if model is None:
+                    model = load_model("world", device=default_device())
+                    oracle = load_shipped_oracle("a", device=default_device())
+                per_image = score_again(tmp, config, model=model, oracle=oracle)
             means = {k: float(np.mean(per_image[k])) for k in KEYS}
             seconds = time.perf_counter() - t0  # the first row's includes the training
             rows.append({"settings": {**settings, **generation}, "pair": f"{content}:{style}", **means})

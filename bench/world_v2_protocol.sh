@@ -8,6 +8,7 @@
 #   bash bench/world_v2_protocol.sh levers   # B4M's content-fidelity leads, on dev at B4M's chosen configuration
 #   bash bench/world_v2_protocol.sh levers 1   # the levers again at dev seed 1 (docs/benchmarks.md, "Dev at fresh seeds")
 #   bash bench/world_v2_protocol.sh make-levers 1  # more make against the bench's make 100, on dev at seed 1 (then 0)
+#   bash bench/world_v2_protocol.sh uplr-levers 1  # the content half at 2x and 4x the lr, on dev at seed 1 (then 0)
 #   bash bench/world_v2_protocol.sh dev-seeds  # every method at its dev choice on dev at seeds 1 and 2 (diagnostic)
 #   bash bench/world_v2_protocol.sh test 0   # every method at its dev choice on the test split, seed 0 (then 1)
 #   bash bench/world_v2_protocol.sh demo     # the demo's lr chosen on dev at its step counts; its test-pair share
@@ -21,7 +22,7 @@
 # scratch folders; without the stage-1 adapters when the file would pass the tool's 16 MiB, which --resume then trains
 # again).
 set -u
-phase=${1:?grid, grid-wide, levers [SEED], make-levers SEED, dev-seeds, test SEED or demo}
+phase=${1:?grid, grid-wide, levers [SEED], make-levers SEED, uplr-levers SEED, dev-seeds, test SEED or demo}
 START=${START:-$(date +%s)}; LIMIT=${LIMIT:-555}; WORKERS=${WORKERS:-6}
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 [ -f .carry/runs.tgz ] && [ -z "$(ls -d runs/grid runs/levers* runs/make-levers* runs/dev-seed* runs/test-seed* 2>/dev/null)" ] && tar xzf .carry/runs.tgz
@@ -97,6 +98,12 @@ case $phase in
     seed=${2:?seed}; d=runs/make-levers-seed$seed
     chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-make200,b4m-make-lr2e-3 \
+      && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
+  uplr-levers)  # uplr-levers SEED: the content half (B) at 2x and 4x the lr in the break runs (LoRA+'s ratio),
+    # against the bench's B4M, on dev at B4M's six-configuration choice (docs/benchmarks.md, "The content half's lr")
+    seed=${2:?seed}; d=runs/levers-uplr-seed$seed
+    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
+    bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-up-lr2,b4m-up-lr4 \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in

@@ -122,6 +122,9 @@ VARIANTS: dict[str, Variant] = {
     "b4m-mixed-routing": Variant("b4m", {"train": {"routing": "mixed"}}, summary="official gradient mixing"),
     "b4m-no-precond": Variant("b4m", {"make": {"precondition": False}}, summary="w/o RP: AdamW in make"),
     "b4m-make0": Variant("b4m", {"make": {"steps": 0}}, summary="make with 0 steps (fuse only)"),
+    "b4m-up-lr2": Variant(
+        "b4m", {"train": {"up_lr_ratio": 2.0}}, summary="up half (B) at 2x the lr in the content and style runs"
+    ),
     "b4m-up-lr4": Variant(
         "b4m", {"train": {"up_lr_ratio": 4.0}}, summary="up half (B) at 4x the lr in the content and style runs"
     ),

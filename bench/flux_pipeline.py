@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             info = json.loads(run.read_text())
             row["timings_s"] = info.get("timings_s")
             row["process_age_at_start_s"] = info.get("process_age_at_start_s")  # interpreter, imports, checks
+            row["speed"] = (info.get("train") or {}).get("speed")  # what it trained with (auto: the plan that fit)
         report["stages"][stage] = row
         print(stage, json.dumps(row), flush=True)
         write_report(report, out)  # after every stage: a call cut off at its time limit keeps the stages it ran

@@ -115,6 +115,17 @@ def no_text_model(cls: type[FluxModel], transformer, resolution: int) -> FluxMod
     return model
 
 
+def oom_error(error: BaseException, phase: str) -> dict:
+    """Where a plan ran out of memory: the row's phase, the error's first line (what it tried to allocate, what was
+    free) and the innermost frames of its traceback."""
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
+    return {
+        "phase": phase,
+        "message": (str(error).strip().splitlines() or [type(error).__name__])[0][:400],
+        "where": [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames],
+    }
+
+
 class Bench:
     """One transformer per family; each row attaches what it needs (nothing, peft LoRA or PLP) and times."""
 
@@ -133,6 +144,7 @@ class Bench:
         self.model = no_text_model(Flux2KleinModel if klein else FluxModel, self.denoiser, args.high)
         self.precision = resolve_precision("auto", self.device)
         self.targets = resolve_targets(self.denoiser, PLPConfig()).targets
+        self.phase = "set-up"  # where a row is: set-up, FLOP count, warm-up or timed (an out-of-memory error says)
         self.adapter, self.plp, self.lora_dtype = "none", None, None
 
     def use(self, kind: str, lora_dtype: torch.dtype | None = None) -> None:
@@ -186,13 +198,16 @@ class Bench:
     def time_step(self, step: Callable[[], object], eager: Callable[[], object] | None = None) -> dict:
         """FLOPs of one eager call (``eager`` or ``step``), the warm-up, then ``--repeats`` timed calls."""
         dev, args = self.device, self.args
+        self.phase = "FLOP count"
         flops = speed.count_flops(eager or step)
+        self.phase = "warm-up"
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
         speed.sync(dev)
         first = time.perf_counter() - t0
         reset_peak(dev)
+        self.phase = "timed"
         ms = []
         for _ in range(args.repeats):
             speed.sync(dev)
@@ -208,7 +223,7 @@ class Bench:
         full collection and the CUDA cache emptied, in :func:`reset_peak`); the ones that ran out are listed, and the
         GPU memory allocated and reserved (GiB) when each plan started and, after a failed one, before the release:
         memory a failed plan left behind, and what the release gave back, show there."""
-        oom, held, left = [], [], []
+        oom, held, left, errors = [], [], [], []
 
         def gib() -> list[float]:
             return [torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30]
@@ -220,14 +235,17 @@ class Bench:
                 row = {
                     "plan": label,
                     "out_of_memory": oom,
+                    "out_of_memory_errors": errors,
                     "held_gib_at_plans": held,
                     "held_gib_after_failed_plans": left,
                 }
+                self.phase = "set-up"
                 return {**run(), **row}
             except Exception as e:  # CUDA graph capture wraps it in a B4MError
                 if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
                     raise
                 oom.append(label)
+                errors.append(oom_error(e, self.phase))
             finally:
                 for p in self.denoiser.parameters():
                     p.grad = None
@@ -237,6 +255,7 @@ class Bench:
         return {
             "plan": None,
             "out_of_memory": oom,
+            "out_of_memory_errors": errors,
             "error": "out of memory with every plan",
             "held_gib_at_plans": held,
             "held_gib_after_failed_plans": left,

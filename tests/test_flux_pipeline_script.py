@@ -37,5 +37,6 @@ def test_the_tiny_flux_pipeline_runs_a_stage_with_the_default_settings(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "flux_pipeline.json").read_text())
     assert list(report["stages"]) == ["content"] and report["stages"]["content"]["finished"]
+    assert report["stages"]["content"]["speed"]  # the settings the run trained with, as its run.json says
     run = json.loads((tmp_path / "run" / "dog" / "run.json").read_text())
     assert run["config"]["train"]["speed"] == "auto"

@@ -91,7 +91,12 @@ def test_a_plan_that_runs_out_of_memory_gives_way_to_the_next():
 
     row = bench.attempt([("a", oom), ("b", capture), ("c", lambda: {"ms_all": [1.0]})])
     assert row["plan"] == "c" and row["out_of_memory"] == ["a", "b"] and "error" not in row
-    assert bench.attempt([("a", oom)]) == {
+    assert row["out_of_memory_errors"][1]["message"].startswith("CUDA graph capture of the training step failed")
+    failed = bench.attempt([("a", oom)])
+    (error,) = failed.pop("out_of_memory_errors")  # where it ran out: the row's phase, the message, the frames
+    assert error["phase"] == "set-up" and error["message"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert error["where"][-1].endswith(" oom")
+    assert failed == {
         "plan": None,
         "out_of_memory": ["a"],
         "error": "out of memory with every plan",

@@ -72,6 +72,12 @@ chosen6() {  # the six-configuration grid's choices (those of the reported test 
 b4m_choice() {  # b4m_choice FILE: B4M's chosen lr and steps, "LR STEPS"
   python3 -c "import json; c=json.load(open('$1'))['b4m']; print(c['lr'], c['steps'])"
 }
+dev_levers() {  # dev_levers FOLDER SEED METHODS: variants against B4M on dev at B4M's six-configuration choice
+  local d=$1 seed=$2 methods=$3 lr st
+  chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
+  bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods "$methods" \
+    && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done
+}
 case $phase in
   grid|grid-wide)  # grid-wide: the three 600-step configurations of docs/benchmarks.md, "A wider grid"
     cfgs="1e-3:150 2e-3:150 5e-3:150 1e-3:300 2e-3:300 5e-3:300"; [ "$phase" = grid-wide ] && cfgs="1e-3:600 2e-3:600 5e-4:600"
@@ -93,18 +99,12 @@ case $phase in
     bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" \
       --methods b4m,b4m-content-high-noise,b4m-content-low-noise,b4m-style-high-noise,b4m-style-low-noise,b4m-make50,b4m-make200,b4m-make0,b4m-content-half,b4m-made-content-half,b4m-style-half,b4m-made-style-half,b4m-make-style-equal,b4m-official-halves \
       && cp "$d/results.json" "$OUT/${d#runs/}.json" && cp "$d/figure.png" "$OUT/${d#runs/}.png" && echo done ;;
-  make-levers)  # make-levers SEED: more make (200 steps, or lr 2e-3) against the bench's make 100, on dev at B4M's
-    # six-configuration choice (docs/benchmarks.md, "More make? written before any run")
-    seed=${2:?seed}; d=runs/make-levers-seed$seed
-    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
-    bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-make200,b4m-make-lr2e-3 \
-      && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
+  make-levers)  # make-levers SEED: more make (200 steps, or lr 2e-3) against the bench's make 100 (docs/benchmarks.md,
+    # "More make? written before any run")
+    seed=${2:?seed}; dev_levers "runs/make-levers-seed$seed" "$seed" b4m,b4m-make200,b4m-make-lr2e-3 ;;
   uplr-levers)  # uplr-levers SEED: the content half (B) at 2x and 4x the lr in the break runs (LoRA+'s ratio),
-    # against the bench's B4M, on dev at B4M's six-configuration choice (docs/benchmarks.md, "The content half's lr")
-    seed=${2:?seed}; d=runs/levers-uplr-seed$seed
-    chosen6; read -r lr st < <(b4m_choice runs/chosen6.json)
-    bench "$d" --split dev --seed "$seed" --lr "$lr" --steps "$st" --methods b4m,b4m-up-lr2,b4m-up-lr4 \
-      && cp "$d/results.json" "$OUT/${d#runs/}.json" && echo done ;;
+    # against the bench's B4M (docs/benchmarks.md, "The content half's lr")
+    seed=${2:?seed}; dev_levers "runs/levers-uplr-seed$seed" "$seed" b4m,b4m-up-lr2,b4m-up-lr4 ;;
   dev-seeds)  # docs/benchmarks.md, "Dev at fresh seeds": every method at its dev choice on dev at seeds 1 and 2
     # at the choices of the six-configuration grid, which the reported test table used (the diagnostics, not in
     # the JSON, run at B4M's choice: the bench's --lr and --steps)

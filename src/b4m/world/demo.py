@@ -238,6 +238,12 @@ def write_html(report: dict, images: dict[str, np.ndarray], path: Path) -> None:
         tmp.write_text("\n".join(parts))
 
 
+def _task(model, config: DemoConfig):
+    """The demo's task for ``config``'s pair, prompts and seed (references, auxiliary sets, evaluation scenes)."""
+    task_config = TaskConfig(prompts=config.prompts, seed=config.seed)
+    return make_task(default_catalog(), config.content, config.style, model.resolution, task_config)
+
+
 def _request(model, task, config: DemoConfig) -> SampleRequest:
     """The demo's images: every prompt of ``task`` at every seed, at the config's (or the model's) guidance."""
     guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
@@ -261,13 +267,7 @@ def score_again(out: str | Path, config: DemoConfig, model=None, oracle=None) ->
 
     device = default_device()
     model = model or load_model("world", device=device)
-    task = make_task(
-        default_catalog(),
-        config.content,
-        config.style,
-        model.resolution,
-        TaskConfig(prompts=config.prompts, seed=config.seed),
-    )
+    task = _task(model, config)
     arrays = _sample_made(model, Path(out) / "made" / ADAPTER_NAMES["fused"], _request(model, task, config), config)
     oracle = oracle or load_shipped_oracle("a", device=device)
     return score_images(oracle, arrays, [s for s in task.scenes for _ in config.seeds], task)
@@ -301,9 +301,7 @@ def run_world_demo(out: str | Path, config: DemoConfig | None = None, console=No
     check_output(out, folder=True)
     device = default_device()
     model = load_model("world", device=device)
-    task = make_task(
-        catalog, config.content, config.style, model.resolution, TaskConfig(prompts=config.prompts, seed=config.seed)
-    )
+    task = _task(model, config)
     cfgs = stage_configs(b4m_config, task, out.resolve(), device)  # run.json names folders from anywhere
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(console)

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch that lies on this project's machines. GPU users: see README ("Install").
+# torch as pip finds it (on this project's machines: the CPU build, from local disk). Other machines: see README.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev,ui,uitest]"
 	touch $(STAMP)
 

@@ -325,6 +325,7 @@ def test_outputs_never_overwrite_inputs_and_generate_checks_its_numbers(tmp_path
     for flag, value, message in (
         ("-n", "0", "n (images per prompt) must be at least 1, got 0"),
         ("--steps", "0", "steps must be at least 1, got 0"),
+        ("--resolution", "33", "resolution must be a multiple of 8 from 8 to 4096 pixels, got 33"),
     ):
         result = runner.invoke(app, ["generate", str(c), "a sks", flag, value, "-o", str(tmp_path / "g")])
         assert message in str(result.exception), result.output

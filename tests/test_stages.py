@@ -1,5 +1,6 @@
 """Every command end to end on tiny SD and SDXL pipelines saved with save_pretrained and loaded by our real loader."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -208,6 +209,9 @@ def test_bad_input_fails_before_the_model_loads(world, tmp_path):
     )
     with pytest.raises(B4MError, match="no-model: no such file or folder"):
         run_break("content", cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=0))  # make's fuse-only, not a run's
+    with pytest.raises(B4MError, match="a content run needs at least 1 step, got 0"):
+        run_break("content", cfg)
 
 
 def test_a_prompt_that_captions_no_image_is_said_before_the_model_loads(tmp_path):
@@ -231,6 +235,11 @@ def test_a_prompt_that_captions_no_image_is_said_before_the_model_loads(tmp_path
     assert "every content image has its own .txt caption: --prompt 'a sks dog' captions none of them" in (
         console.export_text()
     )
+    given.update(prompt="a teapot in plain style", placeholder="sks")  # nor does it say the placeholder
+    lacks = "--prompt 'a teapot in plain style' lacks the placeholder 'sks'"
+    with pytest.warns(UserWarning, match=lacks), pytest.raises(B4MError, match="no-model"):
+        run_break("content", load_config(None, given), console=Console(record=True, width=400))
+    given.update(prompt="a sks dog")
     (images / "1.txt").unlink()  # one image takes the prompt: nothing to say
     console = Console(record=True, width=400)
     with pytest.raises(B4MError, match="no-model"):

@@ -265,10 +265,14 @@ def _caption(image_path: Path, prompt: str | None, prompt_hint: str) -> tuple[st
     return prompt, False
 
 
+def has_placeholder(text: str, placeholder: str) -> bool:
+    """Whether ``text`` contains ``placeholder`` as a whole word."""
+    return re.search(rf"(?<!\w){re.escape(placeholder)}(?!\w)", text) is not None
+
+
 def _check_placeholder(name: str, placeholder: str, captions: list[str], files: list[Path], warn: Warn) -> None:
     """Warn once if some caption lacks ``placeholder`` as a whole word."""
-    pattern = re.compile(rf"(?<!\w){re.escape(placeholder)}(?!\w)")
-    missing = [i for i, caption in enumerate(captions) if not pattern.search(caption)]
+    missing = [i for i, caption in enumerate(captions) if not has_placeholder(caption, placeholder)]
     if missing:
         first = missing[0]
         warn(

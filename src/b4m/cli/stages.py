@@ -27,8 +27,8 @@ GenerateOpt = Annotated[
     typer.Option(
         "--generate",
         help="After make, this many images of each --generate-prompt into OUTPUT/images (what b4m generate writes), "
-        "the base model loaded once; make's own samples/ grid is then left out unless its [validation] sets prompts "
-        "or seeds.",
+        "the base model loaded once; make's own samples/ grid is then left out unless its \\[validation] table sets "
+        "prompts or seeds.",
     ),
 ]
 GeneratePromptOpt = Annotated[

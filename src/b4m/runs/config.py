@@ -235,11 +235,17 @@ class StageConfig:
             self.transformer = os.path.abspath(os.path.expanduser(self.transformer))
         if self.base_weights not in BASE_WEIGHTS:
             raise B4MError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {self.base_weights!r}")
-        if self.resolution is not None and not (8 <= self.resolution <= 4096 and self.resolution % 8 == 0):
-            raise B4MError(f"resolution must be a multiple of 8 from 8 to 4096 pixels, got {self.resolution}")
+        check_resolution(self.resolution)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_resolution(resolution: int | None) -> None:
+    """A training or sampling resolution: ``None`` (the model's own) or a multiple of 8 from 8 to 4096 pixels (the
+    latents of every model b4m loads are 8 or 16 times smaller)."""
+    if resolution is not None and not (8 <= resolution <= 4096 and resolution % 8 == 0):
+        raise B4MError(f"resolution must be a multiple of 8 from 8 to 4096 pixels, got {resolution}")
 
 
 _TABLES = {

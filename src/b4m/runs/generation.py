@@ -26,7 +26,7 @@ from ..loading import denoiser_config, load_model, model_hint, model_of_identity
 from ..models.quantize import FULL_WIDTH, is_quantized, require_quantization
 from ..progress import count, say
 from ..unet_skeleton import unet_skeleton
-from .config import recorded_base_weights, recorded_transformer
+from .config import check_resolution, recorded_base_weights, recorded_transformer
 from .folder import ADAPTER_NAMES, run_source
 from .image_folder import (
     earlier_images,
@@ -105,6 +105,7 @@ def generate(
         raise B4MError(f"n (images per prompt) must be at least 1, got {n}")
     if steps is not None and steps < 1:
         raise B4MError(f"steps must be at least 1, got {steps}")
+    check_resolution(resolution)
     if not prompts:
         raise B4MError(
             'no prompt given, e.g. b4m generate RUN "a sks dog in zwx style" with the run\'s placeholders '

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter.config import PLPConfig
-from ..data import ImageSet, load_aux_sets, load_image_set
+from ..data import ImageSet, has_placeholder, load_aux_sets, load_image_set
 from ..errors import B4MError
 from ..images import save_grid
 from ..loading import denoiser_config, flux_family, load_model, model_hint, model_of_identity, transformer_skeleton
@@ -173,6 +173,8 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
         raise B4MError("no --prompt given (it names the concept, e.g. 'a photo of sks dog')")
     if not cfg.output:
         raise B4MError("no --output folder given")
+    if cfg.train.steps < 1:  # make takes 0 (the fused adapter as it is); a break run would save an untrained one
+        raise B4MError(f"a {role} run needs at least 1 step, got {cfg.train.steps}")
     out = Path(cfg.output)
     check_run_folder(out, role, resume=resume, overwrite=overwrite, inputs=(cfg.images,))
     # Everything that can fail on bad input happens before the model loads (at a small size when the model's
@@ -187,6 +189,11 @@ def run_break(role: str, cfg: StageConfig, *, resume: bool = False, overwrite: b
             f"every {role} image has its own .txt caption: --prompt {cfg.prompt!r} captions none of them; it is the "
             "validation images' prompt and the adapter's recorded prompt",
         )
+        if cfg.placeholder and not has_placeholder(cfg.prompt, cfg.placeholder):
+            warn(
+                f"--prompt {cfg.prompt!r} lacks the placeholder {cfg.placeholder!r}: its validation images will not "
+                f"show the {role}"
+            )
 
     cfg = dataclasses.replace(cfg, model=cfg.model or "world")  # the built-in world when no model is named
     check_before_loading(cfg.model, cfg.resolution, out, cfg.adapter)

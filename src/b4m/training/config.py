@@ -164,8 +164,9 @@ class TrainConfig:
         if self.rows_per_forward and self.cuda_graphs:
             raise B4MError("rows_per_forward needs cuda_graphs off: a CUDA graph holds a whole micro-step")
         for name in ("steps", "batch_size", "grad_accum", "check_every", "checkpoint_every"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
-                raise B4MError(f"{name} must be positive, got {getattr(self, name)}")
+            least = 0 if name == "steps" else 1  # steps 0: make returns the fused adapter as it is
+            if getattr(self, name) < least:
+                raise B4MError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
 
 def folded(config: TrainConfig) -> TrainConfig:

@@ -522,3 +522,14 @@ def test_bad_save_arguments(tmp_path):
     with pytest.raises(b4m.B4MError, match="needs unet_config"):
         save_lora(factors, tmp_path / "x.safetensors", format="kohya", kohya_naming="sgm")
     assert not list(tmp_path.iterdir())
+
+
+def test_inspect_shows_trigger_words_alike_in_every_format(tmp_path):
+    """b4m writes them as a JSON list; inspect prints them comma-separated, a plain string as it is."""
+    from b4m.describe import describe
+
+    unet = plp_unet(TINY_SDXL_UNET)
+    for fmt, words, shown in (("kohya", '["sks", "zwx"]', "sks, zwx"), ("diffusers", "sks dog", "sks dog")):
+        path = tmp_path / f"{fmt}.safetensors"
+        save_lora(model_factors(unet), path, format=fmt, metadata={"trigger_words": words}, unet_config=unet.config)
+        assert describe(path)["trigger_words"] == shown

@@ -44,7 +44,7 @@ def _describe_adapter(path: Path) -> dict:
         "fingerprint": adapter.fingerprint(),
     }
     for key, value in adapter.metadata.items():
-        info[key] = ", ".join(json.loads(value)) if key == "trigger_words" else value
+        info[key] = _shown(key, value)
     info["modules"] = adapter.modules
     return info
 
@@ -91,9 +91,21 @@ def _describe_lora(path: Path) -> dict:
     }
     for key in ("b4m_role", "b4m_fingerprint", "trigger_words"):
         if key in metadata:
-            info[key.removeprefix("b4m_")] = metadata[key]
+            info[key.removeprefix("b4m_")] = _shown(key, metadata[key])
     info["modules"] = sorted(downs)
     return info
+
+
+def _shown(key: str, value: str) -> str:
+    """A metadata value as inspect prints it: trigger words (a JSON list, as b4m writes them) comma-separated."""
+    if key == "trigger_words":
+        try:
+            words = json.loads(value)
+        except ValueError:  # another tool's plain string
+            return value
+        if isinstance(words, list):
+            return ", ".join(map(str, words))
+    return value
 
 
 def _target_summary(modules: list[str]) -> str:

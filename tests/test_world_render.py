@@ -70,7 +70,7 @@ def test_shipped_catalog(cat):
     # novel ones use patterns that no known style uses: an artist's own look, not a palette swap
     known_patterns = {s.pattern.type for s in cat.known_styles}
     assert all(s.pattern.type not in known_patterns for s in cat.novel_styles)
-    with pytest.raises(B4MError, match="unknown content 'unicorn'"):
+    with pytest.raises(B4MError, match="^the built-in world: unknown content 'unicorn'"):
         cat.content("unicorn")
 
 

@@ -187,7 +187,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     :class:`B4MError` lines naming the file and the entry.
     """
     if path is None:
-        source, text = "b4m/world/catalog.toml", builtin_catalog_text()
+        source, text = "the built-in world", builtin_catalog_text()  # errors say so, not a file the user never named
     else:
         source = str(path)
         try:

@@ -321,7 +321,7 @@ def check_classes(classes: dict[str, list[str]], catalog: Catalog, where: str) -
     for a in ATTRIBUTES:
         if classes.get(a) != expected[a]:
             raise B4MError(
-                f"{where}: the oracle's {a} classes do not match catalog {catalog.source} "
+                f"{where}: the oracle's {a} classes do not match the catalog of {catalog.source} "
                 f"({len(classes.get(a) or [])} vs {len(expected[a])} names, or another order)"
             )
 
